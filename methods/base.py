@@ -1,0 +1,238 @@
+"""The method plugin interface: every method is a `Method` registered by name in `METHODS`.
+
+A method owns its trainable parameters and builds logits from a frozen `Backbone`; the one trainer owns devices,
+precision, optimisation, checkpoints and evaluation (like a LightningModule / mmengine BaseModel).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mugcp_bench.backbone import Backbone
+from mugcp_bench.errors import UserError
+from mugcp_bench.registry import METHODS, suggest
+
+log = logging.getLogger(__name__)
+
+# Training protocols a recipe can name: the ImageNet source run ("xd") serves cross-dataset and domain
+# generalization (protocol.md §2).
+TRAIN_PROTOCOLS = ("base2novel", "xd", "few_shot")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings of a run (Dassl's defaults, protocol.md §4)."""
+
+    epochs: int = 5
+    lr: float = 0.0035
+    batch_size: int = 4
+    accum_steps: int = 1  # gradient accumulation (MuGCP ImageNet: batch 1 x 4)
+    eval_batch_size: int = 100
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 1
+    warmup_lr: float = 1e-5
+
+
+@dataclass
+class MethodOutput:
+    """What a forward returns: logits (B, C) and extra losses (already weighted; the trainer adds cross-entropy)."""
+
+    logits: torch.Tensor
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Method(nn.Module):
+    """Base class of method plugins.
+
+    Subclasses set ``Config`` (a dataclass of every hyperparameter), ``recipes`` and ``ablations`` and implement
+    ``forward``. ``recipes[recipe][train_protocol]`` is a dict of config and `TrainConfig` overrides (keys of either);
+    override :meth:`recipe` when settings depend on the shots or the dataset.
+    """
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type] = object
+    recipes: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {}
+    ablations: ClassVar[dict[str, dict[str, Any]]] = {}
+    # Frozen image features (no prompt in the vision tower): the evaluator may cache them on disk.
+    frozen_image_path: ClassVar[bool] = False
+    # Reconstructed from a paper without code: reports say so.
+    reconstructed: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        classnames: Sequence[str],
+        cfg: Any,
+        template: str = "a photo of a {}.",
+        dataset: str = "",
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        # Not a registered submodule: the backbone's weights are never part of the method's state.
+        object.__setattr__(self, "backbone", backbone)
+        self.classnames = list(classnames)
+        self.template = template  # the dataset's hand-written zero-shot template (protocol.md §5.1)
+        self.dataset = dataset  # registry name of the dataset the classes come from
+
+    # --- properties the trainer reads -----------------------------------------------------------------------------
+    @property
+    def instance_conditional(self) -> bool:
+        """True when text features depend on the image (cannot be computed once per class set)."""
+        return False
+
+    def set_classnames(
+        self, classnames: Sequence[str], template: str | None = None, dataset: str | None = None
+    ) -> None:
+        """Rebuild every class-dependent buffer for other classes (novel half, other datasets).
+
+        Subclasses call ``super().set_classnames(...)`` first, then rebuild their buffers."""
+        self.classnames = list(classnames)
+        if template is not None:
+            self.template = template
+        if dataset is not None:
+            self.dataset = dataset
+
+    # --- training / naive evaluation ------------------------------------------------------------------------------
+    def forward(
+        self, images: torch.Tensor, keys: Sequence[str] | None = None, image_features: torch.Tensor | None = None
+    ) -> MethodOutput:
+        """Logits (B, C) for a batch; `keys` identify the images (per-image side data), `image_features` replace
+        `images` for methods with a frozen image path."""
+        raise NotImplementedError
+
+    # --- fast evaluation ------------------------------------------------------------------------------------------
+    def begin_eval(self) -> None:
+        """Precompute what does not depend on the test images (text features); default: nothing."""
+
+    def end_eval(self) -> None:
+        """Drop what `begin_eval` cached."""
+
+    @torch.no_grad()
+    def predict(
+        self, images: torch.Tensor, keys: Sequence[str] | None = None, image_features: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Evaluation logits (B, C); must equal ``forward(...).logits`` (the naive path) to 1e-4."""
+        return self.forward(images, keys, image_features).logits
+
+    # --- side data ------------------------------------------------------------------------------------------------
+    def prepare_images(self, items: Sequence[Any], split: str) -> dict[str, Any]:
+        """Called with every datum a split will show the method, before training or evaluation (MuGCP describes).
+
+        Returns facts for the run record (e.g. ``{"leakage": 0.12}``); the trainer stores them with the split."""
+        return {}
+
+    # --- state ----------------------------------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Only the trainable parameters (checkpoints never hold the frozen backbone or class buffers)."""
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v.detach().clone() for k, v in self.state_dict().items() if k in names}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        expected = {n for n, p in self.named_parameters() if p.requires_grad}
+        lost = expected & set(missing)
+        if lost or unexpected:
+            raise RuntimeError(f"checkpoint does not match {self.name}: missing {sorted(lost)}, extra {unexpected}")
+
+    def n_trainable(self) -> int:
+        return sum(p.numel() for p in self.trainable_parameters())
+
+    # --- recipes and configs --------------------------------------------------------------------------------------
+    @classmethod
+    def recipe(cls, recipe: str, train_protocol: str, shots: int, dataset: str) -> dict[str, Any]:
+        """Config + training overrides for a (recipe, protocol, shots, dataset)."""
+        if recipe not in cls.recipes:
+            raise UserError(f"method '{cls.name}' has no recipe '{recipe}'.{suggest(recipe, cls.recipes)}")
+        table = cls.recipes[recipe]
+        if train_protocol not in table:
+            raise UserError(
+                f"method '{cls.name}' has no '{recipe}' recipe for protocol '{train_protocol}' "
+                f"(it has: {', '.join(table)})"
+            )
+        return dict(table[train_protocol])
+
+    @classmethod
+    def make_config(cls, overrides: dict[str, Any] | None = None) -> Any:
+        """The method's Config with overrides applied (unknown keys were rejected earlier by `split_overrides`)."""
+        return apply_overrides(cls.Config(), overrides or {}, cls.name)
+
+
+# --- helpers shared by every method ------------------------------------------------------------------------------
+def cosine_logits(scale: torch.Tensor, image_f: torch.Tensor, text_f: torch.Tensor) -> torch.Tensor:
+    """scale · cos: image (B, E) with text (C, E) -> (B, C), or with per-image text (B, C, E) -> (B, C)."""
+    image_f = F.normalize(image_f, dim=-1)
+    text_f = F.normalize(text_f, dim=-1)
+    if text_f.dim() == 3:
+        return scale * torch.einsum("be,bce->bc", image_f, text_f)
+    return scale * image_f @ text_f.t()
+
+
+def config_fields(cfg_cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cfg_cls)}
+
+
+def coerce(value: Any, target: Any, key: str) -> Any:
+    """Convert a `--set` string to the type of the current value; UserError on mismatch."""
+    if not isinstance(value, str):
+        return value
+    kind = type(target)
+    try:
+        if isinstance(target, bool):
+            low = value.lower()
+            if low not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                raise ValueError(value)
+            return low in ("true", "1", "yes", "on")
+        if isinstance(target, int):
+            return int(value)
+        if isinstance(target, float):
+            return float(value)
+        if isinstance(target, (list, tuple)):
+            return kind(type(target[0])(v) if target else v for v in value.split(","))
+        if target is None:
+            return None if value.lower() in ("none", "null") else value
+        return value
+    except ValueError:
+        raise UserError(f"--set {key}={value}: expected {kind.__name__}, got '{value}'") from None
+
+
+def apply_overrides(cfg: Any, overrides: dict[str, Any], owner: str) -> Any:
+    fields = config_fields(type(cfg))
+    changes = {}
+    for key, value in overrides.items():
+        if key not in fields:
+            raise UserError(f"unknown setting '{key}' for {owner}.{suggest(key, fields)}")
+        changes[key] = coerce(value, getattr(cfg, key), key)
+    return dataclasses.replace(cfg, **changes)
+
+
+def split_overrides(method_cls: type[Method], overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split flat overrides into (method config, TrainConfig); unknown keys -> UserError with a did-you-mean."""
+    mfields, tfields = config_fields(method_cls.Config), config_fields(TrainConfig)
+    m, t = {}, {}
+    for key, value in overrides.items():
+        if key in mfields:
+            m[key] = value
+        elif key in tfields:
+            t[key] = value
+        else:
+            raise UserError(
+                f"unknown setting '{key}' for method '{method_cls.name}'.{suggest(key, [*mfields, *tfields])} "
+                f"Settings: {', '.join(sorted([*mfields, *tfields]))}"
+            )
+    return m, t
+
+
+def get_method(name: str) -> type[Method]:
+    return METHODS.get(name)

@@ -1,0 +1,109 @@
+"""The `mugcp-bench` command line. Commands live in `mugcp_bench.commands.*` and are imported on first use."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+
+import click
+
+from mugcp_bench import __version__
+from mugcp_bench.errors import RunFailed, UserError
+
+# command name -> "module:attribute"; imported lazily so `--help` and `list` stay fast.
+COMMANDS = {
+    "run": "mugcp_bench.commands.run:run",
+    "ablate": "mugcp_bench.commands.run:ablate",
+    "report": "mugcp_bench.commands.report:report",
+    "check-data": "mugcp_bench.commands.check_data:check_data",
+    "describe": "mugcp_bench.commands.describe:describe",
+    "toy": "mugcp_bench.commands.toy:toy",
+    "list": "mugcp_bench.commands.listing:list_cmd",
+    "demo": "mugcp_bench.commands.demo:demo",
+}
+HELP = {
+    "run": "Train and evaluate methods under a protocol; skips what is already done.",
+    "ablate": "Run a method with components switched off (variant no-X) next to the full method.",
+    "report": "Tables (terminal, Markdown, LaTeX, CSV) and plots from a results directory.",
+    "check-data": "Check dataset folders and split files before training.",
+    "describe": "Fill MuGCP's per-image description cache.",
+    "toy": "The toy world: procedural datasets and a small CLIP pretrained on them.",
+    "list": "List methods, datasets, backbones or protocols.",
+    "demo": "Toy-world base-to-novel for every method, then the report (what `make demo` runs).",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, attr = COMMANDS[name].split(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl([(n, HELP[n]) for n in COMMANDS])
+
+    def resolve_command(self, ctx, args):
+        name = args[0] if args else ""
+        if name and name not in COMMANDS and not name.startswith("-"):
+            from mugcp_bench.registry import suggest
+
+            raise UserError(f"unknown command '{name}'.{suggest(name, COMMANDS)} Run 'mugcp-bench --help'.")
+        return super().resolve_command(ctx, args)
+
+
+def setup_logging(verbose: int) -> None:
+    from rich.console import Console
+    from rich.logging import RichHandler
+
+    level = logging.WARNING if verbose < 0 else logging.INFO if verbose == 0 else logging.DEBUG
+    handler = RichHandler(console=Console(stderr=True), show_path=False, show_time=False, markup=False)
+    logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
+    for noisy in ("PIL", "matplotlib", "urllib3", "filelock", "huggingface_hub", "root"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    logging.getLogger("root").setLevel(logging.ERROR)  # open_clip warns "no pretrained weights" on random init
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mugcp-bench")
+@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+def cli(verbose: int, quiet: bool) -> None:
+    """mugcp-bench: prompt learning on CLIP — CoOp, CoCoOp, MaPLe, DCP and MuGCP under one trainer,
+    the standard protocols, a results store, tables and plots."""
+    setup_logging(-1 if quiet else verbose)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: UserError -> one line and exit 2; failed runs -> exit 1."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        cli.main(args=argv, prog_name="mugcp-bench", standalone_mode=False)
+    except UserError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except RunFailed as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(2 if isinstance(e, click.UsageError) else e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("interrupted: finished runs are recorded; rerun the same command to resume", err=True)
+        sys.exit(130)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""`mugcp-bench list methods|datasets|backbones|protocols`."""
+
+from __future__ import annotations
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from mugcp_bench.errors import UserError
+from mugcp_bench.registry import suggest
+
+WHAT = ("methods", "datasets", "backbones", "protocols", "describers")
+
+
+@click.command("list")
+@click.argument("what")
+@click.option("--all", "show_all", is_flag=True, help="backbones: every open_clip architecture too.")
+def list_cmd(what: str, show_all: bool) -> None:
+    """List METHODS, DATASETS, BACKBONES, PROTOCOLS or DESCRIBERS."""
+    what = what.lower()
+    if what not in WHAT:
+        raise UserError(f"cannot list '{what}'.{suggest(what, WHAT)} Choose one of: {', '.join(WHAT)}")
+    console = Console()
+    table = Table(box=None, header_style="bold")
+    if what == "methods":
+        from mugcp_bench.registry import METHODS
+
+        table.add_column("method")
+        table.add_column("recipes")
+        table.add_column("ablations (--drop)")
+        table.add_column("about")
+        aliases = METHODS.aliases()
+        for name, cls in METHODS.items():
+            also = [a for a, n in aliases.items() if n == name]
+            doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+            label = name + (f" (alias {', '.join(also)})" if also else "")
+            table.add_row(label, ", ".join(cls.recipes), ", ".join(cls.ablations) or "-", doc)
+    elif what == "datasets":
+        from mugcp_bench.registry import DATASETS
+
+        table.add_column("dataset")
+        table.add_column("folder")
+        table.add_column("group")
+        table.add_column("template")
+        for name, spec in DATASETS.items():
+            table.add_row(name, spec.folder, getattr(spec, "group", ""), spec.template)
+    elif what == "backbones":
+        import open_clip
+
+        from mugcp_bench.backbone import list_backbones
+        from mugcp_bench.registry import BACKBONES
+
+        table.add_column("backbone")
+        table.add_column("pretrained tags (open_clip)")
+        packaged = set(BACKBONES.names())
+        names = list_backbones() if show_all else [*BACKBONES.names(), "ViT-B-16", "ViT-B-32", "ViT-L-14"]
+        for name in names:
+            tags = "packaged config, random init or --pretrained PATH" if name in packaged else ""
+            tags = tags or ", ".join(open_clip.list_pretrained_tags_by_model(name)[:6])
+            table.add_row(name, tags)
+    elif what == "protocols":
+        from mugcp_bench.protocols import PROTOCOLS
+
+        table.add_column("protocol")
+        table.add_column("trains")
+        table.add_column("shots")
+        table.add_column("about")
+        for p in PROTOCOLS.values():
+            table.add_row(p.name, p.train_protocol, ",".join(map(str, p.default_shots)), p.description)
+    else:
+        from mugcp_bench.registry import DESCRIBERS
+
+        table.add_column("describer")
+        table.add_column("about")
+        for name, obj in DESCRIBERS.items():
+            table.add_row(name, ((obj.__doc__ or "").strip().splitlines() or [""])[0])
+    console.print(table)

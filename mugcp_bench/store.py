@@ -1,0 +1,224 @@
+"""The results store: one directory per run with an atomically written run.json (schema 1).
+
+``<results>/runs/<train_protocol>/<dataset>/<method>[-variant]/<backbone>/shots<K>/seed<S>-<id8>/run.json``
+holds the key, resolved config, versions, status (running / complete / failed + reason), timings, trainable
+parameter count and every evaluation. The tidy table is always rebuilt from these files, so nothing needs locking.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import socket
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA = 1
+RUNS = "runs"
+
+
+@dataclass(frozen=True)
+class RunKey:
+    """Everything that makes two runs the same run. Evaluation targets are not part of it."""
+
+    train_protocol: str
+    method: str
+    variant: str
+    recipe: str
+    backbone: str
+    pretrained: str
+    weights: str  # short hash of the backbone weights
+    train_dataset: str
+    classes: str  # "base" | "all"
+    shots: int
+    seed: int
+    precision: str
+    config_hash: str
+
+    @property
+    def id(self) -> str:
+        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        return hashlib.sha1(blob).hexdigest()[:8]
+
+    @property
+    def method_label(self) -> str:
+        return f"{self.method}-{self.variant}" if self.variant else self.method
+
+    def relative_dir(self) -> Path:
+        safe_backbone = self.backbone.replace("/", "_")
+        return (
+            Path(RUNS)
+            / self.train_protocol
+            / self.train_dataset
+            / self.method_label
+            / safe_backbone
+            / f"shots{self.shots}"
+            / f"seed{self.seed}-{self.id}"
+        )
+
+
+def config_hash(obj: Any) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temp file in the same folder and `os.replace`: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def versions() -> dict[str, str]:
+    import open_clip
+    import torch
+
+    import mugcp_bench
+
+    out = {
+        "mugcp_bench": mugcp_bench.__version__,
+        "torch": torch.__version__,
+        "open_clip": open_clip.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    if torch.cuda.is_available():
+        out["cuda_device"] = torch.cuda.get_device_name(0)
+    return out
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunRecord:
+    """A run directory and its run.json."""
+
+    def __init__(self, results_dir: Path, key: RunKey) -> None:
+        self.key = key
+        self.dir = Path(results_dir) / key.relative_dir()
+        self.path = self.dir / "run.json"
+        self.data: dict[str, Any] = self._read() or {}
+
+    def _read(self) -> dict[str, Any] | None:
+        if not self.path.is_file():
+            return None
+        try:
+            return json.loads(self.path.read_text())
+        except json.JSONDecodeError:
+            return None  # never half-written by us; treat a damaged file as absent
+
+    # --- state ----------------------------------------------------------------------------------------------------
+    @property
+    def status(self) -> str:
+        """complete | failed | running | stale (left running by a dead process) | new."""
+        s = self.data.get("status")
+        if s is None:
+            return "new"
+        if s == "running":
+            owner = self.data.get("owner", {})
+            if owner.get("host") == socket.gethostname() and not _pid_alive(int(owner.get("pid", -1))):
+                return "stale"
+        return s
+
+    def evaluations(self) -> list[dict[str, Any]]:
+        return list(self.data.get("evaluations", []))
+
+    def has_evaluation(self, protocol: str, dataset: str, classes: str) -> bool:
+        return any(
+            (e["protocol"], e["dataset"], e["classes"]) == (protocol, dataset, classes) for e in self.evaluations()
+        )
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.dir / "checkpoint.pt"
+
+    @property
+    def model_path(self) -> Path:
+        return self.dir / "model.pt"
+
+    @property
+    def log_path(self) -> Path:
+        return self.dir / "log.txt"
+
+    # --- writes ---------------------------------------------------------------------------------------------------
+    def save(self) -> None:
+        self.data["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        atomic_write_text(self.path, json.dumps(self.data, indent=2, sort_keys=False, default=str) + "\n")
+
+    def start(self, config: dict[str, Any], trainable_params: int, eval_batch_size: int) -> None:
+        created = self.data.get("created") or time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self.data.update(
+            {
+                "schema": SCHEMA,
+                "id": self.key.id,
+                "status": "running",
+                "reason": None,
+                "key": asdict(self.key),
+                "method_label": self.key.method_label,
+                "config": config,
+                "versions": versions(),
+                "owner": {"host": socket.gethostname(), "pid": os.getpid()},
+                "trainable_params": trainable_params,
+                "eval_batch_size": eval_batch_size,
+                "created": created,
+            }
+        )
+        self.data.setdefault("timings", {})
+        self.data.setdefault("evaluations", [])
+        self.save()
+
+    def add_evaluation(self, evaluation: dict[str, Any]) -> None:
+        evs = [
+            e
+            for e in self.evaluations()
+            if (e["protocol"], e["dataset"], e["classes"])
+            != (evaluation["protocol"], evaluation["dataset"], evaluation["classes"])
+        ]
+        evs.append(evaluation)
+        self.data["evaluations"] = evs
+        self.save()
+
+    def finish(self, status: str = "complete", reason: str | None = None) -> None:
+        self.data["status"] = status
+        self.data["reason"] = reason
+        self.data.pop("owner", None)
+        self.save()
+
+
+def iter_run_files(results_dir: Path) -> list[Path]:
+    return sorted((Path(results_dir) / RUNS).glob("**/run.json"))

@@ -1,0 +1,265 @@
+"""One trainer for every method: SGD + Dassl's warm-up/cosine schedule, autocast, per-epoch checkpoints, resume.
+
+Follows Dassl's `SimpleTrainer` semantics (protocol.md §4): SGD momentum 0.9, weight decay 5e-4 on every trainable
+parameter, a constant warm-up epoch at 1e-5, then a cosine shifted by one epoch, stepped once per epoch; the
+last-epoch model is the final model (no model selection).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from mugcp_bench.datasets.base import Datum, ImageListDataset
+from mugcp_bench.methods.base import Method, TrainConfig
+from mugcp_bench.store import atomic_torch_save
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python's `random`, NumPy and torch (CPU and CUDA), as Dassl's set_random_seed."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto` -> fp32 on CPU; bf16 autocast on CUDA where supported, else fp16 with a gradient scaler."""
+    if precision not in PRECISIONS:
+        from mugcp_bench.errors import UserError
+
+        raise UserError(f"unknown precision '{precision}'; use one of {', '.join(PRECISIONS)}")
+    if device.type != "cuda":
+        return "fp32"
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return precision
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "fp32" or device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    """Multiplier of the base LR at epoch e: warm-up at a constant `warmup_lr`, then a cosine shifted by the
+    warm-up (Dassl ConstantWarmupScheduler around CosineAnnealingLR(T_max=epochs)):
+    lr(e) = warmup_lr for e < W, else ½·LR·(1 + cos(π·(e − W)/epochs))."""
+
+    def factor(epoch: int) -> float:
+        if epoch < cfg.warmup_epochs:
+            return cfg.warmup_lr / cfg.lr
+        return 0.5 * (1.0 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / cfg.epochs))
+
+    return factor
+
+
+def lr_trace(cfg: TrainConfig) -> list[float]:
+    """The per-epoch learning rates the trainer uses (read off a real optimizer and scheduler)."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    out = []
+    for _ in range(cfg.epochs):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def make_optimizer(method: Method, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, Any]:
+    params = method.trainable_parameters()
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, dampening=0)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+
+
+@dataclass
+class FitResult:
+    epochs_run: int
+    train_s: float
+    last_loss: float
+    images_per_s: float
+
+
+def _rng_state(loader_gen: torch.Generator) -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "loader": loader_gen.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], loader_gen: torch.Generator) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    loader_gen.set_state(state["loader"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def fit(
+    method: Method,
+    items: Sequence[Datum],
+    cfg: TrainConfig,
+    transform: Callable,
+    device: torch.device,
+    precision: str,
+    seed: int,
+    checkpoint: Path | None = None,
+    resume: bool = False,
+    workers: int = 0,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    dataset: str = "",
+) -> FitResult:
+    """Train `method` on `items` for `cfg.epochs`; save a checkpoint after every epoch; resume from one."""
+    loader_gen = torch.Generator().manual_seed(seed)
+    data = ImageListDataset(items, transform, dataset)
+    drop_last = len(data) >= cfg.batch_size  # Dassl: drop the last incomplete batch iff one full batch exists
+    loader = DataLoader(
+        data,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        generator=loader_gen,
+        drop_last=drop_last,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+    keys = [d.relpath for d in items]
+    opt, sched = make_optimizer(method, cfg)
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" and device.type == "cuda" else None
+    start_epoch = 0
+    if resume and checkpoint is not None and checkpoint.is_file():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        method.load_trainable_state(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"], loader_gen)
+        start_epoch = state["epoch"] + 1
+        log.info("resumed from %s at epoch %d", checkpoint, start_epoch)
+    t0, n_images, last_loss = time.perf_counter(), 0, float("nan")
+    method.train()
+    for epoch in range(start_epoch, cfg.epochs):
+        lr = opt.param_groups[0]["lr"]
+        opt.zero_grad(set_to_none=True)
+        for step, (images, labels, index) in enumerate(loader):
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            with autocast(device, precision):
+                out = method(images, [keys[i] for i in index.tolist()])
+                loss = F.cross_entropy(out.logits.float(), labels)
+                for extra in out.losses.values():
+                    loss = loss + extra.float()
+            scaled = loss / cfg.accum_steps
+            (scaler.scale(scaled) if scaler else scaled).backward()
+            if (step + 1) % cfg.accum_steps == 0 or step + 1 == len(loader):
+                if scaler:
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    opt.step()
+                opt.zero_grad(set_to_none=True)
+            n_images += images.shape[0]
+            last_loss = float(loss.detach())
+            if progress:
+                progress({"epoch": epoch, "step": step, "steps": len(loader), "loss": last_loss, "lr": lr})
+        sched.step()
+        if checkpoint is not None:
+            atomic_torch_save(
+                {
+                    "epoch": epoch,
+                    "model": method.trainable_state(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "rng": _rng_state(loader_gen),
+                },
+                checkpoint,
+            )
+        log.info("epoch %d/%d  loss %.4f  lr %.3g", epoch + 1, cfg.epochs, last_loss, lr)
+    method.eval()
+    elapsed = time.perf_counter() - t0
+    return FitResult(cfg.epochs - start_epoch, elapsed, last_loss, n_images / elapsed if elapsed > 0 else 0.0)
+
+
+def batches(n: int, size: int) -> Iterator[slice]:
+    for s in range(0, n, size):
+        yield slice(s, min(s + size, n))
+
+
+@torch.no_grad()
+def evaluate(
+    method: Method,
+    items: Sequence[Datum],
+    transform: Callable,
+    device: torch.device,
+    precision: str,
+    batch_size: int,
+    image_features: torch.Tensor | None = None,
+    fast: bool = True,
+    workers: int = 0,
+    dataset: str = "",
+) -> dict[str, Any]:
+    """Top-1 accuracy (%) of `method` on `items`, sequential order, fixed batch size.
+
+    `image_features` (N, E): precomputed frozen image features (methods with a frozen image path).
+    `fast=False` runs the naive path (forward per batch, as the reference code does).
+    """
+    method.eval()
+    keys = [d.relpath for d in items]
+    labels = torch.tensor([d.label for d in items])
+    correct = 0
+    if fast:
+        method.begin_eval()
+    try:
+        if image_features is not None:
+            chunks = ((None, image_features[s].to(device), s) for s in batches(len(items), batch_size))
+        else:
+            loader = DataLoader(
+                ImageListDataset(items, transform, dataset), batch_size=batch_size, shuffle=False, num_workers=workers
+            )
+            offset = 0
+
+            def _gen():
+                nonlocal offset
+                for images, _, _ in loader:
+                    s = slice(offset, offset + images.shape[0])
+                    offset += images.shape[0]
+                    yield images.to(device), None, s
+
+            chunks = _gen()
+        for images, feats, s in chunks:
+            with autocast(device, precision):
+                if fast:
+                    logits = method.predict(images, keys[s], feats)
+                else:
+                    logits = method(images, keys[s], feats).logits
+            correct += int((logits.float().argmax(-1).cpu() == labels[s]).sum())
+    finally:
+        if fast:
+            method.end_eval()
+    n = len(items)
+    acc = 100.0 * correct / max(n, 1)
+    return {"n": n, "correct": correct, "accuracy": acc, "accuracy_1dp": round(acc, 1)}
