@@ -1,0 +1,481 @@
+"""Core data types of the datasets layer, Dassl-identical few-shot sampling, base/novel split and the image Dataset.
+
+Rules: protocol.md §1 (layout, split schema, few-shot sampling, base/novel split).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch.utils.data
+from PIL import Image, UnidentifiedImageError
+
+from mugcp_bench.errors import UserError
+from mugcp_bench.registry import DATASETS, suggest
+
+log = logging.getLogger(__name__)
+
+SUBSETS = ("all", "base", "new")
+SUBSET_ALIASES = {"novel": "new"}
+
+
+@dataclass(frozen=True)
+class Datum:
+    """One image of a split list."""
+
+    impath: str  # absolute path
+    label: int
+    classname: str  # cleaned; underscores may remain (prompts replace them by spaces)
+    relpath: str  # path relative to the data root, posix separators: a stable id for caches
+
+
+@dataclass
+class SplitData:
+    """The train / val / test lists of one dataset, with class names ordered by label."""
+
+    name: str
+    train: list[Datum]
+    val: list[Datum]
+    test: list[Datum]
+    classnames: list[str]
+    # ImageNet: the val list is the test list and few-shot sampling leaves it alone (protocol.md §1.5 step 4).
+    val_is_test: bool = False
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classnames)
+
+
+@dataclass
+class CheckResult:
+    """Outcome of a fast dataset check (no image is opened)."""
+
+    name: str
+    folder: str
+    path: str  # absolute dataset folder
+    status: str  # "OK", "missing folder", "missing split file", "N images missing", "malformed", "bad class names"
+    message: str = ""  # one line naming the problem and the fix; empty when OK
+    num_classes: int | None = None
+    num_train: int | None = None
+    num_val: int | None = None
+    num_test: int | None = None
+    expected_tree: str = ""
+    source: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "OK"
+
+
+class DatasetProblem(UserError):
+    """A dataset on disk is unusable; `status` is the short label shown by check-data."""
+
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def rel_to_root(*parts: str) -> str:
+    """A posix path relative to the data root from path components (empty components are skipped)."""
+    return "/".join(p.strip("/").replace(os.sep, "/") for p in parts if p and p.strip("/"))
+
+
+def make_datum(root: Path, relpath: str, label: int, classname: str) -> Datum:
+    """A Datum whose absolute path is the (absolute, unresolved) data root joined with `relpath`."""
+    return Datum(
+        impath=os.path.join(os.path.abspath(root), *relpath.split("/")),
+        label=label,
+        classname=classname,
+        relpath=relpath,
+    )
+
+
+def classnames_by_label(items: Sequence[Datum], dataset: str, where: str) -> list[str]:
+    """Class names ordered by label, from a list whose labels must be 0..max contiguous with one name each.
+
+    n_cls = max label + 1 as in Dassl's `get_num_classes`; a gap or a label with two names is a malformed split.
+    """
+    if not items:
+        raise DatasetProblem("malformed", f"dataset {dataset}: {where} has no images; re-download the split file")
+    names: dict[int, str] = {}
+    for d in items:
+        seen = names.setdefault(d.label, d.classname)
+        if seen != d.classname:
+            raise DatasetProblem(
+                "malformed",
+                f"dataset {dataset}: label {d.label} has two class names ('{seen}' and '{d.classname}') in {where}; "
+                "re-download the split file",
+            )
+    n_cls = max(names) + 1
+    missing = [y for y in range(n_cls) if y not in names]
+    if min(names) < 0 or missing:
+        bad = min(names) if min(names) < 0 else missing[0]
+        raise DatasetProblem(
+            "malformed",
+            f"dataset {dataset}: labels in {where} are not 0..{n_cls - 1} contiguous (label {bad}); "
+            "re-download the split file",
+        )
+    return [names[y] for y in range(n_cls)]
+
+
+def count_missing(items: Iterable[Datum]) -> tuple[int, int, str]:
+    """(number missing, number checked, first missing absolute path) over a list of data (one stat per file)."""
+    n_missing, n_total, first = 0, 0, ""
+    for d in items:
+        n_total += 1
+        if not os.path.exists(d.impath):
+            n_missing += 1
+            first = first or d.impath
+    return n_missing, n_total, first
+
+
+class DatasetSpec:
+    """How one dataset lives on disk; registered in `mugcp_bench.registry.DATASETS` by lowercase name.
+
+    Subclasses implement `read(root)` (the raw split lists, raising DatasetProblem) and `tree_lines()`.
+    """
+
+    name: str = ""
+    folder: str = ""
+    template: str = "a photo of a {}."  # hand-written zero-shot template (protocol.md §5.1)
+    test_only: bool = False
+    label_space: str | None = None
+    source: str = ""  # where the data comes from, multi-line instructions
+    homepage: str = ""  # one URL or phrase for one-line error messages
+    group: str = "benchmark"  # "all" in --datasets selects the benchmark group; the toy world uses its own
+    aliases: tuple[str, ...] = ()
+
+    def dataset_dir(self, root: Path) -> Path:
+        return Path(os.path.abspath(root)) / self.folder
+
+    def tree_lines(self) -> list[tuple[str, str]]:
+        """(relative path inside the dataset folder, comment) lines of the expected layout."""
+        raise NotImplementedError
+
+    def expected_tree(self) -> str:
+        """Multi-line description of the expected layout under the data root."""
+        lines = [f"$DATA/{self.folder}/"]
+        entries = self.tree_lines()
+        width = max((len(p) for p, _ in entries), default=0) + 4
+        for i, (path, comment) in enumerate(entries):
+            branch = "└── " if i == len(entries) - 1 else "├── "
+            text = f"{branch}{path}"
+            lines.append(f"{text:<{width + 4}}{'# ' + comment if comment else ''}".rstrip())
+        return "\n".join(lines)
+
+    def read(self, root: Path) -> SplitData:
+        """Read the split lists (no existence checks of individual images); raise DatasetProblem on problems."""
+        raise NotImplementedError
+
+    def validate_classnames(self, root: Path, data: SplitData) -> str | None:
+        """A one-line problem if the class names break the dataset's cleaning rules (protocol.md §1.3), else None."""
+        return None
+
+    def _require_folder(self, root: Path) -> Path:
+        if not os.path.isdir(root):
+            raise UserError(f"data root {os.path.abspath(root)} does not exist; pass --data-root DIR or set MUGCP_DATA")
+        d = self.dataset_dir(root)
+        if not d.is_dir():
+            raise DatasetProblem(
+                "missing folder",
+                f"dataset {self.name}: folder '{self.folder}' not found under {os.path.abspath(root)}; get it from "
+                f"{self.homepage} and lay it out as 'mugcp-bench check-data --datasets {self.name}' shows",
+            )
+        return d
+
+    def _require_file(self, path: Path, what: str = "split file") -> Path:
+        if not path.is_file():
+            raise DatasetProblem(
+                "missing split file",
+                f"dataset {self.name}: {what} {path} not found; get it from {self.homepage} "
+                f"('mugcp-bench check-data --datasets {self.name}' shows the expected tree)",
+            )
+        return path
+
+    def _require_dir(self, path: Path, what: str) -> Path:
+        if not path.is_dir():
+            raise DatasetProblem(
+                "missing folder",
+                f"dataset {self.name}: {what} {path} not found; get it from {self.homepage} "
+                f"('mugcp-bench check-data --datasets {self.name}' shows the expected tree)",
+            )
+        return path
+
+    def load(self, root: Path) -> SplitData:
+        """Read the split lists and make sure every listed image exists; UserError (one line) on problems."""
+        data = self.read(root)
+        self._require_images(data)
+        return data
+
+    def _require_images(self, data: SplitData) -> None:
+        lists = [data.train, data.test] if (self.test_only or data.val_is_test) else [data.train, data.val, data.test]
+        seen: set[str] = set()
+        unique = [d for items in lists for d in items if not (d.impath in seen or seen.add(d.impath))]
+        n_missing, n_total, first = count_missing(unique)
+        if n_missing:
+            raise DatasetProblem(
+                f"{n_missing} image{'s' if n_missing != 1 else ''} missing",
+                f"dataset {self.name}: {n_missing} of {n_total} listed images are missing (first: {first}); "
+                f"re-download or re-extract the images from {self.homepage}",
+            )
+
+    def check(self, root: Path) -> CheckResult:
+        """Fast check: folder, split files, parse, every listed file exists, class-name rules. Never raises
+        DatasetProblem (a missing data root still raises UserError)."""
+        result = CheckResult(
+            name=self.name,
+            folder=self.folder,
+            path=str(self.dataset_dir(root)),
+            status="OK",
+            expected_tree=self.expected_tree(),
+            source=self.source,
+        )
+        try:
+            data = self.read(root)
+            result.num_classes = data.num_classes
+            result.num_train, result.num_val, result.num_test = len(data.train), len(data.val), len(data.test)
+            self._require_images(data)
+            problem = self.validate_classnames(root, data)
+            if problem:
+                raise DatasetProblem("bad class names", f"dataset {self.name}: {problem}")
+        except DatasetProblem as e:
+            result.status, result.message = e.status, str(e)
+        return result
+
+
+# --------------------------------------------------------------------------------------------- few-shot sampling
+
+
+def _sample_per_label(items: Sequence[Datum], k: int, rng: random.Random) -> list[Datum]:
+    """Dassl's `generate_fewshot_dataset` with repeat=False (Dassl.pytorch c61a1b5, base_dataset.py): groups in
+    first-appearance label order, `sample(group, k)` if the group has >= k items, else the whole group."""
+    groups: dict[int, list[Datum]] = {}
+    for d in items:
+        groups.setdefault(d.label, []).append(d)
+    out: list[Datum] = []
+    for group in groups.values():
+        out.extend(rng.sample(group, k) if len(group) >= k else group)
+    return out
+
+
+def split_hash(data: SplitData) -> str:
+    """Content hash of the full split lists (relpath, label, class name), the few-shot cache key."""
+    h = hashlib.sha256()
+    for part in ("train", "val", "test"):
+        h.update(f"\x00{part}\x00".encode())
+        for d in getattr(data, part):
+            h.update(f"{d.relpath}\t{d.label}\t{d.classname}\n".encode())
+    return h.hexdigest()
+
+
+def fewshot_cache_path(cache_dir: Path, data: SplitData, shots: int, seed: int) -> Path:
+    return Path(cache_dir) / "fewshot" / data.name / f"shot{shots}-seed{seed}-{split_hash(data)[:16]}.json"
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _read_cached_subset(path: Path, data: SplitData, shots: int, seed: int) -> tuple[list[Datum], list[Datum]] | None:
+    """The cached (train, val) subsets, or None (with a warning) if the file is unreadable or does not fit."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+        if obj.get("shots") != shots or obj.get("seed") != seed or obj.get("split_hash") != split_hash(data):
+            raise ValueError("key mismatch")
+        by_rel = {d.relpath: d for d in (*data.train, *data.val)}
+        lists = []
+        for part in ("train", "val"):
+            items = []
+            for relpath, label in obj[part]:
+                d = by_rel[relpath]
+                if d.label != label:
+                    raise ValueError(f"label of {relpath} differs")
+                items.append(d)
+            lists.append(items)
+        return lists[0], lists[1]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        log.warning("ignoring unreadable few-shot cache %s (%s); sampling again", path, e)
+        return None
+
+
+def fewshot(data: SplitData, shots: int | None, seed: int, cache_dir: Path | None = None) -> SplitData:
+    """k-shot subsets reproducing Dassl's for a given seed (protocol.md §1.5).
+
+    A local `random.Random(seed)` gives the same stream as Dassl's `random.seed(seed)` followed by `random.sample`
+    (Dassl's `set_random_seed` runs just before the dataset is built; nothing draws in between). Train with k shots,
+    then val with min(k, 4) shots on the same stream; with `val_is_test` (ImageNet) only train is sampled.
+    Subsets are cached as JSON (paths relative to the data root) under cache_dir/fewshot/<dataset>/.
+    """
+    if not shots or shots < 1:
+        return data
+    cache = fewshot_cache_path(cache_dir, data, shots, seed) if cache_dir is not None else None
+    cached = _read_cached_subset(cache, data, shots, seed) if cache is not None and cache.exists() else None
+    if cached is not None:
+        train, val = cached
+        if data.val_is_test:
+            val = data.val
+    else:
+        rng = random.Random(seed)
+        train = _sample_per_label(data.train, shots, rng)
+        val = data.val if data.val_is_test else _sample_per_label(data.val, min(shots, 4), rng)
+        if cache is not None:
+            obj = {
+                "dataset": data.name,
+                "shots": shots,
+                "seed": seed,
+                "split_hash": split_hash(data),
+                "train": [[d.relpath, d.label] for d in train],
+                "val": [] if data.val_is_test else [[d.relpath, d.label] for d in val],
+            }
+            try:
+                _write_json_atomic(cache, obj)
+            except OSError as e:
+                log.warning("cannot write few-shot cache %s (%s)", cache, e)
+    classnames = classnames_by_label(train, data.name, f"the {shots}-shot training list")
+    return dataclasses.replace(data, train=train, val=val, classnames=classnames)
+
+
+def normalize_subset(subset: str) -> str:
+    """'all' | 'base' | 'new' ('novel' is an alias); UserError with a did-you-mean otherwise."""
+    key = SUBSET_ALIASES.get(subset.strip().lower(), subset.strip().lower())
+    if key not in SUBSETS:
+        raise UserError(
+            f"unknown class subset '{subset}'.{suggest(key, [*SUBSETS, *SUBSET_ALIASES])} Use all, base or new."
+        )
+    return key
+
+
+def subsample_classes(data: SplitData, subset: str) -> SplitData:
+    """Base/novel split (protocol.md §1.6): labels present in the (few-shot) train list, sorted; base = the first
+    ceil(n/2), new = the rest; train, val and test are filtered and relabelled 0..m-1 in label order."""
+    subset = normalize_subset(subset)
+    if subset == "all":
+        return data
+    labels = sorted({d.label for d in data.train})
+    m = math.ceil(len(labels) / 2)
+    selected = labels[:m] if subset == "base" else labels[m:]
+    relabel = {old: new for new, old in enumerate(selected)}
+
+    def _filter(items: list[Datum]) -> list[Datum]:
+        return [dataclasses.replace(d, label=relabel[d.label]) for d in items if d.label in relabel]
+
+    return dataclasses.replace(
+        data,
+        train=_filter(data.train),
+        val=_filter(data.val),
+        test=_filter(data.test),
+        classnames=[data.classnames[y] for y in selected],
+    )
+
+
+def get_spec(name: str) -> DatasetSpec:
+    """The registered spec for a dataset name (UserError with a did-you-mean for unknown names)."""
+    return DATASETS.get(name)
+
+
+def prepare(
+    name: str, root: Path, shots: int | None, seed: int, subset: str = "all", cache_dir: Path | None = None
+) -> SplitData:
+    """spec.load -> fewshot (if shots) -> subsample_classes: the one call the trainer uses.
+
+    Test-only sets (ImageNet variants) are returned whole: like the reference loaders, they ignore `shots`;
+    a base/new subset of them is refused.
+    """
+    spec = get_spec(name)
+    subset = normalize_subset(subset)
+    data = spec.load(root)
+    if spec.test_only:
+        if subset != "all":
+            raise UserError(
+                f"dataset {spec.name} is test-only and is always evaluated on all its classes, not '{subset}'"
+            )
+        return data
+    data = fewshot(data, shots, seed, cache_dir)
+    return subsample_classes(data, subset)
+
+
+# ------------------------------------------------------------------------------------------------- torch Dataset
+
+
+class ImageReadError(UserError):
+    """A listed image is missing or cannot be decoded (one line naming the file and the dataset).
+
+    In a DataLoader worker, torch re-raises the error in the main process as `ImageReadError(<worker traceback>)`;
+    the message is cut back to the original line so that the CLI still prints one line.
+    """
+
+    def __init__(self, message: str) -> None:
+        marker = f"{type(self).__name__}: "
+        if "\n" in message and marker in message:
+            message = message.rstrip().rsplit(marker, 1)[-1]
+        super().__init__(message)
+
+
+class ImageListDataset(torch.utils.data.Dataset):
+    """(image tensor, label, index) for a list of Datum; a missing or corrupt image raises a one-line UserError."""
+
+    def __init__(
+        self, items: Sequence[Datum], transform: Callable[[Image.Image], Any] | None, dataset: str | None = None
+    ) -> None:
+        self.items = list(items)
+        self.transform = transform
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[Any, int, int]:
+        d = self.items[index]
+        try:
+            with Image.open(d.impath) as im:
+                image = im.convert("RGB")  # forces decoding: truncated files fail here
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            which = f"dataset {self.dataset}" if self.dataset else f"dataset folder '{d.relpath.split('/', 1)[0]}'"
+            reason = "missing" if isinstance(e, FileNotFoundError) else f"unreadable ({type(e).__name__}: {e})"
+            reason = " ".join(reason.split())  # one line
+            raise ImageReadError(
+                f"image {d.impath} of {which} is {reason}; re-download or re-extract it "
+                "('mugcp-bench check-data' checks that every listed file exists)"
+            ) from e
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, d.label, index
+
+
+__all__ = [
+    "CheckResult",
+    "DatasetProblem",
+    "DatasetSpec",
+    "Datum",
+    "ImageListDataset",
+    "ImageReadError",
+    "SplitData",
+    "fewshot",
+    "get_spec",
+    "make_datum",
+    "normalize_subset",
+    "prepare",
+    "split_hash",
+    "subsample_classes",
+]

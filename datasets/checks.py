@@ -1,0 +1,90 @@
+"""Fast checks of dataset folders before any training (the library side of `mugcp-bench check-data`)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from mugcp_bench.datasets.base import CheckResult, DatasetSpec
+from mugcp_bench.errors import UserError
+from mugcp_bench.registry import DATASETS
+
+# protocol.md order (the 11 base-to-novel datasets, then the 4 ImageNet variants); "all" lists other names after.
+PROTOCOL_ORDER = (
+    "imagenet",
+    "caltech101",
+    "oxford_pets",
+    "stanford_cars",
+    "oxford_flowers",
+    "food101",
+    "fgvc_aircraft",
+    "sun397",
+    "dtd",
+    "eurosat",
+    "ucf101",
+    "imagenet_v2",
+    "imagenet_sketch",
+    "imagenet_a",
+    "imagenet_r",
+)
+
+
+def dataset_names(selection: str | Iterable[str] = "all", group: str = "benchmark") -> list[str]:
+    """Registry names from "all" (every dataset of `group`, protocol order first), a group name ("benchmark",
+    "toy"), "a,b" or a list of names.
+
+    Unknown names raise UserError with a did-you-mean; aliases map to their registered name; duplicates are dropped.
+    """
+    if isinstance(selection, str):
+        parts = [p.strip() for p in selection.split(",") if p.strip()]
+    else:
+        parts = [p.strip() for p in selection if p.strip()]
+    if not parts:
+        raise UserError("no dataset given; pass --datasets all or a comma-separated list of names")
+    groups: dict[str, list[str]] = {}
+    for n, spec in DATASETS.items():
+        groups.setdefault(getattr(spec, "group", "benchmark"), []).append(n)
+    for members in groups.values():
+        members.sort(key=lambda n: (PROTOCOL_ORDER.index(n) if n in PROTOCOL_ORDER else len(PROTOCOL_ORDER), n))
+    names: list[str] = []
+    for part in parts:
+        key = part.lower()
+        if key == "all":
+            found = groups.get(group, [])
+        elif key in groups and key not in DATASETS:
+            found = groups[key]  # a group name such as "benchmark" or "toy"
+        else:
+            found = [DATASETS.canonical(part)]
+        names += [n for n in found if n not in names]
+    return names
+
+
+def require_data_root(root: Path) -> Path:
+    """The data root as an absolute path; UserError if it is not a folder."""
+    if not os.path.isdir(root):
+        raise UserError(
+            f"data root {os.path.abspath(root)} does not exist; pass --data-root DIR or set MUGCP_DATA "
+            "('mugcp-bench check-data' lists the expected folders)"
+        )
+    return Path(os.path.abspath(root))
+
+
+def check_datasets(root: Path, names: str | Iterable[str] = "all") -> list[CheckResult]:
+    """Check every requested dataset (folder, split files, JSON, listed files, class names); opens no image.
+
+    UserError for a missing data root or an unknown name; dataset problems are returned, not raised.
+    """
+    root = require_data_root(root)
+    results = []
+    for name in dataset_names(names):
+        spec: DatasetSpec = DATASETS.get(name)
+        results.append(spec.check(root))
+    return results
+
+
+def require_datasets(root: Path, names: str | Iterable[str]) -> None:
+    """UserError listing every unusable dataset, one line each (the `run` command calls this before training)."""
+    problems = [r.message for r in check_datasets(root, names) if not r.ok]
+    if problems:
+        raise UserError("\n".join(problems))
