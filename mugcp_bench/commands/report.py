@@ -1,0 +1,125 @@
+"""`mugcp-bench report`: tables (terminal, Markdown, LaTeX, CSV) and plots from a results directory."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import click
+
+from mugcp_bench.aggregate import REPORT_PROTOCOLS, Options, build_report
+from mugcp_bench.errors import UserError
+from mugcp_bench.plots import make_plots
+from mugcp_bench.tables import FORMATS, SUFFIX_FORMATS, render, write_atomic
+from mugcp_bench.tidy import load_results
+
+log = logging.getLogger(__name__)
+
+
+class _BadInput(click.ClickException):
+    """A UserError shown by click as one line, exit code 2."""
+
+    exit_code = UserError.exit_code
+
+
+def _split(value: str | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    items = tuple(v.strip() for v in value.split(",") if v.strip())
+    return items or None
+
+
+def _seeds(value: str | None) -> tuple[int, ...] | None:
+    items = _split(value)
+    if items is None:
+        return None
+    try:
+        return tuple(sorted({int(v) for v in items}))
+    except ValueError:
+        raise UserError(f"--seeds expects comma-separated integers such as 1,2,3, got '{value}'") from None
+
+
+def _format(fmt: str | None, out: Path | None) -> str:
+    if fmt:
+        return fmt
+    if out is not None:
+        return SUFFIX_FORMATS.get(out.suffix.lower(), "table")
+    return "table"
+
+
+@click.command("report")
+@click.option(
+    "--results-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path("results"),
+    show_default=True,
+    help="Results root holding runs/**/run.json.",
+)
+@click.option(
+    "--protocol",
+    type=click.Choice([*REPORT_PROTOCOLS, "all"]),
+    default="all",
+    show_default=True,
+    help="Which table to show; 'all' shows every protocol present plus the ablation tables.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(FORMATS),
+    default=None,
+    help="Output format [default: from the --out suffix (.md, .tex, .csv), else table].",
+)
+@click.option("--pivot", is_flag=True, help="With --format csv: the paper layout (one column per method and metric).")
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=None, help="Write to FILE (atomic).")
+@click.option(
+    "--plots",
+    "plots_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Write PNG+PDF plots to DIR.",
+)
+@click.option("--vs", default=None, help="Show Δ against 'paper' (the published numbers) or a METHOD of the report.")
+@click.option("--seeds", default=None, help="Expected seeds, e.g. 1,2,3 (others are ignored; missing ones flagged).")
+@click.option("--ci", is_flag=True, help="Show the 95%% Student-t interval half-width instead of the std.")
+@click.option("--rounded", is_flag=True, help="Average the 1-decimal per-seed values the reference parser reads.")
+@click.option(
+    "--methods", default=None, help="Only these methods, e.g. coop,mugcp (a method name includes its variants)."
+)
+def report(
+    results_dir: Path,
+    protocol: str,
+    fmt: str | None,
+    pivot: bool,
+    out: Path | None,
+    plots_dir: Path | None,
+    vs: str | None,
+    seeds: str | None,
+    ci: bool,
+    rounded: bool,
+    methods: str | None,
+) -> None:
+    """Aggregate seeds and datasets into paper-style tables, Δ against published numbers, and plots."""
+    try:
+        fmt = _format(fmt, out)
+        if pivot and fmt != "csv":
+            raise UserError("--pivot only applies to --format csv")
+        options = Options(rounded=rounded, ci=ci, seeds=_seeds(seeds), methods=_split(methods), vs=vs)
+        results = load_results(results_dir)
+        counts = results.status_counts()
+        if set(counts) - {"complete"}:
+            log.info("runs by status: %s (only complete runs are reported)", counts)
+        rep = build_report(results, None if protocol == "all" else [protocol], options)
+        tty = out is None and sys.stdout.isatty()
+        width = shutil.get_terminal_size().columns if tty else 400
+        text = render(rep, fmt, pivot=pivot, width=width, color=tty and fmt == "table")
+        if out is not None:
+            write_atomic(out, text)
+            log.info("wrote %s", out)
+        else:
+            click.echo(text, nl=False)
+        if plots_dir is not None:
+            make_plots(rep, plots_dir)
+    except UserError as exc:
+        raise _BadInput(str(exc)) from exc

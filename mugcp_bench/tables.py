@@ -1,0 +1,371 @@
+"""Render report tables: rich terminal table, Markdown, LaTeX (booktabs), CSV (tidy long form or pivoted).
+
+Cells read "mean ± spread (k/n) (Δ M)": spread = seed std (or the 95% half-width with --ci), (k/n) = seeds
+present / expected when some are missing, † on an Average that includes incomplete cells, Δ against the
+published number (M = its confidence marker) or another method. The best mean per row and metric is bold.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from rich.console import Console
+from rich.table import Table as RichTable
+from rich.text import Text
+
+from mugcp_bench.aggregate import AVERAGE, Column, Options, Report, Table
+
+FORMATS = ("table", "md", "latex", "csv")
+SUFFIX_FORMATS = {".md": "md", ".markdown": "md", ".tex": "latex", ".csv": "csv", ".txt": "table"}
+DECIMALS = 2
+
+
+@dataclass
+class CellText:
+    """The pieces of one displayed cell (format-neutral; renderers join and style them)."""
+
+    mean: str
+    spread: str = ""
+    flag: str = ""
+    delta: str = ""
+    bold: bool = False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cell texts
+# ---------------------------------------------------------------------------------------------------------------
+def _fmt(x: float, signed: bool = False) -> str:
+    x = round(float(x), DECIMALS) + 0.0  # no "-0.00"
+    return f"{x:+.{DECIMALS}f}" if signed else f"{x:.{DECIMALS}f}"
+
+
+def best_cells(table: Table) -> set[tuple[str, str, str]]:
+    """(entry, group, row) of the best mean per row and metric group (ties all bold; needs two or more values)."""
+    best: set[tuple[str, str, str]] = set()
+    by_group: dict[str, list[str]] = {}
+    for col in table.columns:
+        if not col.delta:
+            by_group.setdefault(col.group, []).append(col.entry)
+    cells = table.cells.set_index(["entry", "group", "row"])["mean"]
+    for group, entries in by_group.items():
+        if len(entries) < 2:
+            continue
+        for row in table.rows:
+            values = {e: cells.get((e, group, row), math.nan) for e in entries}
+            shown = {e: round(v, DECIMALS) for e, v in values.items() if not math.isnan(v)}
+            if len(shown) < 2:
+                continue
+            top = max(shown.values())
+            best.update((e, group, row) for e, v in shown.items() if v == top)
+    return best
+
+
+def cell_text(table: Table, col: Column, row: str, options: Options, best: set[tuple[str, str, str]]) -> CellText:
+    """Format-neutral text of one cell ("–" when the method has no value there)."""
+    c = table.cell(col.entry, row, col.group)
+    if c is None or pd.isna(c["mean"]):
+        return CellText(mean="–")
+    is_avg = bool(c["is_average"])
+    text = CellText(mean=_fmt(c["mean"], signed=col.delta), bold=(col.entry, col.group, row) in best)
+    if not is_avg and not col.delta and col.group != "hm":
+        spread = c["ci95"] if options.ci else c["std"]
+        text.spread = "± " + ("–" if pd.isna(spread) else _fmt(spread))
+    if not bool(c["complete"]):
+        text.flag = "†" if is_avg else f"({int(c['n'])}/{int(c['n_expected'])})"
+    if "delta" in c.index and not pd.isna(c["delta"]):
+        marker = c.get("ref_marker", "") or ""
+        text.delta = f"({_fmt(c['delta'], signed=True)}{' ' + marker if marker else ''})"
+    return text
+
+
+def _grid(table: Table, options: Options) -> list[tuple[str, list[CellText]]]:
+    best = best_cells(table)
+    return [(table.row_labels[r], [cell_text(table, c, r, options, best) for c in table.columns]) for r in table.rows]
+
+
+def _header_spans(table: Table) -> list[tuple[str, int]]:
+    """(entry, number of consecutive columns) for the top header row."""
+    spans: list[tuple[str, int]] = []
+    for col in table.columns:
+        if spans and spans[-1][0] == col.entry:
+            spans[-1] = (col.entry, spans[-1][1] + 1)
+        else:
+            spans.append((col.entry, 1))
+    return spans
+
+
+def _single_group(table: Table) -> bool:
+    return all(n == 1 for _, n in _header_spans(table)) and not table.ablation
+
+
+def _plain(text: CellText) -> str:
+    return " ".join(p for p in (text.mean, text.spread, text.flag, text.delta) if p)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Markdown
+# ---------------------------------------------------------------------------------------------------------------
+def table_markdown(table: Table, options: Options) -> str:
+    """One table as a Markdown section: heading, pipe table, footnote bullets."""
+    single = _single_group(table)
+    heads = [c.entry if single else f"{c.entry} {table.group_labels[c.group]}" for c in table.columns]
+    lines = [f"### {table.title}", "", "| Dataset | " + " | ".join(heads) + " |"]
+    lines.append("|---|" + "---:|" * len(heads))
+    for (label, texts), row in zip(_grid(table, options), table.rows):
+        cells = []
+        for t in texts:
+            mean = f"**{t.mean}**" if t.bold else t.mean
+            cells.append(" ".join(p for p in (mean, t.spread, t.flag, t.delta) if p))
+        label = f"**{label}**" if row == AVERAGE else label
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.extend(f"- {note}" for note in table.footnotes)
+    return "\n".join(lines) + "\n"
+
+
+def report_markdown(report: Report) -> str:
+    """Every table of the report in Markdown, then the report footer."""
+    parts = [table_markdown(t, report.options) for t in report.tables]
+    if report.footer:
+        parts.append("\n".join(report.footer) + "\n")
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LaTeX (booktabs)
+# ---------------------------------------------------------------------------------------------------------------
+_LATEX_CHARS = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "±": r"$\pm$",
+    "·": r"$\cdot$",
+    "−": r"$-$",
+    "–": "--",
+    "—": "---",
+    "Δ": r"$\Delta$",
+    "✓": r"\checkmark{}",
+    "†": r"$^\dagger$",
+    "×": r"$\times$",
+    "<": r"\textless{}",
+    ">": r"\textgreater{}",
+    "`": "",
+}
+_NEGATIVE = re.compile(r"(?<![\w.])-(?=\d)")
+
+
+def latex_escape(text: str) -> str:
+    """Escape LaTeX specials and map the report's symbols (±, Δ, ✓, †, dashes) to LaTeX."""
+    escaped = "".join(_LATEX_CHARS.get(ch, ch) for ch in text)
+    return _NEGATIVE.sub(r"$-$", escaped)  # a minus sign, not a hyphen, before a number
+
+
+def table_latex(table: Table, options: Options) -> str:
+    """One table as a booktabs `table` environment (needs \\usepackage{booktabs, amssymb})."""
+    single = _single_group(table)
+    n = len(table.columns)
+    out = [r"\begin{table}[t]", r"\centering", r"\small", rf"\caption{{{latex_escape(table.title)}}}"]
+    out.append(r"\begin{tabular}{l" + "r" * n + "}")
+    out.append(r"\toprule")
+    if single:
+        out.append("Dataset & " + " & ".join(latex_escape(c.entry) for c in table.columns) + r" \\")
+    else:
+        spans = _header_spans(table)
+        top, rules, start = [], [], 2
+        for entry, width in spans:
+            top.append(rf"\multicolumn{{{width}}}{{c}}{{{latex_escape(entry)}}}")
+            rules.append(rf"\cmidrule(lr){{{start}-{start + width - 1}}}")
+            start += width
+        out.append(" & " + " & ".join(top) + r" \\")
+        out.append(" ".join(rules))
+        out.append("Dataset & " + " & ".join(latex_escape(table.group_labels[c.group]) for c in table.columns) + r" \\")
+    out.append(r"\midrule")
+    for (label, texts), row in zip(_grid(table, options), table.rows):
+        if row == AVERAGE:
+            out.append(r"\midrule")
+        cells = []
+        for t in texts:
+            mean = rf"\textbf{{{latex_escape(t.mean)}}}" if t.bold else latex_escape(t.mean)
+            rest = " ".join(latex_escape(p) for p in (t.spread, t.flag, t.delta) if p)
+            cells.append(mean + (" " + rest if rest else ""))
+        out.append(latex_escape(label) + " & " + " & ".join(cells) + r" \\")
+    out.append(r"\bottomrule")
+    out.append(r"\end{tabular}")
+    if table.footnotes:
+        out.append(r"\par\smallskip{\footnotesize")
+        out.append("\\\\\n".join(latex_escape(note) for note in table.footnotes))
+        out.append("}")
+    out.append(r"\end{table}")
+    return "\n".join(out) + "\n"
+
+
+def report_latex(report: Report) -> str:
+    """Every table as a LaTeX table environment; the footer as comments."""
+    parts = [table_latex(t, report.options) for t in report.tables]
+    parts.extend(f"% {line}\n" for line in report.footer)
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rich terminal table
+# ---------------------------------------------------------------------------------------------------------------
+def rich_tables(report: Report) -> list:
+    """rich renderables: for each table a rich Table and its footnotes, then the report footer."""
+    items: list = []
+    for table in report.tables:
+        single = _single_group(table)
+        rt = RichTable(header_style="bold")
+        rt.add_column("Dataset", no_wrap=True)
+        for c in table.columns:
+            head = c.entry if single else f"{c.entry}\n{table.group_labels[c.group]}"
+            rt.add_column(head, justify="right", no_wrap=True)
+        for (label, texts), row in zip(_grid(table, report.options), table.rows):
+            if row == AVERAGE:
+                rt.add_section()
+            cells = []
+            for t in texts:
+                cell = Text(t.mean, style="bold green" if t.bold else "")
+                for part, style in ((t.spread, "dim"), (t.flag, "yellow"), (t.delta, "cyan")):
+                    if part:
+                        cell.append(" " + part, style=style)
+                cells.append(cell)
+            rt.add_row(Text(label, style="bold" if row == AVERAGE else ""), *cells)
+        items.extend([Text(table.title, style="bold"), rt])
+        items.extend(Text(note, style="dim") for note in table.footnotes)
+        items.append(Text(""))
+    items.extend(Text(line, style="yellow") for line in report.footer)
+    return items
+
+
+def report_text(report: Report, width: int = 400, color: bool = False) -> str:
+    """The rich terminal rendering as a string (ANSI styles only when `color`)."""
+    console = Console(
+        file=io.StringIO(), width=width, record=True, force_terminal=color, color_system="auto" if color else None
+    )
+    for item in rich_tables(report):
+        console.print(item, overflow="fold" if not isinstance(item, Text) else "ignore", crop=False)
+    return console.export_text(styles=color)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CSV
+# ---------------------------------------------------------------------------------------------------------------
+def tidy_cells(report: Report) -> pd.DataFrame:
+    """The report in long form: one row per displayed cell, with spread, seed counts and Δ."""
+    records = []
+    value_type = "rounded_1dp" if report.options.rounded else "full"
+    for table in report.tables:
+        info = table.entries.set_index("entry")
+        for col in table.columns:
+            e = info.loc[col.entry]
+            for row in table.rows:
+                c = table.cell(col.entry, row, col.group)
+                if c is None:
+                    continue
+                few = table.kind == "few_shot"
+                group = col.group.removeprefix("Δ")
+                records.append(
+                    {
+                        "table": table.name,
+                        "protocol": table.kind,
+                        "entry": col.entry,
+                        "method": e["method"],
+                        "variant": e["variant"],
+                        "method_label": e["method_label"],
+                        "backbone": e["backbone"],
+                        "pretrained": e["pretrained"],
+                        "recipe": e["recipe"],
+                        "precision": e["precision"],
+                        "dataset": row,
+                        "dataset_name": table.row_labels[row],
+                        "metric": ("delta_" if col.delta else "") + ("acc" if few else group),
+                        "shots": int(group) if few else (e["shots"][0] if len(e["shots"]) == 1 else pd.NA),
+                        "is_average": bool(c["is_average"]),
+                        "mean": c["mean"],
+                        "std": c.get("std"),
+                        "ci95": c.get("ci95"),
+                        "n": int(c["n"]),
+                        "n_expected": int(c["n_expected"]),
+                        "complete": bool(c["complete"]),
+                        "ref_value": c.get("ref_value"),
+                        "ref_marker": c.get("ref_marker") or "",
+                        "delta": c.get("delta"),
+                        "value_type": value_type,
+                    }
+                )
+    frame = pd.DataFrame(records)
+    for col in ("mean", "std", "ci95", "ref_value", "delta"):
+        if col in frame:
+            frame[col] = pd.to_numeric(frame[col], errors="coerce").round(6)
+    return frame
+
+
+def pivot_cells(report: Report) -> pd.DataFrame:
+    """The paper layout as CSV: one row per table and dataset, one column per method and metric (means)."""
+    frames = []
+    for table in report.tables:
+        single = _single_group(table)
+        data: dict[str, list] = {"table": [], "dataset": [], "dataset_name": []}
+        for row in table.rows:
+            data["table"].append(table.name)
+            data["dataset"].append(row)
+            data["dataset_name"].append(table.row_labels[row])
+        for col in table.columns:
+            name = col.entry if single else f"{col.entry} {table.group_labels[col.group]}"
+            means, deltas = [], []
+            for row in table.rows:
+                c = table.cell(col.entry, row, col.group)
+                means.append(round(float(c["mean"]), 6) if c is not None and not pd.isna(c["mean"]) else math.nan)
+                d = c.get("delta") if c is not None else None
+                deltas.append(round(float(d), 6) if d is not None and not pd.isna(d) else math.nan)
+            data[name] = means
+            if any(not math.isnan(d) for d in deltas):
+                data[f"{name} Δ"] = deltas
+        frames.append(pd.DataFrame(data))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Entry points
+# ---------------------------------------------------------------------------------------------------------------
+def render(report: Report, fmt: str, pivot: bool = False, width: int = 400, color: bool = False) -> str:
+    """The report as text in one of FORMATS."""
+    if fmt == "md":
+        return report_markdown(report)
+    if fmt == "latex":
+        return report_latex(report)
+    if fmt == "csv":
+        frame = pivot_cells(report) if pivot else tidy_cells(report)
+        return frame.to_csv(index=False, lineterminator="\n")
+    if fmt == "table":
+        return report_text(report, width=width, color=color)
+    raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+
+
+def write_atomic(path: str | Path, text: str) -> Path:
+    """Write text to `path` atomically (temp file in the same folder, then os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,217 @@
+"""Run records (`runs/**/run.json`) -> a tidy pandas table, one row per run x evaluation; dataset display names.
+
+The store is read as plain JSON files (schema 1, written by the trainer); nothing here imports the trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mugcp_bench.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+RUN_GLOB = "runs/**/run.json"
+
+KEY_COLUMNS = [
+    "train_protocol",
+    "method",
+    "variant",
+    "method_label",
+    "recipe",
+    "backbone",
+    "pretrained",
+    "train_dataset",
+    "shots",
+    "seed",
+    "precision",
+]
+EVAL_COLUMNS = ["eval_protocol", "eval_dataset", "classes", "n", "accuracy", "accuracy_1dp", "leakage"]
+TIDY_COLUMNS = ["run_id", "status", *KEY_COLUMNS, *EVAL_COLUMNS]
+# Not part of the documented tidy schema, kept at the end: needed to resolve duplicate runs of one seed.
+EXTRA_COLUMNS = ["config_hash", "path", "mtime"]
+RUN_COLUMNS = ["run_id", "status", "reason", *KEY_COLUMNS, "config_hash", "path", "mtime"]
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dataset names: registry name -> canonical key, display name and benchmark order.
+# ---------------------------------------------------------------------------------------------------------------
+# (canonical key, display name, normalised spellings the registry or a user might use)
+_KNOWN_DATASETS: list[tuple[str, str, tuple[str, ...]]] = [
+    ("imagenet", "ImageNet", ("imagenet",)),
+    ("caltech101", "Caltech101", ("caltech101", "caltech")),
+    ("oxford_pets", "OxfordPets", ("oxfordpets", "pets")),
+    ("stanford_cars", "StanfordCars", ("stanfordcars", "cars")),
+    ("oxford_flowers", "Flowers102", ("oxfordflowers", "flowers102", "flowers")),
+    ("food101", "Food101", ("food101", "food")),
+    ("fgvc_aircraft", "FGVCAircraft", ("fgvcaircraft", "aircraft", "fgvc")),
+    ("sun397", "SUN397", ("sun397", "sun")),
+    ("dtd", "DTD", ("dtd", "describabletextures")),
+    ("eurosat", "EuroSAT", ("eurosat",)),
+    ("ucf101", "UCF101", ("ucf101", "ucf")),
+    ("imagenetv2", "-V2", ("imagenetv2",)),
+    ("imagenet_sketch", "-Sketch", ("imagenetsketch",)),
+    ("imagenet_a", "-A", ("imageneta", "imagenetadversarial")),
+    ("imagenet_r", "-R", ("imagenetr", "imagenetrendition")),
+]
+DATASET_ORDER: list[str] = [key for key, _, _ in _KNOWN_DATASETS]
+_DISPLAY = {key: display for key, display, _ in _KNOWN_DATASETS}
+_ALIASES = {alias: key for key, _, aliases in _KNOWN_DATASETS for alias in aliases}
+
+
+def _normalise(name: str) -> str:
+    return re.sub(r"[^0-9a-z]", "", name.lower())
+
+
+def dataset_key(name: str) -> str:
+    """Canonical key of a known benchmark dataset (any usual spelling), else the name itself, lower-cased."""
+    return _ALIASES.get(_normalise(name), name.lower())
+
+
+def dataset_display(name: str) -> str:
+    """Paper-style display name ("OxfordPets", "-Sketch"); unknown (toy) names are title-cased ("Toy Shapes")."""
+    key = dataset_key(name)
+    if key in _DISPLAY:
+        return _DISPLAY[key]
+    return " ".join(part.capitalize() if part.islower() else part for part in re.split(r"[_\-\s]+", name) if part)
+
+
+def dataset_rank(name: str, first_seen: int = 0) -> tuple[int, int]:
+    """Sort key: the benchmark order for known datasets, then unknown ones in order of first appearance."""
+    key = dataset_key(name)
+    if key in _DISPLAY:
+        return (0, DATASET_ORDER.index(key))
+    return (1, first_seen)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading the store
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class Results:
+    """What a results directory holds: one row per run (any status), one row per run x evaluation."""
+
+    results_dir: Path
+    runs: pd.DataFrame
+    tidy: pd.DataFrame
+    unreadable: list[Path] = field(default_factory=list)
+
+    def status_counts(self) -> dict[str, int]:
+        """Number of runs per status ("complete", "running", "failed", ...)."""
+        return {str(k): int(v) for k, v in self.runs["status"].value_counts().sort_index().items()}
+
+    def complete(self) -> pd.DataFrame:
+        """Tidy rows of complete runs only (the only ones tables use)."""
+        return self.tidy[self.tidy["status"] == "complete"].reset_index(drop=True)
+
+
+def find_run_files(results_dir: Path) -> list[Path]:
+    """Every run.json under `<results_dir>/runs`, sorted by path."""
+    return sorted(Path(results_dir).glob(RUN_GLOB))
+
+
+def read_run(path: Path) -> dict | None:
+    """One run record, or None (with a warning) when it cannot be read or has an unknown schema."""
+    try:
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        log.warning("skipping unreadable run record %s: %s", path, exc)
+        return None
+    if not isinstance(record, dict) or record.get("schema") != SCHEMA_VERSION:
+        got = record.get("schema") if isinstance(record, dict) else type(record).__name__
+        log.warning("skipping %s: run record schema %r, this report reads schema %d", path, got, SCHEMA_VERSION)
+        return None
+    return record
+
+
+def _key_fields(record: dict) -> dict:
+    key = record.get("key") or {}
+    variant = key.get("variant") or ""
+    method = key.get("method") or ""
+    label = record.get("method_label") or (f"{method}-{variant}" if variant else method)
+    return {
+        "train_protocol": key.get("train_protocol"),
+        "method": method,
+        "variant": variant,
+        "method_label": label,
+        "recipe": key.get("recipe"),
+        "backbone": key.get("backbone"),
+        "pretrained": key.get("pretrained"),
+        "train_dataset": key.get("train_dataset"),
+        "shots": key.get("shots"),
+        "seed": key.get("seed"),
+        "precision": key.get("precision"),
+    }
+
+
+def _float(value: object) -> float:
+    return float(value) if value is not None else np.nan
+
+
+def records_to_frames(records: list[tuple[Path, dict]]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(runs, tidy) frames from (path, record) pairs."""
+    run_rows, eval_rows = [], []
+    for path, record in records:
+        base = {"run_id": record.get("id"), "status": record.get("status"), **_key_fields(record)}
+        extra = {
+            "config_hash": (record.get("key") or {}).get("config_hash"),
+            "path": str(path),
+            "mtime": path.stat().st_mtime if path.exists() else np.nan,
+        }
+        run_rows.append({**base, "reason": record.get("reason"), **extra})
+        for ev in record.get("evaluations") or []:
+            eval_rows.append(
+                {
+                    **base,
+                    "eval_protocol": ev.get("protocol"),
+                    "eval_dataset": ev.get("dataset"),
+                    "classes": ev.get("classes"),
+                    "n": ev.get("n"),
+                    "accuracy": _float(ev.get("accuracy")),
+                    "accuracy_1dp": _float(ev.get("accuracy_1dp")),
+                    "leakage": _float(ev.get("leakage")),
+                    **extra,
+                }
+            )
+    runs = pd.DataFrame(run_rows, columns=RUN_COLUMNS)
+    tidy = pd.DataFrame(eval_rows, columns=TIDY_COLUMNS + EXTRA_COLUMNS)
+    for frame in (runs, tidy):
+        for col in ("shots", "seed"):
+            frame[col] = pd.to_numeric(frame[col], errors="coerce").astype("Int64")
+    tidy["n"] = pd.to_numeric(tidy["n"], errors="coerce").astype("Int64")
+    # accuracy_1dp is what the reference parser reads from the log; fill it from the full value if absent.
+    tidy["accuracy_1dp"] = tidy["accuracy_1dp"].fillna(tidy["accuracy"].round(1))
+    return runs, tidy
+
+
+def load_results(results_dir: str | Path) -> Results:
+    """Read every run record under `results_dir`. UserError when the folder is missing or holds no runs."""
+    results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        raise UserError(
+            f"results directory '{results_dir}' does not exist: run 'mugcp-bench run' first or pass --results-dir"
+        )
+    paths = find_run_files(results_dir)
+    if not paths:
+        raise UserError(
+            f"no results in '{results_dir}' (no {RUN_GLOB}): run 'mugcp-bench run' first or pass --results-dir"
+        )
+    records, unreadable = [], []
+    for path in paths:
+        record = read_run(path)
+        if record is None:
+            unreadable.append(path)
+        else:
+            records.append((path, record))
+    if not records:
+        raise UserError(f"no readable run records in '{results_dir}' ({len(unreadable)} unreadable run.json files)")
+    runs, tidy = records_to_frames(records)
+    log.info("read %d run records from %s (%d evaluations)", len(runs), results_dir, len(tidy))
+    return Results(results_dir=results_dir, runs=runs, tidy=tidy, unreadable=unreadable)
