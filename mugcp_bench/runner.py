@@ -276,7 +276,9 @@ def execute(run: PlannedRun, backbone: Backbone, opts: RunOptions, progress=None
             }
             record.add_evaluation(evaluation)
             log.info("%s -> %s %s: %.2f%%", run.label, target.dataset, target.classes, result["accuracy"])
-        timings["eval_s"] = round(timings.get("eval_s", 0) * (run.action == "evaluate") + time.perf_counter() - t_eval, 3)
+        timings["eval_s"] = round(
+            timings.get("eval_s", 0) * (run.action == "evaluate") + time.perf_counter() - t_eval, 3
+        )
         record.finish("complete")
     except KeyboardInterrupt:
         record.finish("failed", "interrupted")

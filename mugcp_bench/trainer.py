@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import random
+import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -199,6 +201,8 @@ def fit(
                 checkpoint,
             )
         log.info("epoch %d/%d  loss %.4f  lr %.3g", epoch + 1, cfg.epochs, last_loss, lr)
+        if os.environ.get("MUGCP_FAULT_KILL_AFTER_EPOCH") == str(epoch):  # fault injection for the resume test
+            os.kill(os.getpid(), signal.SIGKILL)
     method.eval()
     elapsed = time.perf_counter() - t0
     return FitResult(cfg.epochs - start_epoch, elapsed, last_loss, n_images / elapsed if elapsed > 0 else 0.0)

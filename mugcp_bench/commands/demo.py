@@ -1,0 +1,49 @@
+"""`mugcp-bench demo`: the toy world end to end — base-to-novel for zero-shot CLIP and every method, then the report.
+
+What `make demo` runs. Offline, on the CPU, in the same code path as the real benchmark.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from mugcp_bench.commands.report import report
+from mugcp_bench.commands.run import DEFAULT_METHODS, run
+from mugcp_bench.errors import RunFailed
+
+
+@click.command("demo")
+@click.option("--methods", default=DEFAULT_METHODS, show_default=True)
+@click.option("--seeds", default="1", show_default=True, help="Seeds (the 15-minute CPU budget allows one).")
+@click.option("--datasets", default=None, help="Toy datasets (default: the toy suite's base-to-novel datasets).")
+@click.option("--results-dir", default="results", show_default=True, type=click.Path(path_type=Path))
+def demo(methods: str, seeds: str, datasets: str | None, results_dir: Path) -> None:
+    """Toy-world base-to-novel for every method, then the table in the terminal and plots in RESULTS_DIR/plots."""
+    console = Console(stderr=True)
+    t0 = time.perf_counter()
+    args = ["--methods", methods, "--seeds", seeds, "--results-dir", str(results_dir), "--keep-going"]
+    if datasets:
+        args += ["--datasets", datasets]
+    failed: RunFailed | None = None
+    try:
+        run.main(args, standalone_mode=False)
+    except RunFailed as e:  # report what did finish, then exit 1
+        failed = e
+    report.main(
+        ["--results-dir", str(results_dir), "--protocol", "base2novel", "--plots", str(results_dir / "plots")],
+        standalone_mode=False,
+    )
+    report.main(
+        ["--results-dir", str(results_dir), "--protocol", "base2novel", "--out", str(results_dir / "report.md")],
+        standalone_mode=False,
+    )
+    console.print(
+        f"demo finished in {time.perf_counter() - t0:.0f} s; table in {results_dir / 'report.md'}, "
+        f"plots in {results_dir / 'plots'}"
+    )
+    if failed is not None:
+        raise failed

@@ -1,0 +1,209 @@
+"""`mugcp-bench run` / `ablate` end to end on the tiny backbone and miniature datasets."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mugcp_bench.cli import main
+from mugcp_bench.registry import METHODS
+from mugcp_bench.store import iter_run_files
+from tests.miniature import build_miniature
+
+BASE = ["--backbone", "tiny", "--pretrained", "random", "--recipe", "toy"]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return build_miniature(tmp_path_factory.mktemp("data"))
+
+
+def cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """Run the real entry point in-process; returns (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
+def records(results: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in iter_run_files(results)]
+
+
+def test_base2novel_sweep_of_every_method_then_nothing_to_train(data_root, tmp_path, capsys):
+    methods = ",".join(METHODS.names())
+    args = ["run", "--methods", methods, "--datasets", "caltech101", "--seeds", "1,2", "--data-root", str(data_root)]
+    args += [*BASE, "--results-dir", str(tmp_path), "--set", "epochs=1", "--json"]
+    code, out, err = cli(args, capsys)
+    assert code == 0, err
+    recs = records(tmp_path)
+    assert len(recs) == 2 * len(METHODS.names())
+    for r in recs:
+        assert r["status"] == "complete", r.get("reason")
+        got = {(e["classes"], e["n_classes"]) for e in r["evaluations"]}
+        assert got == {("base", 3), ("novel", 3)}  # 6 miniature Caltech classes: 3 base, 3 novel
+        assert all(0 <= e["accuracy"] <= 100 for e in r["evaluations"])
+    code, out, err = cli(args, capsys)
+    assert code == 0
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary.get("skip") == len(recs) and "train" not in summary
+
+
+def test_sigkill_then_resume_equals_uninterrupted(data_root, tmp_path, capsys):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    args = ["run", "--methods", "coop", "--datasets", "dtd", "--seeds", "1", "--data-root", str(data_root), *BASE]
+    args += ["--set", "epochs=4", "--set", "batch_size=2"]
+    killed = subprocess.run(
+        [sys.executable, "-m", "mugcp_bench.cli", *args, "--results-dir", str(tmp_path / "a")],
+        env={**env, "MUGCP_FAULT_KILL_AFTER_EPOCH": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    (rec_path,) = iter_run_files(tmp_path / "a")
+    rec = json.loads(rec_path.read_text())  # never half-written: valid JSON, left running by a dead process
+    assert rec["status"] == "running" and rec["evaluations"] == []
+    assert torch.load(rec_path.parent / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    code, _, err = cli([*args, "--results-dir", str(tmp_path / "a"), "--resume"], capsys)
+    assert code == 0, err
+    code, _, err = cli([*args, "--results-dir", str(tmp_path / "b")], capsys)
+    assert code == 0, err
+    (a,), (b,) = records(tmp_path / "a"), records(tmp_path / "b")
+    assert a["status"] == b["status"] == "complete"
+    assert [e["accuracy"] for e in a["evaluations"]] == [e["accuracy"] for e in b["evaluations"]]
+    sa = torch.load(iter_run_files(tmp_path / "a")[0].parent / "model.pt")
+    sb = torch.load(iter_run_files(tmp_path / "b")[0].parent / "model.pt")
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_cross_dataset_and_domain_generalization_share_one_source_run(data_root, tmp_path, capsys):
+    common = ["--methods", "coop", "--seeds", "1", "--data-root", str(data_root), *BASE, "--set", "epochs=1"]
+    common += ["--results-dir", str(tmp_path), "--json"]
+    code, out, err = cli(["run", "--protocol", "cross_dataset", "--datasets", "caltech101,dtd", *common], capsys)
+    assert code == 0, err
+    code, out, err = cli(["run", "--protocol", "domain_generalization", *common], capsys)
+    assert code == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary.get("evaluate") == 1 and "train" not in summary  # no retraining
+    (rec,) = records(tmp_path)
+    tags = sorted((e["protocol"], e["dataset"]) for e in rec["evaluations"])
+    assert ("source", "imagenet") in tags and ("cross_dataset", "dtd") in tags
+    assert {d for p, d in tags if p == "domain_generalization"} == {
+        "imagenet_v2",
+        "imagenet_sketch",
+        "imagenet_a",
+        "imagenet_r",
+    }
+    a = next(e for e in rec["evaluations"] if e["dataset"] == "imagenet_a")
+    assert a["n_classes"] == 3  # ImageNet-A is evaluated over its own classes only (200-way on the real set)
+
+
+@pytest.mark.parametrize("method", ["coop", "maple"])
+def test_cached_evaluation_equals_naive(data_root, tmp_path, method):
+    from mugcp_bench.datapaths import default_cache_dir
+    from mugcp_bench.protocols import REAL_SUITE, get_protocol
+    from mugcp_bench.runner import RunOptions, execute, get_backbone, plan
+
+    accs = []
+    for fast in (True, False):
+        opts = RunOptions(
+            results_dir=tmp_path / str(fast),
+            data_root=data_root,
+            cache_dir=default_cache_dir(),
+            recipe="toy",
+            overrides={"epochs": "1"},
+            fast_eval=fast,
+        )
+        bb = get_backbone("tiny", None, "cpu")
+        (run,) = plan(opts, bb, [method], [get_protocol("base2novel")], REAL_SUITE, ("eurosat",), None, [1])
+        execute(run, bb, opts)
+        (rec,) = records(tmp_path / str(fast))
+        accs.append([(e["classes"], e["accuracy"]) for e in rec["evaluations"]])
+    assert accs[0] == accs[1]
+
+
+def test_ablate_runs_full_method_and_variant(data_root, tmp_path, capsys):
+    cls = METHODS.get("mugcp")
+    drop = next(iter(cls.ablations))
+    args = ["ablate", "--method", "mugcp", "--drop", drop, "--datasets", "eurosat", "--seeds", "1"]
+    args += ["--data-root", str(data_root), *BASE, "--set", "epochs=1", "--results-dir", str(tmp_path)]
+    code, _, err = cli(args, capsys)
+    assert code == 0, err
+    labels = sorted(r["method_label"] for r in records(tmp_path))
+    assert labels == ["mugcp", f"mugcp-no-{drop}"]
+
+
+BAD_INPUTS = [
+    (["run", "--methods", "copo"], "unknown method 'copo'. Did you mean 'coop'?"),
+    (
+        ["run", "--methods", "coop", "--datasets", "caltek101"],
+        "unknown dataset 'caltek101'. Did you mean 'caltech101'?",
+    ),
+    (["run", "--methods", "coop", "--protocol", "base2nvel"], "unknown protocol 'base2nvel'. Did you mean"),
+    (
+        ["run", "--methods", "coop", "--set", "n_cxt=8"],
+        "unknown setting 'n_cxt' for method 'coop'. Did you mean 'n_ctx'?",
+    ),
+    (["run", "--methods", "coop", "--set", "epochs=two"], "--set epochs=two: expected int"),
+    (["run", "--methods", "coop", "--set", "epochs"], "expected key=value"),
+    (["run", "--methods", "coop", "--shots", "0"], "shots must be positive"),
+    (["run", "--methods", "coop", "--seeds", "a"], "expected comma-separated integers"),
+    (["ablate", "--method", "mugcp", "--drop", "amgg"], "has no ablation 'amgg'. Did you mean 'amg'?"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD_INPUTS, ids=[m[:30] for _, m in BAD_INPUTS])
+def test_bad_input_one_line_exit_2(argv, message, data_root, tmp_path, capsys):
+    argv = [*argv, "--data-root", str(data_root), "--backbone", "tiny", "--pretrained", "random"]
+    code, _, err = cli([*argv, "--results-dir", str(tmp_path / "r")], capsys)
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], err
+    assert not iter_run_files(tmp_path / "r")  # no run started
+
+
+def test_unwritable_results_dir(data_root, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _, err = cli(
+        ["run", "--methods", "coop", "--data-root", str(data_root), *BASE, "--results-dir", str(blocker / "r")], capsys
+    )
+    assert code == 2 and "is not writable" in err
+
+
+def test_missing_data_for_one_of_many_datasets(data_root, tmp_path, capsys):
+    partial = build_miniature(tmp_path / "partial", ["caltech101"])
+    args = ["run", "--methods", "coop", "--datasets", "caltech101,dtd", "--data-root", str(partial), *BASE]
+    code, _, err = cli([*args, "--results-dir", str(tmp_path / "r")], capsys)
+    assert code == 2 and "dtd" in err and "folder 'dtd' not found" in err
+    assert not iter_run_files(tmp_path / "r")
+
+
+def test_dry_run_counts(data_root, tmp_path, capsys):
+    args = ["run", "--methods", "zsclip,coop", "--datasets", "dtd,eurosat", "--seeds", "1-3", "--dry-run", "--json"]
+    code, out, err = cli([*args, "--data-root", str(data_root), *BASE, "--results-dir", str(tmp_path)], capsys)
+    assert code == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["runs"] == 12 and summary["train"] == 12
+    assert not iter_run_files(tmp_path)
+
+
+def test_keep_going_records_failures_and_exits_1(data_root, tmp_path, capsys):
+    broken = build_miniature(tmp_path / "broken", ["dtd", "eurosat"])
+    test_list = json.loads((broken / "eurosat" / "split_zhou_EuroSAT.json").read_text())["test"]
+    victim = broken / "eurosat" / "2750" / test_list[0][0]
+    victim.write_bytes(b"corrupt")
+    args = ["run", "--methods", "zsclip", "--datasets", "eurosat,dtd", "--seeds", "1", "--keep-going"]
+    code, _, err = cli([*args, "--data-root", str(broken), *BASE, "--results-dir", str(tmp_path / "r")], capsys)
+    assert code == 1 and "failed runs" in err
+    by_ds = {r["key"]["train_dataset"]: r for r in records(tmp_path / "r")}
+    assert by_ds["dtd"]["status"] == "complete"
+    assert by_ds["eurosat"]["status"] == "failed" and str(victim) in by_ds["eurosat"]["reason"]
