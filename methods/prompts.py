@@ -60,7 +60,7 @@ class ClassPrompts(nn.Module):
         names = [clean_classname(c) for c in classnames]
         self.name_lens = [backbone.n_text_tokens(n) for n in names]
         tokens = backbone.tokenize([f"{prefix} {n}." for n in names])  # (C, L)
-        if not full_length:
+        if not full_length and backbone.eot_truncation:
             tokens = tokens[:, : int(backbone.eot_index(tokens).max()) + 1]  # (C, T)
         with torch.no_grad():
             emb = backbone.embed_tokens(tokens).float()  # (C, T, Dt)

@@ -133,6 +133,9 @@ class Backbone(nn.Module):
         self.name = name
         self.pretrained = pretrained or "random"
         self.tokenizer = tokenizer
+        # Exact EOT truncation of text sequences; False reproduces the reference code's full-length passes
+        # (benchmarks compare both).
+        self.eot_truncation = True
         self.text = _text_tower(model)
         model.requires_grad_(False)
         model.eval()
@@ -244,7 +247,7 @@ class Backbone(nn.Module):
         eot = self.eot_index(tokens)
         mask = self.text.attn_mask
         length = token_embeds.shape[1]
-        if truncate and mask is not None:  # without a causal mask later tokens are visible: no truncation
+        if truncate and self.eot_truncation and mask is not None:  # no causal mask: later tokens visible, no cut
             length = int(eot.max()) + 1
             mask = mask[:length, :length]
         x = token_embeds[:, :length] + self.text.positional_embedding[:length].to(token_embeds.dtype)
