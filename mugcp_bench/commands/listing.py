@@ -32,7 +32,7 @@ def list_cmd(what: str, show_all: bool) -> None:
         aliases = METHODS.aliases()
         for name, cls in METHODS.items():
             also = [a for a, n in aliases.items() if n == name]
-            doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+            doc = " ".join((cls.__doc__ or "").split()).split(": ")[0].split(". ")[0].rstrip(".")
             label = name + (f" (alias {', '.join(also)})" if also else "")
             table.add_row(label, ", ".join(cls.recipes), ", ".join(cls.ablations) or "-", doc)
     elif what == "datasets":
