@@ -194,6 +194,8 @@ def execute(run: PlannedRun, backbone: Backbone, opts: RunOptions, progress=None
     method.to(device)
     config = {"method": asdict(run.method_config), "train": asdict(run.train_config), "transform": TRANSFORM_VERSION}
     record.start(config, method.n_trainable(), run.train_config.eval_batch_size)
+    # All parameters the method holds (DCP's official preset keeps a text half that never gets a gradient).
+    record.data["method_params"] = sum(p.numel() for p in method.parameters())
     if method_cls.reconstructed:
         record.data["reconstructed"] = True
     precision = run.key.precision

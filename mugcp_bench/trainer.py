@@ -187,7 +187,18 @@ def fit(
             n_images += images.shape[0]
             last_loss = float(loss.detach())
             if progress:
-                progress({"epoch": epoch, "step": step, "steps": len(loader), "loss": last_loss, "lr": lr})
+                rate = n_images / max(time.perf_counter() - t0, 1e-9)
+                progress(
+                    {
+                        "epoch": epoch,
+                        "epochs": cfg.epochs,
+                        "step": step,
+                        "steps": len(loader),
+                        "loss": last_loss,
+                        "lr": lr,
+                        "images_per_s": rate,
+                    }
+                )
         sched.step()
         if checkpoint is not None:
             atomic_torch_save(

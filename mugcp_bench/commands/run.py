@@ -198,7 +198,9 @@ def sweep(methods: str, variants: dict[str, list[str]] | None, **kw) -> None:
 
             def on_step(s, run=run):
                 progress.update(
-                    task, status=f"ep {s['epoch'] + 1} it {s['step'] + 1}/{s['steps']} loss {s['loss']:.3f}"
+                    task,
+                    status=f"epoch {s['epoch'] + 1}/{s['epochs']} it {s['step'] + 1}/{s['steps']} "
+                    f"loss {s['loss']:.3f} lr {s['lr']:.2g} {s['images_per_s']:.0f} img/s",
                 )
 
             try:
