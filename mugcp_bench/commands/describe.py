@@ -1,0 +1,188 @@
+"""`mugcp-bench describe`: fill MuGCP's description cache for the images a protocol will use.
+
+The images: for every dataset, the few-shot train and val subsets of every seed (the subsets `run` samples, via
+`mugcp_bench.datasets.prepare`) plus the whole test split (test-only datasets: all their images). Cached images are
+skipped, so an interrupted fill resumes where it stopped. With no --data-root / --backbone (and no $MUGCP_DATA) it
+describes the toy world, like `run`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from mugcp_bench.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def protocol_items(name: str, root: Path, shots: int | None, seeds: tuple[int, ...], cache_dir: Path) -> list[Any]:
+    """The distinct images `run` will show a method for one dataset: few-shot train + val of every seed, and test."""
+    from mugcp_bench.datasets.base import prepare
+
+    seen: dict[str, Any] = {}
+    for seed in seeds:
+        data = prepare(name, root, shots, seed, "all", cache_dir)
+        for d in (*data.train, *data.val, *data.test):
+            seen.setdefault(d.relpath, d)
+    return list(seen.values())
+
+
+@click.command("describe")
+@click.option("--datasets", default=None, help="all or name,name (default: every dataset of the toy suite).")
+@click.option(
+    "--describer",
+    "describer_name",
+    default="auto",
+    show_default=True,
+    help="mllm, file, scene, interrogator, or auto (scene for toy images, else interrogator) as `run` uses.",
+)
+@click.option("--model", default=None, help="mllm: a transformers hub id or a local model folder.")
+@click.option("--revision", default=None, help="mllm: hub revision (branch, tag or commit).")
+@click.option("--prompt-id", default=None, help="Prompt id (mllm: describe_v1 | describe_noname_v1).")
+@click.option("--file", "file_", default=None, help='file: a JSONL of {"image": path, "text": ...}.')
+@click.option("--data-root", default=None, help="Dataset root (default: $MUGCP_DATA, else the toy world).")
+@click.option("--shots", default=16, show_default=True, type=int, help="Shots per class of the train subsets.")
+@click.option("--seeds", default="1,2,3", show_default=True, help="Seeds whose few-shot subsets are described.")
+@click.option("--backbone", default=None, help="interrogator: the run's open_clip architecture (default ViT-B-16).")
+@click.option("--pretrained", default=None, help="interrogator: the run's weights tag or file (default openai).")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--batch-size", default=None, type=int, help="Images per describer call (default: per describer).")
+@click.option("--scene-drop", default=0.2, show_default=True, type=float, help="scene: attribute drop probability.")
+@click.option("--scene-swap", default=0.1, show_default=True, type=float, help="scene: attribute swap probability.")
+@click.option("--top-k", default=5, show_default=True, type=int, help="interrogator: phrases per description.")
+@click.option("--quick-toy", is_flag=True, hidden=True, help="Use the quick toy world (tests).")
+def describe(
+    datasets: str | None,
+    describer_name: str,
+    model: str | None,
+    revision: str | None,
+    prompt_id: str | None,
+    file_: str | None,
+    data_root: str | None,
+    shots: int,
+    seeds: str,
+    backbone: str | None,
+    pretrained: str | None,
+    device: str,
+    batch_size: int | None,
+    scene_drop: float,
+    scene_swap: float,
+    top_k: int,
+    quick_toy: bool,
+) -> None:
+    """Describe every image a protocol uses and store the texts in the shared description cache (resumable)."""
+    from mugcp_bench.commands.run import _device, parse_ints
+    from mugcp_bench.datapaths import default_cache_dir, resolve_data_root
+    from mugcp_bench.datasets.checks import dataset_names, require_datasets
+    from mugcp_bench.describers import AUTO, DescriberOptions, build_describer, describer_groups
+    from mugcp_bench.description_cache import DescriptionCache, describe_items
+    from mugcp_bench.leakage import leakage_fraction
+    from mugcp_bench.registry import DESCRIBERS
+
+    name = AUTO if describer_name.strip().lower() == AUTO else DESCRIBERS.canonical(describer_name)
+    if shots < 1:
+        raise UserError(f"--shots {shots}: shots must be positive")
+    seed_list = parse_ints(seeds, "seeds") or (1,)
+    dev = _device(device)
+    cache_dir = default_cache_dir()
+    use_toy = data_root is None and backbone is None and os.environ.get("MUGCP_DATA") is None
+    if use_toy:
+        from mugcp_bench.toy.world import ensure_toy_world
+
+        world = ensure_toy_world(cache_dir, quick=quick_toy)
+        root, backbone_name, weights = world.data_root, world.backbone_name, str(world.checkpoint)
+        names = dataset_names(datasets or "all", group="toy")
+    else:
+        root = resolve_data_root(data_root)
+        backbone_name, weights = backbone or "ViT-B-16", pretrained or "openai"
+        names = dataset_names(datasets or "all")
+    require_datasets(root, names)
+
+    loaded: dict[str, Any] = {}
+
+    def get_backbone():
+        if "backbone" not in loaded:
+            from mugcp_bench.runner import get_backbone as shared_backbone
+
+            loaded["backbone"] = shared_backbone(backbone_name, weights, dev)
+        return loaded["backbone"]
+
+    def make(n: str):
+        if n not in loaded:
+            opts = DescriberOptions(
+                model=model,
+                revision=revision,
+                prompt_id=prompt_id if name != AUTO else None,
+                file=file_,
+                data_root=str(root),
+                backbone=get_backbone() if n == "interrogator" else None,
+                device=dev,
+                batch_size=batch_size,
+                scene_drop=scene_drop,
+                scene_swap=scene_swap,
+                top_k=top_k,
+            )
+            loaded[n] = build_describer(n, opts)
+        return loaded[n]
+
+    items_by_dataset = {n: protocol_items(n, root, shots, seed_list, cache_dir) for n in names}
+    plan = {n: describer_groups(name, items, make) for n, items in items_by_dataset.items()}
+    cache = DescriptionCache()
+    err = Console(stderr=True, highlight=False)
+    rows = []
+    total = sum(len(items) for items in items_by_dataset.values())
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+    ) as progress:
+        task = progress.add_task("describing", total=total)
+        for n, groups in plan.items():
+            progress.update(task, description=f"describing {n}")
+            texts: dict[str, str] = {}
+            ids, n_images, n_cached, n_generated = [], 0, 0, 0
+            for describer, group in groups:
+                outcome = describe_items(
+                    group,
+                    describer,
+                    cache,
+                    progress=lambda k: progress.advance(task, k),
+                    batch_size=batch_size,
+                    datasets_hint=n,
+                )
+                # Several items can share one image (same content): advance by items, not distinct images.
+                progress.advance(task, len(group) - outcome.n_images)
+                texts.update(outcome.texts)
+                ids.append(describer.id)
+                n_images += outcome.n_images
+                n_cached += outcome.n_cached
+                n_generated += outcome.n_generated
+            items = items_by_dataset[n]
+            leak = leakage_fraction(texts, items)
+            rows.append((n, "+".join(ids), len(items), n_generated, n_cached, leak))
+    table = Table(title=f"descriptions in {cache.root}", title_justify="left")
+    for col, justify in [("dataset", "left"), ("describer", "left"), ("images", "right"), ("described", "right"),
+                         ("cached", "right"), ("leakage", "right")]:  # fmt: skip
+        table.add_column(col, justify=justify)
+    for n, ids_, n_items, n_gen, n_hit, leak in rows:
+        table.add_row(
+            n, ids_, f"{n_items:,}", f"{n_gen:,}", f"{n_hit:,}", "-" if leak is None else f"{100 * leak:.1f}%"
+        )
+    Console(highlight=False, width=200).print(table)
+    if rows:
+        err.print(
+            f"{sum(r[3] for r in rows):,} images described now, {sum(r[4] for r in rows):,} already cached; "
+            "leakage = share of descriptions naming the image's true class",
+            markup=False,
+        )

@@ -1,0 +1,284 @@
+"""MuGCP (reconstructed): SCP features, AMG -> VCP, MPF modes, losses, ablation switches, descriptions and leakage."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mugcp_bench.describers import MLLMDescriber
+from mugcp_bench.description_cache import DescriptionCache
+from mugcp_bench.errors import UserError
+from mugcp_bench.methods.base import split_overrides
+from mugcp_bench.registry import METHODS
+from tests.method_harness import CLASSNAMES, build_method, make_batch, prepare, shared_tiny_backbone
+from tests.test_describers import build_tiny_llava
+
+MuGCP = METHODS.get("mugcp")
+
+
+@pytest.fixture
+def batch(tmp_path):
+    return make_batch(tmp_path, n=3)
+
+
+def mugcp(batch=None, seed=0, ablation=None, **overrides):
+    if ablation:
+        cfg_keys, _ = split_overrides(MuGCP, MuGCP.ablations[ablation])
+        overrides = {**cfg_keys, **overrides}
+    method = build_method("mugcp", seed=seed, **overrides)
+    return prepare(method, batch) if batch is not None else method
+
+
+def shapes(method):
+    return {n: tuple(p.shape) for n, p in method.named_parameters() if p.requires_grad}
+
+
+def with_prefix(names, *prefixes):
+    return {n for n in names if n.startswith(prefixes)}
+
+
+def write_captions(tmp_path, items, texts):
+    path = tmp_path / "captions.jsonl"
+    path.write_text("".join(json.dumps({"image": d.impath, "text": t}) + "\n" for d, t in zip(items, texts)))
+    return str(path)
+
+
+# --- identity and recipes -------------------------------------------------------------------------------------------
+def test_identity_recipes_and_ablations():
+    assert MuGCP.reconstructed and MuGCP.name == "mugcp" and "reconstructed" in (MuGCP.__doc__ or "")
+    paper = MuGCP.recipes["paper"]
+    assert {k: paper["base2novel"][k] for k in ("epochs", "lr", "batch_size", "depth")} == {
+        "epochs": 5,
+        "lr": 0.0035,
+        "batch_size": 4,
+        "depth": 9,
+    }
+    assert {k: paper["xd"][k] for k in ("epochs", "lr", "batch_size", "accum_steps")} == {
+        "epochs": 2,
+        "lr": 0.0026,
+        "batch_size": 1,
+        "accum_steps": 4,
+    }
+    assert paper["few_shot"]["epochs"] == 50 and all(r["describer"] == "mllm" for r in paper.values())
+    assert all(r["depth"] <= 3 for r in MuGCP.recipes["toy"].values())
+    assert set(MuGCP.ablations) == {"scp", "amg", "mpf", "align", "mutual"}
+    assert MuGCP.ablations["mpf"] == {"mpf": "ctx_only"}
+    cfg = MuGCP.Config()
+    assert (cfg.n_ctx, cfg.n_vctx, cfg.depth, cfg.text_depth, cfg.mpf, cfg.align_weight) == (
+        4,
+        4,
+        9,
+        9,
+        "gated_sum",
+        0.5,
+    )
+    with pytest.raises(UserError, match="Did you mean 'concat'"):
+        build_method("mugcp", mpf="concatt")
+    with pytest.raises(UserError, match="Did you mean 'scene'"):
+        build_method("mugcp", describer="sene")
+
+
+# --- ablation switches change exactly what they say ------------------------------------------------------------------
+def test_ablation_parameter_sets(batch):
+    full = shapes(mugcp(batch))
+    names = set(full)
+    mutual = with_prefix(names, "amg.blocks.0.ln_s", "amg.blocks.0.ln_x", "amg.blocks.0.attn_s")
+    assert mutual and with_prefix(names, "meta_net.", "amg.w_q.", "amg.w_sv.", "w_vt.") and {"alpha", "beta"} <= names
+    dv = shared_tiny_backbone().vision_width
+    assert full["amg.gamma"] == (2, 3, dv) and full["amg.queries"] == (3, 4, dv)  # toy depth 3: AMG at layers 1, 2
+
+    no_scp = shapes(mugcp(batch, ablation="scp"))
+    assert names - set(no_scp) == with_prefix(names, "meta_net.", "amg.w_q.", "amg.w_sv.") | {"alpha"} | mutual
+    assert set(no_scp) <= names and no_scp["amg.gamma"] == (2, 2, dv)
+
+    no_amg = shapes(mugcp(batch, ablation="amg"))
+    assert names - set(no_amg) == with_prefix(names, "amg.blocks.", "amg.w_sv.", "amg.gamma")
+    assert set(no_amg) <= names
+
+    no_mutual = shapes(mugcp(batch, ablation="mutual"))
+    assert names - set(no_mutual) == mutual and set(no_mutual) <= names and no_mutual["amg.gamma"] == (2, 2, dv)
+
+    ctx_only = shapes(mugcp(batch, ablation="mpf"))
+    assert names - set(ctx_only) == with_prefix(names, "meta_net.") | {"alpha", "beta"} and set(ctx_only) <= names
+
+    assert shapes(mugcp(batch, ablation="align")) == full
+
+
+def test_no_align_drops_only_the_loss(batch):
+    full, no_align = mugcp(batch, seed=3), mugcp(batch, seed=3, ablation="align")
+    out, out_na = full(batch.images, keys=batch.keys), no_align(batch.images, keys=batch.keys)
+    assert torch.equal(out.logits, out_na.logits)
+    assert set(out.losses) == {"align"} and out.losses["align"] > 0 and out_na.losses == {}
+
+
+def test_amg_attention_and_its_ablation(batch):
+    full, no_amg = mugcp(batch, seed=1), mugcp(batch, seed=1, ablation="amg")
+    for method, attends in ((full, True), (no_amg, False)):
+        with torch.no_grad():
+            out = method.forward_details(batch.images, batch.keys)
+            assert len(out.vcps) == 3
+            for layer, vcp in enumerate(out.vcps):
+                query = method.amg.queries[layer] + method.amg.w_q(out.s).unsqueeze(1)  # E_l + W_q s
+                same = torch.allclose(vcp, query, atol=1e-6)
+                assert same if (layer == 0 or not attends) else not same
+
+
+def test_mutual_refines_the_semantic_tokens(batch):
+    for ablation, refined in ((None, True), ("mutual", False)):
+        method = mugcp(batch, seed=2, ablation=ablation)
+        with torch.no_grad():
+            out = method.forward_details(batch.images, batch.keys)
+        assert len(out.s_tildes) == 2  # S~ entering AMG layers 1 and 2
+        assert torch.equal(out.s_tildes[0], out.s_tildes[1]) is not refined
+
+
+def test_no_scp_uses_no_descriptions(batch, monkeypatch):
+    def fail(*a, **k):
+        raise AssertionError("no describer may be built without SCP")
+
+    monkeypatch.setattr("mugcp_bench.describers.build_describer", fail)
+    method = mugcp(ablation="scp")
+    assert method.prepare_images(batch.items, "train") == {"leakage": None, "n_descriptions": 0, "describer": None}
+    out = method(batch.images)  # no keys needed
+    assert out.logits.shape == (3, len(CLASSNAMES)) and out.losses == {}
+    with torch.no_grad():
+        details = method.forward_details(batch.images)
+    assert details.s is None and details.s_tildes == []
+    for layer, vcp in enumerate(details.vcps):  # purely learnable queries + attention over the patches
+        if layer == 0:
+            assert torch.equal(vcp, method.amg.queries[0].expand_as(vcp))
+
+
+def test_mpf_modes(batch):
+    dt = shared_tiny_backbone().text_width
+    full = mugcp(batch, seed=4)
+    with torch.no_grad():
+        out = full.forward_details(batch.images, batch.keys)
+        assert out.text_prompts.shape == (3, 4, dt) and out.text_features.dim() == 3
+        # gates start at 0: the text prompt is P_ctx for every image (IVLP / MaPLe-like start)
+        assert torch.equal(out.text_prompts[0], out.text_prompts[1])
+        full.alpha.fill_(1.0)
+        full.beta.fill_(1.0)
+        gated = full.forward_details(batch.images, batch.keys)
+        assert not torch.allclose(gated.text_prompts[0], gated.text_prompts[1])
+        assert not torch.allclose(gated.logits, out.logits)
+
+    ctx_only = mugcp(batch, ablation="mpf")
+    assert ctx_only.instance_conditional is False and full.instance_conditional is True
+    with torch.no_grad():
+        out = ctx_only.forward_details(batch.images, batch.keys)
+    assert out.text_prompts.shape == (1, 4, dt) and out.text_features.shape[0] == len(CLASSNAMES)
+
+    concat = mugcp(batch, mpf="concat")
+    assert concat.n_slots == 12 and not hasattr(concat, "alpha")
+    with torch.no_grad():
+        assert concat.forward_details(batch.images, batch.keys).text_prompts.shape == (3, 12, dt)
+    scp_only, vcp_only = mugcp(batch, mpf="scp_only"), mugcp(batch, mpf="vcp_only")
+    assert hasattr(scp_only, "alpha") and not hasattr(scp_only, "beta")
+    assert hasattr(vcp_only, "beta") and not hasattr(vcp_only, "alpha") and not hasattr(vcp_only, "meta_net")
+
+
+# --- SCP features, losses, batch independence ------------------------------------------------------------------------
+def test_scp_features_come_from_the_frozen_text_encoder(batch):
+    method = mugcp(batch)
+    backbone = shared_tiny_backbone()
+    text = method.description(batch.keys[0])
+    s, states = method._features[text]
+    expected = backbone.text_features([text])[0]
+    torch.testing.assert_close(s, expected, atol=1e-5, rtol=0)
+    tokens = backbone.tokenize([text])
+    assert states.shape == (int(backbone.eot_index(tokens)[0]) + 1, backbone.text_width)
+    eot_state = states[-1].float() @ backbone.text.text_projection.float()  # final LN'd EOT state, projected
+    torch.testing.assert_close(F.normalize(eot_state, dim=-1), s, atol=2e-3, rtol=0)
+    with pytest.raises(RuntimeError, match="no description for 1 of 3 images"):
+        method(batch.images, keys=[*batch.keys[:2], "other/image.png"])
+
+
+def test_logits_do_not_depend_on_the_batch(batch):
+    method = mugcp(batch, seed=5)
+    with torch.no_grad():
+        method.alpha.fill_(0.5)
+        method.beta.fill_(0.5)
+        together = method.predict(batch.images, batch.keys)
+        alone = torch.cat([method.predict(batch.images[i : i + 1], batch.keys[i : i + 1]) for i in range(3)])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
+
+
+def test_align_loss_and_regularisers(batch):
+    method = mugcp(batch, seed=6)
+    out = method.forward_details(batch.images, batch.keys)
+    loss = method.align_loss(out)
+    assert torch.isfinite(loss) and loss > 0
+    single = method.forward_details(batch.images[:1], batch.keys[:1])
+    assert method.align_loss(single).abs() < 1e-6  # one image: nothing to contrast
+    for reg, keys in (("promptsrc", {"scl_text", "scl_image", "scl_logits"}), ("kgcoop", {"kgcoop"})):
+        m = mugcp(batch, reg=reg)
+        losses = m(batch.images, keys=batch.keys).losses
+        assert set(losses) == keys | {"align"} and all(torch.isfinite(v) for v in losses.values())
+        sum(losses.values()).backward()
+        assert m.ctx.grad is not None
+
+
+# --- descriptions, leakage, mask --------------------------------------------------------------------------------------
+def test_prepare_images_reports_leakage_and_masks_class_names(batch, tmp_path):
+    texts = ["a photo of a red circle.", "a green object in the sky.", "blue squares on a table."]
+    # labels round-robin over CLASSNAMES: red circle, blue square, green_triangle -> items 0 names its class, item 1
+    # names no class, item 2 names another class: 1/3; add a 4th image naming its class below for 1/2.
+    captions = write_captions(tmp_path, batch.items, texts)
+    method = mugcp(describer="file", describer_file=captions)
+    info = method.prepare_images(batch.items, "train")
+    assert info["leakage"] == pytest.approx(1 / 3) and info["n_descriptions"] == 3
+    assert info["describer"].startswith("file-captions-") and info["prompt_id"] == "file"
+    four = make_batch(tmp_path / "more", n=4)
+    texts4 = ["a red circle.", "a photo of a blue square.", "a plain triangle.", "a sunny day."]
+    captions4 = write_captions(tmp_path / "more", four.items, texts4)
+    half = mugcp(describer="file", describer_file=captions4)
+    assert half.prepare_images(four.items, "test")["leakage"] == 0.5
+
+    masked = mugcp(describer="file", describer_file=captions4, mask_classnames=True)
+    info = masked.prepare_images(four.items, "test")
+    assert info["leakage"] == 0.0 and info["leakage_unmasked"] == 0.5
+    assert masked.description(four.keys[1]) == "a photo of a object."
+    assert masked.description(four.keys[3]) == "a sunny day."
+    masked.set_classnames(["sunny day", *CLASSNAMES])  # a new class name: stored descriptions are masked again
+    assert masked.description(four.keys[3]) == "a object."
+    with torch.no_grad():
+        assert masked(four.images, keys=four.keys).logits.shape == (4, len(CLASSNAMES) + 1)
+
+
+def test_mllm_descriptions_flow_through_the_cache_into_scp_and_logits(batch, tmp_path, monkeypatch):
+    folder = build_tiny_llava(tmp_path / "tiny-llava")
+    method = mugcp(describer="mllm", describer_model=str(folder), prompt_id="describe_noname_v1")
+    info = method.prepare_images(batch.items, "train")
+    assert info["describer"].startswith("mllm-tiny-llava@") and info["prompt_id"] == "describe_noname_v1"
+    assert info["n_generated"] == 3 and info["n_cached"] == 0
+    path = DescriptionCache().path(info["describer"], "describe_noname_v1")
+    cached = {json.loads(line)["image"]: json.loads(line)["text"] for line in path.read_text().splitlines()}
+    assert {k: method.description(k) for k in batch.keys} == {k: cached[k] for k in batch.keys}
+    out = method(batch.images, keys=batch.keys)
+    assert out.logits.shape == (3, len(CLASSNAMES)) and torch.isfinite(out.logits).all()
+
+    def no_model(self):
+        raise AssertionError("a cache hit must not load the model")
+
+    monkeypatch.setattr(MLLMDescriber, "_load", no_model)
+    again = mugcp(
+        seed=1, describer="mllm", describer_model=str(folder), prompt_id="describe_noname_v1", describe_missing=False
+    )
+    info = again.prepare_images(batch.items, "test")
+    assert (info["n_cached"], info["n_generated"]) == (3, 0)
+    torch.testing.assert_close(
+        again._scp_batch(batch.keys, torch.device("cpu"))[0], method._scp_batch(batch.keys, torch.device("cpu"))[0]
+    )
+
+
+def test_no_describe_fails_before_describing(tmp_path):
+    fresh = make_batch(tmp_path, n=3, seed=123)  # images no other test has described
+    method = mugcp(describe_missing=False)
+    with pytest.raises(
+        UserError, match=r"3 of 3 images have no cached description .*mugcp-bench describe --datasets x"
+    ):
+        method.prepare_images(fresh.items, "train")
