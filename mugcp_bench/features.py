@@ -1,6 +1,7 @@
 """On-disk cache of frozen image features for evaluation (zero-shot, CoOp, CoCoOp: no prompt in the vision tower).
 
-Content-keyed by the backbone weights, the test transform, the precision and the exact image list, written
+Content-keyed by the backbone weights, the test transform, the precision and the exact image list (paths, labels,
+file sizes and modification times), written
 atomically, so every run of a sweep (and every executor process) can share it.
 """
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -25,8 +27,13 @@ log = logging.getLogger(__name__)
 def features_key(backbone: Backbone, items: Sequence[Datum], precision: str) -> str:
     h = hashlib.sha1()
     h.update(f"{backbone.weights_hash}|{TRANSFORM_VERSION}|{backbone.image_size}|{precision}".encode())
-    for d in items:
-        h.update(f"{d.relpath}\t{d.label}\n".encode())
+    for d in items:  # size and mtime: a replaced or damaged image invalidates the entry
+        try:
+            st = os.stat(d.impath)
+            stamp = f"{st.st_size}:{st.st_mtime_ns}"
+        except OSError:
+            stamp = "missing"
+        h.update(f"{d.relpath}\t{d.label}\t{stamp}\n".encode())
     return h.hexdigest()[:20]
 
 
