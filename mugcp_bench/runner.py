@@ -205,6 +205,11 @@ def execute(run: PlannedRun, backbone: Backbone, opts: RunOptions, progress=None
             if run.action == "train" and record.checkpoint_path.exists():
                 record.checkpoint_path.unlink()
             record.data["train_info"] = method.prepare_images(data.train, "train")
+            if type(method).prepare_images is not Method.prepare_images:
+                # side data (MuGCP's descriptions) of every evaluation split before training: missing entries
+                # under --no-describe fail now, not after the training they would waste
+                for target in run.evals:
+                    method.prepare_images(_eval_split(run, target, opts).test, "test")
             record.data["n_train"] = len(data.train)
             record.data["n_classes"] = data.num_classes
             if run.train_config.epochs > 0 and method.n_trainable() > 0:
