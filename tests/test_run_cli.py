@@ -207,3 +207,14 @@ def test_keep_going_records_failures_and_exits_1(data_root, tmp_path, capsys):
     by_ds = {r["key"]["train_dataset"]: r for r in records(tmp_path / "r")}
     assert by_ds["dtd"]["status"] == "complete"
     assert by_ds["eurosat"]["status"] == "failed" and str(victim) in by_ds["eurosat"]["reason"]
+
+
+def test_no_describe_fails_before_training_naming_the_missing(data_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MUGCP_CACHE", str(tmp_path / "empty-cache"))
+    args = ["run", "--methods", "mugcp", "--datasets", "dtd", "--seeds", "1", "--no-describe"]
+    code, _, err = cli([*args, "--data-root", str(data_root), *BASE, "--results-dir", str(tmp_path / "r")], capsys)
+    assert code == 2
+    line = next(x for x in err.splitlines() if x.startswith("error:"))
+    assert "have no cached description" in line and "mugcp-bench describe" in line
+    (rec,) = records(tmp_path / "r")
+    assert rec["status"] == "failed" and "train_s" not in rec["timings"]
