@@ -7,7 +7,6 @@ one worker per GPU (or a Ray cluster) can take the same plan.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 import traceback
@@ -25,7 +24,7 @@ from mugcp_bench.features import image_features
 from mugcp_bench.methods.base import Method, TrainConfig, apply_overrides, split_overrides
 from mugcp_bench.protocols import EvalTarget, Protocol, Suite, TrainTarget, plan_protocol
 from mugcp_bench.registry import METHODS, suggest
-from mugcp_bench.store import RunKey, RunRecord, config_hash
+from mugcp_bench.store import RunKey, RunRecord, atomic_torch_save, config_hash
 from mugcp_bench.trainer import evaluate, fit, resolve_precision, set_seed
 
 log = logging.getLogger(__name__)
@@ -230,8 +229,6 @@ def execute(run: PlannedRun, backbone: Backbone, opts: RunOptions, progress=None
                 timings["train_s"] = round(res.train_s, 3)
                 timings["train_images_per_s"] = round(res.images_per_s, 2)
                 record.data["last_loss"] = res.last_loss
-            from mugcp_bench.store import atomic_torch_save
-
             atomic_torch_save(method.trainable_state(), record.model_path)
             if record.checkpoint_path.exists():
                 record.checkpoint_path.unlink()
@@ -283,9 +280,8 @@ def execute(run: PlannedRun, backbone: Backbone, opts: RunOptions, progress=None
             }
             record.add_evaluation(evaluation)
             log.info("%s -> %s %s: %.2f%%", run.label, target.dataset, target.classes, result["accuracy"])
-        timings["eval_s"] = round(
-            timings.get("eval_s", 0) * (run.action == "evaluate") + time.perf_counter() - t_eval, 3
-        )
+        previous = timings.get("eval_s", 0.0) if run.action == "evaluate" else 0.0  # evaluate-only adds targets
+        timings["eval_s"] = round(previous + time.perf_counter() - t_eval, 3)
         record.finish("complete")
     except KeyboardInterrupt:
         record.finish("failed", "interrupted")
@@ -315,7 +311,3 @@ def summarize(runs: Sequence[PlannedRun]) -> dict[str, int]:
     for r in runs:
         out[r.action] = out.get(r.action, 0) + 1
     return out
-
-
-def replace_action(run: PlannedRun, action: str) -> PlannedRun:
-    return dataclasses.replace(run, action=action)
