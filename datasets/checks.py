@@ -8,26 +8,11 @@ from pathlib import Path
 
 from mugcp_bench.datasets.base import CheckResult, DatasetSpec
 from mugcp_bench.errors import UserError
+from mugcp_bench.protocols import REAL_SUITE
 from mugcp_bench.registry import DATASETS
 
 # protocol.md order (the 11 base-to-novel datasets, then the 4 ImageNet variants); "all" lists other names after.
-PROTOCOL_ORDER = (
-    "imagenet",
-    "caltech101",
-    "oxford_pets",
-    "stanford_cars",
-    "oxford_flowers",
-    "food101",
-    "fgvc_aircraft",
-    "sun397",
-    "dtd",
-    "eurosat",
-    "ucf101",
-    "imagenet_v2",
-    "imagenet_sketch",
-    "imagenet_a",
-    "imagenet_r",
-)
+PROTOCOL_ORDER = (*REAL_SUITE.base2novel, *REAL_SUITE.domain_targets)
 
 
 def dataset_names(selection: str | Iterable[str] = "all", group: str = "benchmark") -> list[str]:

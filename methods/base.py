@@ -169,6 +169,44 @@ class Method(nn.Module):
         return apply_overrides(cls.Config(), overrides or {}, cls.name)
 
 
+class SharedTextMethod(Method):
+    """A method whose class text features do not depend on the image (CoOp, MaPLe): evaluation encodes the C class
+    prompts once per class set instead of once per test batch as the reference code does.
+
+    Subclasses implement ``text_features()`` (C, E) and ``image_features(images, image_features)`` (B, E), and call
+    ``refresh_eval()`` after rebuilding their class prompts in ``set_classnames``.
+    """
+
+    _eval_text: torch.Tensor | None = None
+
+    def text_features(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def image_features(self, images: torch.Tensor | None, image_features: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, images, keys=None, image_features=None) -> MethodOutput:
+        image_f = self.image_features(images, image_features)  # (B, E)
+        return MethodOutput(cosine_logits(self.backbone.logit_scale, image_f, self.text_features()))  # (B, C)
+
+    @torch.no_grad()
+    def begin_eval(self) -> None:
+        self._eval_text = self.text_features()  # (C, E)
+
+    def end_eval(self) -> None:
+        self._eval_text = None
+
+    def refresh_eval(self) -> None:
+        """Re-encode the cached class features after the class set changed during an evaluation."""
+        if self._eval_text is not None:
+            self.begin_eval()
+
+    @torch.no_grad()
+    def predict(self, images, keys=None, image_features=None) -> torch.Tensor:
+        text_f = self._eval_text if self._eval_text is not None else self.text_features()  # (C, E)
+        return cosine_logits(self.backbone.logit_scale, self.image_features(images, image_features), text_f)
+
+
 # --- helpers shared by every method ------------------------------------------------------------------------------
 def cosine_logits(scale: torch.Tensor, image_f: torch.Tensor, text_f: torch.Tensor) -> torch.Tensor:
     """scale · cos: image (B, E) with text (C, E) -> (B, C), or with per-image text (B, C, E) -> (B, C)."""

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from mugcp_bench.errors import UserError
-from mugcp_bench.methods.base import Method, MethodOutput, cosine_logits
+from mugcp_bench.methods.base import SharedTextMethod
 from mugcp_bench.methods.prompts import ClassPrompts, init_context
 from mugcp_bench.registry import METHODS
 
@@ -69,7 +69,7 @@ _PAPER_OPT = {"batch_size": 32, "lr": 0.002, "eval_batch_size": 100}
 
 
 @METHODS.register("coop")
-class CoOp(Method):
+class CoOp(SharedTextMethod):
     """Context Optimization (Zhou et al., IJCV 2022): n_ctx learnable text tokens shared by all classes."""
 
     name = "coop"
@@ -123,7 +123,6 @@ class CoOp(Method):
         self.ctx = nn.Parameter(ctx)
         self._trained_classes = list(self.classnames)
         self.prompts = self._build_prompts()
-        self._eval_text: torch.Tensor | None = None
 
     @property
     def class_specific(self) -> bool:
@@ -140,32 +139,15 @@ class CoOp(Method):
             )
         super().set_classnames(classnames, template, dataset)
         self.prompts = self._build_prompts().to(self.ctx.device)
-        if self._eval_text is not None:
-            self.begin_eval()
+        self.refresh_eval()
 
     def text_features(self) -> torch.Tensor:
         """Class text features (C, E), unnormalised, with the current context."""
         embeds = self.prompts.build(self.ctx).to(self.backbone.dtype)  # (C, T, Dt)
         return self.backbone.encode_text(embeds, self.prompts.tokens)  # (C, E)
 
-    def forward(self, images, keys=None, image_features=None) -> MethodOutput:
-        image_f = frozen_image_features(self.backbone, images, image_features)  # (B, E)
-        text_f = self.text_features()  # (C, E)
-        return MethodOutput(cosine_logits(self.backbone.logit_scale, image_f, text_f))  # (B, C)
-
-    # --- fast evaluation: the C prompts are encoded once ------------------------------------------------------------
-    @torch.no_grad()
-    def begin_eval(self) -> None:
-        self._eval_text = self.text_features()  # (C, E)
-
-    def end_eval(self) -> None:
-        self._eval_text = None
-
-    @torch.no_grad()
-    def predict(self, images, keys=None, image_features=None) -> torch.Tensor:
-        text_f = self._eval_text if self._eval_text is not None else self.text_features()  # (C, E)
-        image_f = frozen_image_features(self.backbone, images, image_features)  # (B, E)
-        return cosine_logits(self.backbone.logit_scale, image_f, text_f)  # (B, C)
+    def image_features(self, images, image_features=None) -> torch.Tensor:
+        return frozen_image_features(self.backbone, images, image_features)  # (B, E)
 
     # --- recipes ----------------------------------------------------------------------------------------------------
     @classmethod

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from mugcp_bench.errors import UserError
-from mugcp_bench.methods.base import Method, MethodOutput, cosine_logits
+from mugcp_bench.methods.base import SharedTextMethod
 from mugcp_bench.methods.prompts import ClassPrompts, init_context
 from mugcp_bench.registry import METHODS
 
@@ -47,7 +47,7 @@ _C2 = {"n_ctx": 2, "ctx_init": "a photo of a"}  # the "2ctx" of both released co
 
 
 @METHODS.register("maple")
-class MaPLe(Method):
+class MaPLe(SharedTextMethod):
     """Multi-modal Prompt Learning (Khattak et al., CVPR 2023)."""
 
     name = "maple"
@@ -121,13 +121,11 @@ class MaPLe(Method):
                 deep_vision.append(nn.Parameter(p))
             self.compound_prompts_vision = nn.ParameterList(deep_vision)  # depth−1 x (n_ctx, Dv)
         self.prompts = ClassPrompts(backbone, self.classnames, self.n_ctx, self.prefix)
-        self._eval_text: torch.Tensor | None = None
 
     def set_classnames(self, classnames: Sequence[str], template: str | None = None, dataset: str | None = None):
         super().set_classnames(classnames, template, dataset)
         self.prompts = ClassPrompts(self.backbone, self.classnames, self.n_ctx, self.prefix).to(self.ctx.device)
-        if self._eval_text is not None:
-            self.begin_eval()
+        self.refresh_eval()
 
     # --- prompts --------------------------------------------------------------------------------------------------
     def vision_prompts(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -152,8 +150,10 @@ class MaPLe(Method):
         embeds = self.prompts.build(self.ctx).to(self.backbone.dtype)  # (C, T, Dt)
         return self.backbone.encode_text(embeds, self.prompts.tokens, layer_fn)  # (C, E)
 
-    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+    def image_features(self, images: torch.Tensor | None, image_features: torch.Tensor | None = None) -> torch.Tensor:
         """Prompted image features (B, E), unnormalised; deep vision prompts replace the last n_ctx tokens."""
+        if images is None:
+            raise ValueError("maple prompts the image tower: it needs images, not cached image features")
         shallow, deep = self.vision_prompts()
         n = self.n_ctx
 
@@ -164,23 +164,3 @@ class MaPLe(Method):
             return x
 
         return self.backbone.encode_image(images, prompts=shallow.unsqueeze(0), layer_fn=layer_fn)  # (B, E)
-
-    def forward(self, images, keys=None, image_features=None) -> MethodOutput:
-        if images is None:
-            raise ValueError("maple prompts the image tower: it needs images, not cached image features")
-        image_f = self.image_features(images)  # (B, E)
-        text_f = self.text_features()  # (C, E)
-        return MethodOutput(cosine_logits(self.backbone.logit_scale, image_f, text_f))  # (B, C)
-
-    # --- fast evaluation: text prompts do not depend on the image, encode the C classes once -----------------------
-    @torch.no_grad()
-    def begin_eval(self) -> None:
-        self._eval_text = self.text_features()  # (C, E)
-
-    def end_eval(self) -> None:
-        self._eval_text = None
-
-    @torch.no_grad()
-    def predict(self, images, keys=None, image_features=None) -> torch.Tensor:
-        text_f = self._eval_text if self._eval_text is not None else self.text_features()  # (C, E)
-        return cosine_logits(self.backbone.logit_scale, self.image_features(images), text_f)  # (B, C)
