@@ -1,0 +1,877 @@
+"""Training / evaluation throughput and peak memory of every method: our path against the reference's naive path.
+
+Our path: exact EOT truncation of text sequences (``backbone.eot_truncation = True``), evaluation through
+``begin_eval`` / ``predict`` (class text features once per class set when the prompts do not depend on the image)
+and, for methods with a frozen image tower, cached image features (steady state: the cache is warm, the tensor is
+passed in). The naive path is what the reference code does: ``eot_truncation = False`` before the method is built
+(every text pass runs the full context length, 77 tokens on ViT-B/16), ``forward`` on every test batch (all class
+prompts re-encoded per batch) and no feature cache.
+
+Each (backbone, class count) runs in a fresh worker process; inside it every method is built twice (our path and
+the naive path, the same trainable weights) and the two are measured interleaved on the same synthetic inputs
+(random images of the backbone's size, random labels, class names "class 17 thing"), so a shared, noisy CPU slows
+both alike. The DataLoader is kept out of the timing. The training step and the evaluation loop are the ones of
+``mugcp_bench.trainer.fit`` / ``evaluate`` (autocast, cross-entropy + the method's extra losses, SGD).
+
+Peak memory is the peak over a phase minus the memory at its start. On CUDA ``max_memory_allocated``; on CPU the
+peak of live tensor storages (counted at the dispatcher, `live_tensor_tracker`: what the method holds, whatever the
+C allocator does) and the process's resident set (VmHWM, reset through /proc/self/clear_refs, heap trimmed before the
+phase; it also counts heap that glibc kept from earlier phases and reuses, so it depends on what ran before).
+
+    python benchmarks/bench.py                      # full CPU run (~15 min on 2 cores), prints the tables
+    python benchmarks/bench.py --quick              # ~1 min smoke run (tiny and toy CLIP, 10 and 100 classes)
+    python benchmarks/bench.py --device cuda --backbones ViT-B-16   # the GPU table: bf16 autocast, 10/100/1000 classes
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import ctypes.util
+import dataclasses
+import gc
+import json
+import logging
+import os
+import platform
+import re
+import resource
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_METHODS = ("zsclip", "coop", "cocoop", "maple", "dcp", "mugcp")
+DEFAULT_BACKBONES = ("tiny", "toy-clip", "ViT-B-16")
+DEFAULT_CLASSES = (10, 100, 1000)
+# ViT-B-16 at 1000 classes is left out of the default CPU plan: one naive CoOp step there encodes 1000 × 77 tokens
+# forward and backward (minutes on 2 cores). Ask for it with --classes; the GPU plan includes it.
+CPU_SKIP = {("ViT-B-16", 1000)}
+RESULT_TAG = "BENCH-RESULT "
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+DESCRIPTIONS = (
+    "a small object resting on a wooden table next to a window with soft daylight.",
+    "a close-up photograph of something bright in the middle of a green lawn.",
+    "an outdoor scene with a blurry background, trees and a grey sky above.",
+    "a picture taken indoors showing a shiny item on a white shelf.",
+    "a dark photo of an animal-like shape near some rocks by the water.",
+    "a colourful thing held in a person's hand in front of a brick wall.",
+    "a top-down view of several items on a patterned carpet.",
+    "a grainy image of a street at night with lights and a parked car.",
+)
+
+
+# --- profiles: how much to measure per backbone ----------------------------------------------------------------------
+@dataclasses.dataclass
+class Profile:
+    """Measurement sizes for one backbone on one device (every field can be overridden on the command line)."""
+
+    recipe: str  # method recipe whose config and batch sizes are used ("toy" for the 4-layer CLIPs, "paper")
+    train_batch_cap: int  # training batch = min(recipe batch, cap); 0 = the recipe's
+    cond_train_batch_cap: int  # the same for instance-conditional methods (B × C text passes per step)
+    eval_batch_cap: int  # evaluation batch = min(recipe eval batch, cap); 0 = the recipe's
+    cond_eval_batch_cap: int  # the same for instance-conditional methods
+    eval_batches: int  # test batches per evaluation pass
+    cond_eval_batches: int  # the same for instance-conditional methods (every batch costs B × C text passes)
+    warmup: int  # untimed training steps / evaluation passes per path
+    max_steps: int  # timed training steps per path (at most)
+    max_eval_repeats: int  # timed evaluation passes per path (at most)
+    min_time: float  # repeat steps / passes until each path has been timed this long (or the maxima are hit)
+
+
+def profile_for(backbone: str, device: str) -> Profile:
+    if backbone in ("tiny", "toy-clip", "tiny-mismatch"):
+        return Profile("toy", 0, 0, 0, 21, 2, 1, 2, 8, 3, 1.0)
+    if device == "cuda":
+        return Profile("paper", 0, 0, 0, 0, 3, 3, 2, 10, 3, 1.0)
+    # A ViT-B-16 forward is ~0.25 s per image on one CPU core: two timed steps (the faster counts), a few test images.
+    return Profile("paper", 4, 1, 4, 2, 2, 1, 0, 2, 1, 600.0)
+
+
+# --- memory -----------------------------------------------------------------------------------------------------------
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        m = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE)
+    return int(m.group(1)) if m else 0
+
+
+def live_tensor_tracker() -> Any:
+    """A TorchDispatchMode that records the peak bytes of tensor storages allocated while it is active and still alive
+    (views and in-place results share an input's storage and are not counted): the CPU counterpart of CUDA's
+    ``max_memory_allocated``, independent of what the C allocator keeps for itself."""
+    import weakref
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class LiveTensors(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.live = 0
+            self.peak = 0
+            self.seen: set[int] = set()
+
+        def _freed(self, key: int, nbytes: int) -> None:
+            self.live -= nbytes
+            self.seen.discard(key)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            out = func(*args, **(kwargs or {}))
+            inputs = {
+                t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)
+            }
+            for t in tree_flatten(out)[0]:
+                if not isinstance(t, torch.Tensor):
+                    continue
+                storage = t.untyped_storage()
+                key, nbytes = storage.data_ptr(), storage.nbytes()
+                if nbytes == 0 or key in inputs or key in self.seen:
+                    continue
+                self.seen.add(key)
+                self.live += nbytes
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(storage, self._freed, key, nbytes)
+            return out
+
+    return LiveTensors()
+
+
+class MemoryMeter:
+    """Peak memory of a phase above its starting level, in MiB: live tensors (CPU: `live_tensor_tracker`; CUDA:
+    allocated) and, on CPU, the resident set as well."""
+
+    def __init__(self, device: Any) -> None:
+        import torch
+
+        self.torch = torch
+        self.cuda = device.type == "cuda"
+        self.resettable = False
+        self.libc = None
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            self.libc = libc if hasattr(libc, "malloc_trim") else None
+        if not self.cuda:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+                self.resettable = True
+            except OSError:  # not Linux: ru_maxrss only grows, phases after the first read 0 unless they peak higher
+                pass
+        self.base = 0
+        self.strict = False
+        self.tracker: Any = None
+
+    def start(self, strict: bool = False) -> None:
+        """Begin a phase. `strict` (CPU): every allocation of 64 KiB or more is mmapped and unmapped when freed, so the
+        resident set follows the live tensors more closely (slower: only for untimed runs). Even so the RSS counts
+        freed heap chunks that earlier phases left in glibc's bins when they are reused (fragmentation)."""
+        self.strict = strict and self.libc is not None and not self.cuda
+        if self.strict:
+            self.libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
+            self.libc.mallopt(M_TRIM_THRESHOLD, 0)
+        if self.cuda:
+            self.torch.cuda.synchronize()
+            self.torch.cuda.reset_peak_memory_stats()
+            self.base = self.torch.cuda.memory_allocated()
+            return
+        gc.collect()
+        if self.libc is not None:
+            self.libc.malloc_trim(0)  # hand freed heap pages back: the phase's allocations must show in the RSS
+        if self.resettable:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # VmHWM := current RSS
+            self.base = _status_kb("VmRSS") * 1024
+        else:
+            self.base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        self.tracker = live_tensor_tracker()
+        self.tracker.__enter__()
+
+    def stop(self) -> tuple[float, float | None]:
+        """(peak live tensors MiB, peak RSS MiB or None on CUDA) above the start."""
+        if self.cuda:
+            self.torch.cuda.synchronize()
+            return (self.torch.cuda.max_memory_allocated() - self.base) / 2**20, None
+        self.tracker.__exit__(None, None, None)
+        tensors = self.tracker.peak / 2**20
+        self.tracker = None
+        peak = _status_kb("VmHWM") * 1024 if self.resettable else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        if not self.resettable:
+            peak *= 1024
+        if self.strict:  # back to glibc's steady state (its dynamic thresholds top out at these values)
+            self.libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20)
+            self.libc.mallopt(M_TRIM_THRESHOLD, 64 * 2**20)
+        return tensors, max(0.0, (peak - self.base) / 2**20)
+
+
+# --- the worker: one backbone, one class count, every method ---------------------------------------------------------
+@contextlib.contextmanager
+def text_path(backbone: Any, fast: bool) -> Iterator[None]:
+    """Run with our EOT truncation (fast) or the reference's full-length text passes."""
+    old = backbone.eot_truncation
+    backbone.eot_truncation = fast
+    try:
+        yield
+    finally:
+        backbone.eot_truncation = old
+
+
+class Timer:
+    def __init__(self, device: Any) -> None:
+        import torch
+
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def __call__(self, fn: Callable[[], Any]) -> tuple[float, Any]:
+        self.sync()
+        t0 = time.perf_counter()
+        out = fn()
+        self.sync()
+        return time.perf_counter() - t0, out
+
+
+def _median(xs: Sequence[float]) -> float:
+    s = sorted(xs)
+    n = len(s)
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+def measure(
+    ours: Callable[[], Any], naive: Callable[[], Any], prof: Profile, max_reps: int, timer: Timer, meter: MemoryMeter
+) -> tuple[list[float], list[float], tuple[float, float | None], tuple[float, float | None], list[Any]]:
+    """Interleaved repetitions of both paths: (times ours, times naive, peak MiB ours, peak MiB naive, what our
+    path's timed repetitions returned).
+
+    Memory is read on the first repetition of each path with the heap trimmed before it: with warm-up, an untimed one
+    in strict mode (see `MemoryMeter.start`); without (ViT-B-16 on CPU), the timed one under glibc's default
+    allocator, which may count freed but retained heap. Timed repetitions run on a warm heap."""
+
+    def with_memory(fn: Callable[[], Any]) -> tuple[float, tuple[float, float | None], Any]:
+        meter.start(strict=prof.warmup > 0)
+        dt, out = timer(fn)
+        return dt, meter.stop(), out
+
+    dt_o, mem_o, out_o = with_memory(ours)
+    dt_n, mem_n, _ = with_memory(naive)
+    t_ours, t_naive, outs = ([], [], []) if prof.warmup else ([dt_o], [dt_n], [out_o])
+    if max(dt_o, dt_n) < prof.min_time:  # more warm-up only where a repetition is cheap
+        for _ in range(prof.warmup - 1):
+            ours()
+            naive()
+    while len(t_ours) < max_reps and (not t_ours or min(sum(t_ours), sum(t_naive)) < prof.min_time):
+        dt, out = timer(ours)
+        t_ours.append(dt)
+        outs.append(out)
+        t_naive.append(timer(naive)[0])
+    return t_ours, t_naive, mem_o, mem_n, outs
+
+
+def write_description_items(folder: Path, n: int) -> tuple[list[Any], Path]:
+    """`n` small PNGs (MuGCP looks descriptions up by image) and a JSONL description file for the `file` describer."""
+    import numpy as np
+    from PIL import Image
+
+    from mugcp_bench.datasets.base import Datum
+
+    rng = np.random.default_rng(0)
+    items, lines = [], []
+    for i in range(n):
+        rel = f"bench/images/img_{i}.png"
+        path = folder / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(path)
+        items.append(Datum(impath=str(path), label=i, classname=f"class {i} thing", relpath=rel))
+        lines.append(json.dumps({"image": str(path), "text": DESCRIPTIONS[i % len(DESCRIPTIONS)]}))
+    desc = folder / "descriptions.jsonl"
+    desc.write_text("\n".join(lines) + "\n")
+    return items, desc
+
+
+def build_pair(name: str, backbone: Any, classnames: list[str], recipe: str, extra: dict[str, Any]):
+    """(ours, naive, recipe's TrainConfig overrides): the naive one built with eot_truncation off, same weights."""
+    import torch
+
+    from mugcp_bench.methods.base import split_overrides
+    from mugcp_bench.registry import METHODS
+
+    cls = METHODS.get(name)
+    recipe = recipe if recipe in cls.recipes else "toy"
+    protocol = "base2novel" if "base2novel" in cls.recipes[recipe] else next(iter(cls.recipes[recipe]))
+    m_keys, t_keys = split_overrides(cls, cls.recipe(recipe, protocol, 16, "x"))
+    if name == "mugcp":
+        m_keys.update(extra)
+    cfg = cls.make_config(m_keys)
+    torch.manual_seed(0)
+    with text_path(backbone, True):
+        ours = cls(backbone, classnames, cfg, template="a photo of a {}.", dataset="x")
+    with text_path(backbone, False):
+        naive = cls(backbone, classnames, cfg, template="a photo of a {}.", dataset="x")
+    naive.load_trainable_state(ours.trainable_state())
+    device = backbone.device
+    return ours.to(device), naive.to(device), t_keys
+
+
+def text_length(method: Any) -> int | None:
+    prompts = getattr(method, "prompts", None)
+    tokens = getattr(prompts, "tokens", None)
+    return int(tokens.shape[1]) if tokens is not None else None
+
+
+def eval_pair(
+    ours: Any,
+    naive: Any,
+    backbone: Any,
+    prof: Profile,
+    device: Any,
+    precision: str,
+    eval_batch: int,
+    keys_pool: list[str],
+    gen: Any,
+    test_images: int,
+) -> dict[str, Any]:
+    """Evaluation of both paths on the same synthetic test images (both instances hold the same weights)."""
+    import torch
+
+    from mugcp_bench.trainer import autocast
+
+    timer, meter = Timer(device), MemoryMeter(device)
+    size, cond = backbone.image_size, ours.instance_conditional
+    n_eval = eval_batch * (prof.cond_eval_batches if cond else prof.eval_batches)
+    images = torch.randn(n_eval, 3, size, size, generator=gen).to(device)
+    keys = [keys_pool[i % len(keys_pool)] for i in range(n_eval)]
+    slices = [slice(s, s + eval_batch) for s in range(0, n_eval, eval_batch)]
+    feats = None
+    if ours.frozen_image_path:  # the warm feature cache: computed once, outside the timing
+        with torch.no_grad(), autocast(device, precision):
+            feats = torch.cat([backbone.encode_image(images[s]).float() for s in slices])  # (N, E)
+    first: dict[str, torch.Tensor] = {}
+
+    def eval_ours() -> float:  # trainer.evaluate(fast=True, image_features=...); returns the begin_eval time
+        ours.eval()
+        with text_path(backbone, True), torch.no_grad():
+            t_begin = timer(ours.begin_eval)[0]
+            try:
+                for s in slices:
+                    with autocast(device, precision):
+                        if feats is not None:
+                            logits = ours.predict(None, keys[s], feats[s].to(device))
+                        else:
+                            logits = ours.predict(images[s], keys[s], None)
+                    logits.float().argmax(-1).cpu()
+                    first.setdefault("ours", logits.float().cpu())
+            finally:
+                ours.end_eval()
+        return t_begin
+
+    def eval_naive() -> None:  # trainer.evaluate(fast=False), no feature cache
+        naive.eval()
+        with text_path(backbone, False), torch.no_grad():
+            for s in slices:
+                with autocast(device, precision):
+                    logits = naive(images[s], keys[s], None).logits
+                logits.float().argmax(-1).cpu()
+                first.setdefault("naive", logits.float().cpu())
+
+    t_ours, t_naive, m_ours, m_naive, begins = measure(eval_ours, eval_naive, prof, prof.max_eval_repeats, timer, meter)
+    n_batches = len(slices)
+    t_begin = min(begins)
+    batch_ours = min(t - b for t, b in zip(t_ours, begins)) / n_batches
+    batch_naive = min(t_naive) / n_batches
+    test_batches = -(-test_images // eval_batch)  # a whole test split: begin_eval once, then every batch
+    return dict(
+        eval_images=n_eval,
+        eval_repeats=len(t_ours),
+        eval_pass_ips_ours=n_eval / min(t_ours),
+        eval_pass_ips_naive=n_eval / min(t_naive),
+        begin_eval_s=t_begin,
+        batch_s_ours=batch_ours,
+        batch_s_naive=batch_naive,
+        test_images=test_images,
+        eval_ips_ours=test_batches * eval_batch / (t_begin + test_batches * batch_ours),
+        eval_ips_naive=test_batches * eval_batch / (test_batches * batch_naive),
+        eval_mem_ours=m_ours[0],
+        eval_mem_naive=m_naive[0],
+        eval_rss_ours=m_ours[1],
+        eval_rss_naive=m_naive[1],
+        max_abs_logit_diff=float((first["ours"] - first["naive"]).abs().max()),
+    )
+
+
+def bench_method(
+    name: str,
+    backbone: Any,
+    classnames: list[str],
+    prof: Profile,
+    device: Any,
+    precision: str,
+    mugcp_setup: Any,
+    test_images: int,
+    phases: Sequence[str] = ("train", "eval"),
+) -> dict[str, Any]:
+    import torch
+    import torch.nn.functional as F
+
+    from mugcp_bench.methods.base import TrainConfig
+    from mugcp_bench.trainer import autocast, make_optimizer
+
+    items, extra = mugcp_setup() if name == "mugcp" else ([], {})
+    ours, naive, t_keys = build_pair(name, backbone, classnames, prof.recipe, extra)
+    if items:
+        for m, fast in ((ours, True), (naive, False)):
+            with text_path(backbone, fast):
+                m.prepare_images(items, "train")
+    keys_pool = [d.relpath for d in items] or [f"img_{i}" for i in range(8)]
+    cond = ours.instance_conditional
+    tcfg = TrainConfig(**{k: v for k, v in t_keys.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}})
+
+    def cap(value: int, limit: int) -> int:
+        return min(value, limit) if limit > 0 else value
+
+    train_batch = cap(tcfg.batch_size, prof.cond_train_batch_cap if cond else prof.train_batch_cap)
+    eval_batch = cap(tcfg.eval_batch_size, prof.cond_eval_batch_cap if cond else prof.eval_batch_cap)
+    size, n_cls = backbone.image_size, len(classnames)
+    gen = torch.Generator().manual_seed(1)
+    timer, meter = Timer(device), MemoryMeter(device)
+    row: dict[str, Any] = {
+        "memory": "cuda allocated" if device.type == "cuda" else "live tensors (+ rss)",
+        "rss_mode": "strict, untimed repetition" if prof.warmup else "default allocator, timed repetition",
+        "method": name,
+        "instance_conditional": cond,
+        "frozen_image_path": ours.frozen_image_path,
+        "text_len_ours": text_length(ours),
+        "text_len_naive": text_length(naive) or backbone.context_length,
+        "n_trainable": ours.n_trainable(),
+        "train_batch": train_batch,
+        "eval_batch": eval_batch,
+    }
+
+    if "eval" in phases:
+        row.update(eval_pair(ours, naive, backbone, prof, device, precision, eval_batch, keys_pool, gen, test_images))
+    # --- training ---------------------------------------------------------------------------------------------------
+    if "train" not in phases or ours.n_trainable() == 0:
+        row.update(train_steps=0)
+        return row
+    batch = torch.randn(train_batch, 3, size, size, generator=gen).to(device)
+    labels = torch.randint(0, n_cls, (train_batch,), generator=gen).to(device)
+    train_keys = [keys_pool[i % len(keys_pool)] for i in range(train_batch)]
+    opts = {}
+    for m in (ours, naive):
+        opts[id(m)] = make_optimizer(m, tcfg)[0]
+        m.train()
+
+    def step(m: Any, fast: bool) -> None:  # one iteration of trainer.fit
+        opt = opts[id(m)]
+        with text_path(backbone, fast):
+            with autocast(device, precision):
+                out = m(batch, train_keys)
+                loss = F.cross_entropy(out.logits.float(), labels)
+                for extra_loss in out.losses.values():
+                    loss = loss + extra_loss.float()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    t_ours, t_naive, m_ours, m_naive, _ = measure(
+        lambda: step(ours, True), lambda: step(naive, False), prof, prof.max_steps, timer, meter
+    )
+    row.update(
+        train_steps=len(t_ours),
+        train_ips_ours=train_batch / min(t_ours),
+        train_ips_naive=train_batch / min(t_naive),
+        train_mem_ours=m_ours[0],
+        train_mem_naive=m_naive[0],
+        train_rss_ours=m_ours[1],
+        train_rss_naive=m_naive[1],
+    )
+    return row
+
+
+def worker(spec: dict[str, Any]) -> None:
+    """Measure every method for one (backbone, class count); one JSON line per method on stdout."""
+    import torch
+
+    from mugcp_bench.backbone import load_backbone
+    from mugcp_bench.trainer import resolve_precision
+
+    logging.basicConfig(level=logging.WARNING)
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    precision = resolve_precision(spec["precision"], device)
+    prof = Profile(**spec["profile"])
+    backbone = load_backbone(spec["backbone"], device=device)
+    classnames = [f"class {i} thing" for i in range(spec["classes"])]
+    tmp = Path(tempfile.mkdtemp(prefix="mugcp-bench-"))
+    os.environ["MUGCP_CACHE"] = str(tmp / "cache")  # descriptions go to a throw-away cache
+    made: dict[str, Any] = {}
+
+    def mugcp_setup() -> tuple[list[Any], dict[str, Any]]:
+        if not made:
+            items, desc = write_description_items(tmp / "data", 8)
+            made["v"] = (items, {"describer": "file", "describer_file": str(desc)})
+        return made["v"]
+
+    try:
+        for name in spec["methods"]:
+            run_one(name, spec, backbone, classnames, prof, device, precision, mugcp_setup)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_one(
+    name: str,
+    spec: dict[str, Any],
+    backbone: Any,
+    classnames: list[str],
+    prof: Profile,
+    device: Any,
+    precision: str,
+    mugcp_setup: Callable[[], Any],
+) -> None:
+    """Measure one method and print its JSON line."""
+    import torch
+
+    t0 = time.perf_counter()
+    try:
+        row = bench_method(
+            name, backbone, classnames, prof, device, precision, mugcp_setup, spec["test_images"], spec["phases"]
+        )
+    except Exception as e:  # noqa: BLE001 - one failing method must not hide the others
+        logging.exception("%s failed", name)
+        row = {"method": name, "error": f"{type(e).__name__}: {e}"}
+    row.update(backbone=spec["backbone"], classes=spec["classes"], precision=precision)
+    row["wall_s"] = time.perf_counter() - t0
+    row["process_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.type == "cuda":
+        row["gpu"] = torch.cuda.get_device_name(device)
+    print(RESULT_TAG + json.dumps(row), flush=True)
+    gc.collect()
+
+
+# --- the driver ------------------------------------------------------------------------------------------------------
+def machine_info(device: str, threads: int) -> dict[str, str]:
+    import open_clip
+    import torch
+
+    cpu = platform.processor() or "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    info = {
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "torch threads": str(threads or torch.get_num_threads()),
+        "torch": torch.__version__,
+        "open_clip": open_clip.__version__,
+        "python": platform.python_version(),
+        "load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+    }
+    if device == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _fmt(x: Any, digits: int = 1) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}" if abs(x) < 1e4 else f"{x:.3g}"
+    return str(x)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _speedup(a: float | None, b: float | None) -> str:
+    r = _ratio(a, b)
+    return f"**{_fmt(r)}×**" if r is not None else "—"
+
+
+def train_table(rows: list[dict[str, Any]]) -> str:
+    head = (
+        "| backbone | classes | method | text tokens ours / naive | batch | timed steps | img/s ours | img/s naive "
+        "| speed-up | peak MiB ours | peak MiB naive |"
+    )
+    out = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        if "error" in r or not r.get("train_steps"):
+            continue
+        cells = [
+            r["backbone"],
+            r["classes"],
+            r["method"],
+            f"{r['text_len_ours']} / {r['text_len_naive']}" if r.get("text_len_ours") else "—",
+            r["train_batch"],
+            r["train_steps"],
+            _fmt(r["train_ips_ours"], 2),
+            _fmt(r["train_ips_naive"], 2),
+            _speedup(r["train_ips_ours"], r["train_ips_naive"]),
+            _fmt(r["train_mem_ours"], 0),
+            _fmt(r["train_mem_naive"], 0),
+        ]
+        out.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(out)
+
+
+def eval_table(rows: list[dict[str, Any]]) -> str:
+    n = next((r["test_images"] for r in rows if "test_images" in r), 0)
+    head = (
+        "| backbone | classes | method | batch | begin_eval s | s/batch ours | s/batch naive | speed-up per batch "
+        f"| img/s ours ({n} images) | img/s naive | speed-up ({n} images) | peak MiB ours | peak MiB naive "
+        "| max abs Δlogit |"
+    )
+    out = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['backbone']} | {r['classes']} | {r['method']} | error: {r['error']} |")
+            continue
+        if "eval_ips_ours" not in r:
+            continue
+        cells = [
+            r["backbone"],
+            r["classes"],
+            r["method"],
+            r["eval_batch"],
+            f"{r['begin_eval_s']:.3f}",
+            f"{r['batch_s_ours']:.2g}",
+            f"{r['batch_s_naive']:.2g}",
+            _speedup(r["batch_s_naive"], r["batch_s_ours"]),
+            _fmt(r["eval_ips_ours"], 1),
+            _fmt(r["eval_ips_naive"], 1),
+            _speedup(r["eval_ips_ours"], r["eval_ips_naive"]),
+            _fmt(r["eval_mem_ours"], 0),
+            _fmt(r["eval_mem_naive"], 0),
+            f"{r['max_abs_logit_diff']:.1e}",
+        ]
+        out.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(out)
+
+
+def memory_table(rows: list[dict[str, Any]]) -> str:
+    """Evaluation peak memory of our path at 1000 against 100 classes: live tensors and resident set."""
+    by = {(r["backbone"], r["method"], r["classes"]): r for r in rows if "eval_mem_ours" in r}
+    out = [
+        "| backbone | method | eval batch | tensors MiB @100 | @1000 | ratio | RSS MiB @100 | @1000 | ratio |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (bb, m, c), r in sorted(by.items()):
+        if c != 1000 or (bb, m, 100) not in by:
+            continue
+        small = by[(bb, m, 100)]
+        cells = [bb, m, r["eval_batch"]]
+        for key in ("eval_mem_ours", "eval_rss_ours"):
+            a, b = small.get(key), r.get(key)
+            cells += [_fmt(a), _fmt(b), f"{_fmt(_ratio(b, a), 2)}×"]
+        out.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(out) if len(out) > 2 else ""
+
+
+TARGETS = (
+    # (what, methods, kind, backbone, classes, threshold)
+    ("training ≥ 3× at 100 classes on ViT-B-16", ("coop", "cocoop", "maple"), "train", "ViT-B-16", 100, 3.0),
+    ("evaluation ≥ 10× at 100 classes", ("zsclip", "coop", "maple"), "eval", None, 100, 10.0),
+    ("evaluation memory @1000 ≤ 1.5× @100 classes", ("cocoop", "mugcp"), "mem", None, None, 1.5),
+)
+
+
+def target_lines(rows: list[dict[str, Any]]) -> list[str]:
+    by = {(r["backbone"], r["method"], r["classes"]): r for r in rows if "error" not in r}
+    get = dict.get
+    lines = []
+    for what, methods, kind, bb, classes, thr in TARGETS:
+        for m in methods:
+            for (b, mm, c), r in sorted(by.items()):
+                if mm != m or (bb and b != bb):
+                    continue
+                if kind == "mem":
+                    if c != 1000 or (b, m, 100) not in by:
+                        continue
+                    v = _ratio(get(r, "eval_mem_ours"), get(by[(b, m, 100)], "eval_mem_ours"))
+                    ok = v is not None and v <= thr
+                elif c != classes:
+                    continue
+                elif kind == "train":
+                    v = _ratio(r.get("train_ips_ours"), r.get("train_ips_naive"))
+                    ok = v is not None and v >= thr
+                else:
+                    v = _ratio(get(r, "eval_ips_ours"), get(r, "eval_ips_naive"))
+                    ok = v is not None and v >= thr
+                if v is not None:
+                    lines.append(f"- {what}: {m} on {b}: {_fmt(v, 2)}× — {'met' if ok else 'MISSED'}")
+    return lines
+
+
+def plan(args: argparse.Namespace) -> list[tuple[str, int]]:
+    backbones = args.backbones.split(",")
+    if args.classes:
+        return [(b, int(c)) for b in backbones for c in args.classes.split(",")]
+    classes = (10, 100) if args.quick else DEFAULT_CLASSES
+    return [(b, c) for b in backbones for c in classes if args.device == "cuda" or (b, c) not in CPU_SKIP]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated registry names")
+    p.add_argument("--backbones", default=None, help=f"comma-separated (default {','.join(DEFAULT_BACKBONES)})")
+    p.add_argument("--classes", default=None, help="comma-separated class counts (default 10,100,1000)")
+    p.add_argument("--steps", type=int, default=None, help="max timed training steps per path (profile default)")
+    p.add_argument("--eval-batches", type=int, default=None, help="test batches per evaluation pass")
+    p.add_argument("--train-batch", type=int, default=None, help="cap on the recipe's training batch (0: none)")
+    p.add_argument("--eval-batch", type=int, default=None, help="cap on the recipe's test batch (0: none)")
+    p.add_argument("--min-time", type=float, default=None, help="seconds each path is timed at least (profile)")
+    p.add_argument(
+        "--test-images",
+        type=int,
+        default=2500,
+        help="size of the test split the evaluation throughput is given for: our path pays begin_eval once, then "
+        "every batch (measured per batch on --eval-batches batches)",
+    )
+    p.add_argument("--phases", default="train,eval", help="what to measure: train, eval or both (default)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--precision", default="auto", help="auto (fp32 on CPU, bf16 autocast on CUDA), fp32, bf16")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default 1 on CPU: on cores shared with other jobs, two threads wait on each other "
+        "and run 2-5x slower and far noisier; 0: torch's default)",
+    )
+    p.add_argument("--quick", action="store_true", help="~1 minute smoke run: tiny and toy CLIP, 10 and 100 classes")
+    p.add_argument("--out", default=None, help="write the markdown report to this file")
+    p.add_argument("--json", default=None, help="write the raw rows to this JSON file")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        worker(json.loads(args.worker))
+        return 0
+    if args.threads is None:
+        args.threads = 1 if args.device == "cpu" else 0
+    if args.backbones is None:
+        args.backbones = "tiny,toy-clip" if args.quick else ",".join(DEFAULT_BACKBONES)
+    command = "python benchmarks/bench.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    rows: list[dict[str, Any]] = []
+    t_start = time.perf_counter()
+    info = machine_info(args.device, args.threads)
+    for backbone, classes in plan(args):
+        prof = profile_for(backbone, args.device)
+        if args.quick:
+            prof = dataclasses.replace(
+                prof,
+                warmup=1,
+                max_steps=2,
+                max_eval_repeats=1,
+                min_time=0.0,
+                eval_batches=1,
+                cond_eval_batches=1,
+                cond_eval_batch_cap=8,
+            )
+        for key, value in (
+            ("max_steps", args.steps),
+            ("eval_batches", args.eval_batches),
+            ("cond_eval_batches", args.eval_batches),
+            ("min_time", args.min_time),
+        ):
+            if value is not None:
+                prof = dataclasses.replace(prof, **{key: value})
+        if args.train_batch is not None:
+            prof = dataclasses.replace(prof, train_batch_cap=args.train_batch, cond_train_batch_cap=args.train_batch)
+        if args.eval_batch is not None:
+            prof = dataclasses.replace(prof, eval_batch_cap=args.eval_batch, cond_eval_batch_cap=args.eval_batch)
+        spec = {
+            "backbone": backbone,
+            "classes": classes,
+            "methods": args.methods.split(","),
+            "device": args.device,
+            "precision": args.precision,
+            "threads": args.threads,
+            "test_images": args.test_images,
+            "phases": args.phases.split(","),
+            "profile": dataclasses.asdict(prof),
+        }
+        print(f"# {backbone} @ {classes} classes ({time.perf_counter() - t_start:.0f} s)", flush=True)
+        proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=REPO,
+        )
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if not line.startswith(RESULT_TAG):
+                sys.stdout.write(line)
+                continue
+            r = json.loads(line[len(RESULT_TAG) :])
+            rows.append(r)
+            if "error" in r:
+                print(f"  {r['method']:8s} ERROR {r['error']}", flush=True)
+                continue
+            g = r.get
+            tr = _ratio(g("train_ips_ours"), g("train_ips_naive"))
+            ev = _ratio(g("eval_ips_ours"), g("eval_ips_naive"))
+            train_ips = f"{_fmt(g('train_ips_ours'), 2):>8s} vs {_fmt(g('train_ips_naive'), 2):>8s}"
+            eval_ips = f"{_fmt(g('eval_ips_ours')):>8s} vs {_fmt(g('eval_ips_naive')):>8s}"
+            diff = f"{r['max_abs_logit_diff']:.1e}" if "max_abs_logit_diff" in r else "—"
+            print(
+                f"  {r['method']:8s} train {train_ips} img/s ({_fmt(tr)}×)  eval {eval_ips} img/s ({_fmt(ev)}×)"
+                f"  eval peak {_fmt(g('eval_mem_ours'), 0)} vs {_fmt(g('eval_mem_naive'), 0)} MiB"
+                f"  |Δlogit| {diff}  [{r['wall_s']:.0f} s]",
+                flush=True,
+            )
+        if proc.wait() != 0:
+            print(f"worker for {backbone} @ {classes} exited with {proc.returncode}", flush=True)
+    wall = time.perf_counter() - t_start
+    report = render(rows, info, command, wall, args)
+    print()
+    print(report)
+    if args.out:
+        Path(args.out).write_text(report + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": info, "command": command, "rows": rows}, indent=1) + "\n")
+    return 0
+
+
+def render(rows: list[dict[str, Any]], info: dict[str, str], command: str, wall: float, args: Any) -> str:
+    parts = [
+        f"Command: `{command}` (total {wall / 60:.1f} min)",
+        "",
+        "Machine: " + "; ".join(f"{k} {v}" for k, v in info.items()),
+    ]
+    if any(r.get("train_steps") for r in rows):
+        parts += [
+            "",
+            "Training (one step of `trainer.fit`: forward, cross-entropy + extra losses, backward, SGD):",
+            "",
+            train_table(rows),
+        ]
+    if any("eval_ips_ours" in r or "error" in r for r in rows):
+        parts += [
+            "",
+            "Evaluation (`begin_eval` once, then `predict` per batch; naive: `forward` per batch, no feature cache):",
+            "",
+            eval_table(rows),
+        ]
+    mem = memory_table(rows)
+    if mem:
+        parts += ["", "Evaluation memory, our path, 1000 against 100 classes:", "", mem]
+    lines = target_lines(rows)
+    if lines:
+        parts += ["", "Targets:", "", *lines]
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

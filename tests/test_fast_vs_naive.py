@@ -1,0 +1,118 @@
+"""Our fast path and the reference's naive path give the same logits, for every registered method.
+
+Fast: EOT-truncated text (``eot_truncation`` on, the default), ``begin_eval`` / ``predict`` and, for methods with a
+frozen image tower, image features from the on-disk cache. Naive (what the reference code does, and what
+benchmarks/bench.py measures against): ``eot_truncation`` off before the method is built (full context-length text
+passes), ``forward`` per batch, no feature cache. Both instances hold the same (perturbed) trainable weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mugcp_bench.backbone import load_backbone
+from mugcp_bench.features import image_features
+from mugcp_bench.methods.base import Method
+from mugcp_bench.registry import METHODS
+from mugcp_bench.trainer import evaluate
+from tests.method_harness import CLASSNAMES, build_method, load_images, write_items
+
+# A long class name: the cut sits after its EOT, so the other prompts keep padding inside the cut sequence.
+CLASSES = (*CLASSNAMES, "very long and oddly specific multi word class name")
+TOL = 1e-4
+# Every registered method with its toy config, plus the variants whose fast path takes another branch.
+CASES = [(name, {}) for name in METHODS.names()] + [
+    ("cocoop", {"text_chunk": 7}),  # B × C rows over several chunks
+    ("cocoop", {"meta_net": False}),  # shared prompts: text cached in begin_eval
+    ("coop", {"class_token_position": "middle"}),
+    ("mugcp", {"text_chunk": 7}),
+    ("mugcp", {"mpf": "ctx_only"}),  # not instance-conditional: text cached in begin_eval
+]
+
+
+@pytest.fixture(scope="module")
+def backbones():
+    """Two copies of the tiny CLIP (same seed, same weights): fast (EOT cut) and naive (full-length text)."""
+    fast, naive = load_backbone("tiny"), load_backbone("tiny")
+    naive.eot_truncation = False
+    assert fast.weights_hash == naive.weights_hash
+    return fast, naive
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fast-vs-naive")
+    return folder, write_items(folder, CLASSES, n=5, seed=3)
+
+
+def perturbed_state(method: Method, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The trainable state plus noise, so zero-initialised gates and maps take part in the logits."""
+    gen = torch.Generator().manual_seed(seed)
+    return {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in method.trainable_state().items()}
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides"), CASES, ids=[f"{n}-{'-'.join(map(str, o.values())) or 'toy'}" for n, o in CASES]
+)
+def test_fast_path_equals_naive_path(name, overrides, backbones, data, tmp_path):
+    fast_bb, naive_bb = backbones
+    folder, items = data
+    fast = build_method(name, backbone=fast_bb, classnames=CLASSES, **overrides)
+    naive = build_method(name, backbone=naive_bb, classnames=CLASSES, **overrides)
+    state = perturbed_state(fast)
+    fast.load_trainable_state(state)
+    naive.load_trainable_state(state)
+    fast.prepare_images(items, "test")
+    naive.prepare_images(items, "test")
+    prompts = getattr(naive, "prompts", None)
+    if prompts is not None:  # the naive path really runs full-length text, the fast one a cut sequence
+        assert prompts.tokens.shape[1] == naive_bb.context_length
+        assert fast.prompts.tokens.shape[1] < naive_bb.context_length
+
+    images = load_images(items, fast_bb)  # (N, 3, H, W)
+    keys = [d.relpath for d in items]
+    feats = None
+    if fast.frozen_image_path:  # computed, then read back from the on-disk cache (the steady state)
+        cache = tmp_path / "cache"
+        image_features(fast_bb, items, fast_bb.test_transform, torch.device("cpu"), "fp32", cache)
+        assert any((cache / "features").iterdir())
+        feats = image_features(fast_bb, items, fast_bb.test_transform, torch.device("cpu"), "fp32", cache)
+
+    fast.eval()
+    naive.eval()
+    fast.begin_eval()
+    try:
+        got = fast.predict(None if feats is not None else images, keys, feats)  # (N, C)
+    finally:
+        fast.end_eval()
+    with torch.no_grad():
+        want = naive(images, keys).logits  # (N, C)
+    assert got.shape == want.shape == (len(items), len(CLASSES))
+    assert torch.isfinite(want).all()
+    diff = (got - want).abs().max().item()
+    assert diff <= TOL, f"{name} {overrides}: fast and naive logits differ by {diff:.2e}"
+    assert want.std() > 1e-3, "logits are constant: the comparison would not see a difference"
+
+
+@pytest.mark.parametrize("name", ["coop", "maple"])
+def test_trainer_evaluate_fast_equals_naive(name, backbones, data, tmp_path):
+    """The trainer's evaluation loop: fast=True with cached features against fast=False with images."""
+    fast_bb, naive_bb = backbones
+    _, items = data
+    fast = build_method(name, backbone=fast_bb, classnames=CLASSES)
+    naive = build_method(name, backbone=naive_bb, classnames=CLASSES)
+    state = perturbed_state(fast, seed=1)
+    fast.load_trainable_state(state)
+    naive.load_trainable_state(state)
+    cpu = torch.device("cpu")
+    feats = (
+        image_features(fast_bb, items, fast_bb.test_transform, cpu, "fp32", Path(tmp_path))
+        if fast.frozen_image_path
+        else None
+    )
+    a = evaluate(fast, items, fast_bb.test_transform, cpu, "fp32", 2, image_features=feats, fast=True)
+    b = evaluate(naive, items, naive_bb.test_transform, cpu, "fp32", 2, fast=False)
+    assert a == b
