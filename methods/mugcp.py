@@ -40,6 +40,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mugcp_bench.description_cache import DescriptionCache, describe_items, item_key
 from mugcp_bench.errors import UserError
@@ -535,11 +536,21 @@ class MuGCP(Method):
             embeds = cp.build(prompts[0])  # (C, T, Dt)
             return b.encode_text_chunked(embeds, cp.tokens, self.cfg.text_chunk, self._text_layer_fn())  # (C, E)
         batch, n_cls = prompts.shape[0], cp.n_cls
-        embeds = cp.build_instance(prompts)  # (B, C, T, Dt)
-        embeds = embeds.reshape(batch * n_cls, *embeds.shape[2:])  # (B·C, T, Dt)
-        tokens = cp.tokens.repeat(batch, 1)  # (B·C, T)
-        feats = b.encode_text_chunked(embeds, tokens, self.cfg.text_chunk, self._text_layer_fn())  # (B·C, E)
-        return feats.view(batch, n_cls, -1)  # (B, C, E)
+        rows = batch * n_cls  # row r = (image r // C, class r % C)
+        chunk = self.cfg.text_chunk if self.cfg.text_chunk > 0 else rows
+        layer_fn = self._text_layer_fn()
+        prompts = prompts.to(cp.token_suffix.dtype)
+        feats = []
+        for start in range(0, rows, chunk):  # embeddings built per chunk: memory bounded by the chunk, not B x C
+            idx = torch.arange(start, min(start + chunk, rows), device=prompts.device)
+            img, cls = idx // n_cls, idx % n_cls
+            embeds = torch.cat([cp.token_prefix[cls], prompts[img], cp.token_suffix[cls]], dim=1)  # (r, T, Dt)
+            if torch.is_grad_enabled() and rows > chunk:  # training: recompute each chunk in the backward pass
+                out = checkpoint(b.encode_text, embeds, cp.tokens[cls], layer_fn, use_reentrant=False)
+            else:
+                out = b.encode_text(embeds, cp.tokens[cls], layer_fn)
+            feats.append(out)  # (r, E)
+        return torch.cat(feats).view(batch, n_cls, -1)  # (B, C, E)
 
     def _run(self, images: torch.Tensor, keys: Sequence[str] | None, use_cache: bool = False) -> _Pass:
         s, big_s, pad, ids = self._scp_batch(keys, images.device)
