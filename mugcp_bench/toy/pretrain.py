@@ -1,0 +1,283 @@
+"""Contrastive pretraining of the toy CLIP on freshly rendered image-caption pairs (CPU, deterministic).
+
+Each step renders a new batch (single-threaded, seeded by (seed, step)): scenes drawn from every toy dataset's
+generator plus free scenes, captioned either by a random English caption naming a random subset of the scene's
+attributes or, sometimes, by a dataset's own zero-shot prompt. Captions cover every attribute word and every class
+name of the suite, so zero-shot works on every toy dataset; the short budget keeps it imperfect.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+
+from mugcp_bench.toy.render import (
+    BACKGROUNDS,
+    COLORS,
+    COUNT_WORDS,
+    LAYOUTS,
+    PATTERNS,
+    SHAPES,
+    STYLES,
+    Scene,
+    caption,
+    render,
+    sample_scene,
+    with_attributes,
+)
+from mugcp_bench.toy.suite import DATASETS, ToyDataset
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "toy-clip"
+CONFIG_PATH = Path(__file__).resolve().parent.parent / "model_configs" / f"{MODEL_NAME}.json"
+
+
+def register_model_config() -> None:
+    """Make `toy-clip` known to open_clip (idempotent)."""
+    if MODEL_NAME not in open_clip.list_models():
+        open_clip.add_model_config(CONFIG_PATH)
+
+
+@dataclass(frozen=True)
+class PretrainSettings:
+    """Everything that determines the pretrained weights (with the model config and the renderer version)."""
+
+    steps: int = 500
+    batch_size: int = 256
+    lr: float = 2e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 40
+    seed: int = 0
+    prompt_caption_prob: float = 0.2  # share of captions that are a dataset's own zero-shot prompt
+    free_scene_prob: float = 0.2  # share of scenes drawn from the whole attribute space, not a dataset's generator
+    domain_weight: float = 0.03  # sampling weight of each shifted-domain generator (the others weigh 1 each)
+    source_weight: float = 2.0  # sampling weight of the source dataset's generator
+    grad_clip: float = 1.0
+    group_size: int = 4  # minimal pairs per sampled scene (one attribute varied)
+    clean_prob: float = 0.5  # share of photo groups shown on a plain background with plain surfaces
+    shape_focus: float = 0.5  # share of groups that vary the shape (the slowest attribute to learn)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+_POOLS: dict[str, tuple] = {
+    "shape": SHAPES,
+    "color": tuple(COLORS),
+    "pattern": PATTERNS,
+    "background": BACKGROUNDS,
+    "count": tuple(range(1, len(COUNT_WORDS) + 1)),
+}
+
+
+def _visible_factors(layout: str, style: str) -> list[str]:
+    """Attributes one can see in a scene of this layout and style (what a minimal pair may vary)."""
+    factors = ["shape", "color"]
+    if style not in ("sketch", "cartoon"):
+        factors.append("pattern")
+    if style in ("photo", "noisy"):
+        factors.append("background")
+    if layout == "count":
+        factors.append("count")
+    return factors
+
+
+def _distinct(rng: np.random.Generator, pool: tuple, k: int) -> list:
+    return [pool[int(i)] for i in rng.choice(len(pool), size=min(k, len(pool)), replace=False)]
+
+
+def _sample_group(
+    rng: np.random.Generator, settings: PretrainSettings, gens: list[ToyDataset], p: np.ndarray
+) -> list[tuple[Scene, str]]:
+    """`group_size` minimal pairs: one scene rendered with different values of one attribute, each captioned naming
+    that attribute. These hard negatives make the model learn shape, count and texture, not only colour and
+    background (which alone explain most of a random batch)."""
+    g = settings.group_size
+    shape_focus = rng.random() < settings.shape_focus
+    if rng.random() < settings.free_scene_prob:
+        ds = None
+        layout = LAYOUTS[int(rng.integers(len(LAYOUTS)))]
+        style = "photo" if rng.random() < 0.9 else STYLES[int(rng.integers(1, len(STYLES)))]
+        base = sample_scene(rng, layout=layout, style=style)
+        factors = _visible_factors(layout, style)
+        factor = "shape" if shape_focus else factors[int(rng.integers(len(factors)))]
+        variants = [{factor: v} for v in _distinct(rng, _POOLS[factor], g)]
+    else:
+        ds = gens[int(rng.choice(len(gens), p=p))]
+        base = ds.sample(int(rng.integers(len(ds.classnames))), rng)
+        if shape_focus:  # vary the shape only, within the dataset's shapes
+            shapes = ds.classnames if ds.attribute == "shape" else ds.shapes
+            if ds.attribute == "color shape":
+                shapes = tuple(sorted({c.split(" ")[1] for c in ds.classnames}))
+            variants = [{"shape": v} for v in _distinct(rng, tuple(shapes), g)]
+        else:  # vary the class
+            variants = [ds.class_attributes(y) for y in _distinct(rng, tuple(range(len(ds.classnames))), g)]
+    if base.style == "photo" and rng.random() < settings.clean_prob:  # uncluttered: shapes are learnt from these
+        keep = {k for a in variants for k in a}
+        base = with_attributes(base, rng, **{k: "plain" for k in ("background", "pattern") if k not in keep})
+    out = []
+    for attrs in variants:
+        member = with_attributes(base, rng, **attrs)
+        label = ds.label_of(member) if ds is not None else None
+        if label is not None and rng.random() < settings.prompt_caption_prob:
+            out.append((member, ds.prompt(label)))
+        else:
+            must = set(attrs) | (set(ds.class_attributes(label)) if label is not None else set())
+            out.append((member, caption(member, rng, must=must)))
+    return out
+
+
+def pair_stream(settings: PretrainSettings) -> Iterator[tuple[list[np.ndarray], list[str]]]:
+    """Batches of (images (H, W, 3) uint8, captions); batch i depends only on (seed, i)."""
+    gens = list(DATASETS.values())
+    w = np.array(
+        [
+            settings.source_weight if d.name == "toy_objects" else settings.domain_weight if d.test_only else 1.0
+            for d in gens
+        ]
+    )
+    p = w / w.sum()
+    step = 0
+    while True:
+        rng = np.random.default_rng([settings.seed, step])
+        pairs: list[tuple[Scene, str]] = []
+        while len(pairs) < settings.batch_size:
+            pairs += _sample_group(rng, settings, gens, p)
+        pairs = pairs[: settings.batch_size]
+        yield [render(s) for s, _ in pairs], [t for _, t in pairs]
+        step += 1
+
+
+def to_tensor(images: list[np.ndarray], mean, std) -> torch.Tensor:
+    """uint8 (H, W, 3) images -> normalised (B, 3, H, W) float tensor, as open_clip's transform does."""
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, 32, 32)
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+@contextlib.contextmanager
+def _deterministic() -> Iterator[None]:
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def progress_bar(enabled: bool = True):
+    """A rich progress bar on stderr with a free-text `status` field."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=not enabled,
+        transient=False,
+    )
+
+
+def pretrain(settings: PretrainSettings, progress: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+    """Train the toy CLIP from scratch; returns (open_clip state dict, stats).
+
+    Same settings, torch version and thread count -> bitwise identical weights. Global RNG state is restored.
+    """
+    register_model_config()
+    t0 = time.perf_counter()
+    with torch.random.fork_rng(devices=[]), _deterministic():
+        torch.manual_seed(settings.seed)
+        model = open_clip.create_model(MODEL_NAME)
+        model.train()
+        tokenizer = open_clip.get_tokenizer(MODEL_NAME)
+        mean, std = model.visual.preprocess_cfg["mean"], model.visual.preprocess_cfg["std"]
+        decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+        no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=settings.lr,
+            betas=(0.9, 0.98),
+            eps=1e-6,
+        )
+        warmup = max(1, min(settings.warmup_steps, settings.steps - 1))
+        sched = torch.optim.lr_scheduler.SequentialLR(
+            opt,
+            [
+                torch.optim.lr_scheduler.LinearLR(opt, start_factor=1e-2, total_iters=warmup),
+                torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, settings.steps - warmup)),
+            ],
+            milestones=[warmup],
+        )
+        loss_fn = open_clip.ClipLoss()
+        stream = pair_stream(settings)
+        losses: list[float] = []
+        data_seconds = 0.0
+        with progress_bar(progress) as bar:
+            task = bar.add_task("pretraining toy CLIP", total=settings.steps, status="")
+            for _step in range(settings.steps):
+                td = time.perf_counter()
+                images, texts = next(stream)
+                x = to_tensor(images, mean, std)  # (B, 3, 32, 32)
+                tokens = tokenizer(texts)  # (B, 32)
+                data_seconds += time.perf_counter() - td
+                image_features = model.encode_image(x, normalize=True)  # (B, 128)
+                text_features = model.encode_text(tokens, normalize=True)  # (B, 128)
+                loss = loss_fn(image_features, text_features, model.logit_scale.exp())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+                opt.step()
+                sched.step()
+                with torch.no_grad():
+                    model.logit_scale.clamp_(0, math.log(100))
+                losses.append(loss.detach().item())
+                bar.update(task, advance=1, status=f"loss {sum(losses[-20:]) / len(losses[-20:]):.3f}")
+        model.eval()
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    stats = {
+        "seconds": round(time.perf_counter() - t0, 2),
+        "data_seconds": round(data_seconds, 2),
+        "final_loss": round(sum(losses[-20:]) / max(1, len(losses[-20:])), 4),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "open_clip": open_clip.__version__,
+    }
+    log.info(
+        "pretrained toy CLIP: %d steps in %.1f s (final loss %.3f)",
+        settings.steps,
+        stats["seconds"],
+        stats["final_loss"],
+    )
+    return state, stats
+
+
+__all__ = [
+    "CONFIG_PATH",
+    "MODEL_NAME",
+    "PretrainSettings",
+    "pair_stream",
+    "pretrain",
+    "register_model_config",
+    "to_tensor",
+]
