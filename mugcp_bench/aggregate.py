@@ -320,9 +320,10 @@ def prepare(tidy: pd.DataFrame, options: Options) -> pd.DataFrame:
 
 def _drop_duplicate_seeds(frame: pd.DataFrame, keys: list[str]) -> tuple[pd.DataFrame, int]:
     """Keep the most recently written run when one cell has several complete runs of the same seed."""
-    frame = frame.sort_values("mtime", kind="stable")
-    dup = frame.duplicated([*keys, "seed"], keep="last")
-    return frame[~dup], int(dup.sum())
+    newest_last = frame.sort_values("mtime", kind="stable")
+    dup = newest_last.duplicated([*keys, "seed"], keep="last")
+    kept = newest_last[~dup].sort_index()  # back to the file order: output never depends on mtimes otherwise
+    return kept, int(dup.sum())
 
 
 def _row_order(frame: pd.DataFrame) -> tuple[list[str], dict[str, str]]:
@@ -465,7 +466,7 @@ def _footnotes(table: Table, sub: pd.DataFrame, options: Options, n_dup: int, n_
 def _leakage_lines(table: Table, sub: pd.DataFrame) -> list[str]:
     lines = []
     leaky = sub[sub["leakage"].notna()]
-    for entry, esub in leaky.groupby("entry", sort=False):
+    for entry, esub in leaky.groupby("entry", sort=True):  # stable order, whatever the files' mtimes
         weights = esub["n"].astype(float).fillna(1.0)
         overall = 100 * np.average(esub["leakage"], weights=weights)
         line = f"{entry}: {overall:.1f}%{LEAK_TEXT}"

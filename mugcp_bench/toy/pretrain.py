@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import open_clip
 import torch
+import torch.nn.functional as F
 
 from mugcp_bench.toy.render import (
     BACKGROUNDS,
@@ -63,6 +64,10 @@ class PretrainSettings:
     domain_weight: float = 0.03  # sampling weight of each shifted-domain generator (the others weigh 1 each)
     source_weight: float = 2.0  # sampling weight of the source dataset's generator
     grad_clip: float = 1.0
+    # Weight of an auxiliary loss: linear heads on the image embedding predict each scene attribute (heads are
+    # discarded); cosine-decayed to 0, so training ends purely contrastive. A tiny ViT trained contrastively from
+    # scratch sits on a plateau for thousands of steps before it sees shape at all; the renderer's labels end it.
+    aux_weight: float = 1.0
     group_size: int = 4  # minimal pairs per sampled scene (one attribute varied)
     clean_prob: float = 0.5  # share of photo groups shown on a plain background with plain surfaces
     shape_focus: float = 0.5  # share of groups that vary the shape (the slowest attribute to learn)
@@ -137,8 +142,24 @@ def _sample_group(
     return out
 
 
-def pair_stream(settings: PretrainSettings) -> Iterator[tuple[list[np.ndarray], list[str]]]:
-    """Batches of (images (H, W, 3) uint8, captions); batch i depends only on (seed, i)."""
+# Auxiliary attribute heads on the image embedding (discarded after pretraining).
+AUX_ATTRIBUTES: dict[str, tuple] = {"shape": SHAPES, **{k: v for k, v in _POOLS.items() if k != "shape"}}
+IGNORE = -100
+
+
+def scene_targets(scene: Scene) -> list[int]:
+    """Index of each auxiliary attribute's value in its pool (IGNORE where the style does not show it)."""
+    visible = set(_visible_factors("count", scene.style))
+    out = []
+    for name, pool in AUX_ATTRIBUTES.items():
+        value = scene.count if name == "count" else getattr(scene, name)
+        out.append(pool.index(value) if name in visible else IGNORE)
+    return out
+
+
+def pair_stream(settings: PretrainSettings) -> Iterator[tuple[list[np.ndarray], list[str], np.ndarray]]:
+    """Batches of (images (H, W, 3) uint8, captions, attribute targets (B, n_attributes)); batch i depends only on
+    (seed, i)."""
     gens = list(DATASETS.values())
     w = np.array(
         [
@@ -154,7 +175,8 @@ def pair_stream(settings: PretrainSettings) -> Iterator[tuple[list[np.ndarray], 
         while len(pairs) < settings.batch_size:
             pairs += _sample_group(rng, settings, gens, p)
         pairs = pairs[: settings.batch_size]
-        yield [render(s) for s, _ in pairs], [t for _, t in pairs]
+        targets = np.array([scene_targets(s) for s, _ in pairs], dtype=np.int64)
+        yield [render(s) for s, _ in pairs], [t for _, t in pairs], targets
         step += 1
 
 
@@ -210,12 +232,17 @@ def pretrain(settings: PretrainSettings, progress: bool = True) -> tuple[dict[st
         torch.manual_seed(settings.seed)
         model = open_clip.create_model(MODEL_NAME)
         model.train()
+        embed_dim = model.text_projection.shape[1]
+        heads = torch.nn.ModuleList(torch.nn.Linear(embed_dim, len(pool)) for pool in AUX_ATTRIBUTES.values())
         tokenizer = open_clip.get_tokenizer(MODEL_NAME)
         mean, std = model.visual.preprocess_cfg["mean"], model.visual.preprocess_cfg["std"]
         decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
         no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
         opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            [
+                {"params": decay, "weight_decay": settings.weight_decay},
+                {"params": [*no_decay, *heads.parameters()], "weight_decay": 0.0},
+            ],
             lr=settings.lr,
             betas=(0.9, 0.98),
             eps=1e-6,
@@ -235,18 +262,24 @@ def pretrain(settings: PretrainSettings, progress: bool = True) -> tuple[dict[st
         data_seconds = 0.0
         with progress_bar(progress) as bar:
             task = bar.add_task("pretraining toy CLIP", total=settings.steps, status="")
-            for _step in range(settings.steps):
+            for step in range(settings.steps):
                 td = time.perf_counter()
-                images, texts = next(stream)
+                images, texts, targets = next(stream)
                 x = to_tensor(images, mean, std)  # (B, 3, 32, 32)
                 tokens = tokenizer(texts)  # (B, 32)
+                y = torch.from_numpy(targets)  # (B, n_attributes)
                 data_seconds += time.perf_counter() - td
-                image_features = model.encode_image(x, normalize=True)  # (B, 128)
+                image_embed = model.encode_image(x)  # (B, 128)
+                image_features = F.normalize(image_embed, dim=-1)
                 text_features = model.encode_text(tokens, normalize=True)  # (B, 128)
                 loss = loss_fn(image_features, text_features, model.logit_scale.exp())
+                aux_w = settings.aux_weight * 0.5 * (1 + math.cos(math.pi * step / settings.steps))
+                if aux_w > 0:
+                    aux = [F.cross_entropy(h(image_embed), y[:, i], ignore_index=IGNORE) for i, h in enumerate(heads)]
+                    loss = loss + aux_w * torch.stack(aux).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+                torch.nn.utils.clip_grad_norm_([*model.parameters(), *heads.parameters()], settings.grad_clip)
                 opt.step()
                 sched.step()
                 with torch.no_grad():
