@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import random
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 import torch.utils.data
 from PIL import Image, UnidentifiedImageError
 
+from mugcp_bench.atomic import atomic_write_text
 from mugcp_bench.errors import UserError
 from mugcp_bench.registry import DATASETS, suggest
 
@@ -284,16 +284,7 @@ def fewshot_cache_path(cache_dir: Path, data: SplitData, shots: int, seed: int) 
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, json.dumps(obj))
 
 
 def _read_cached_subset(path: Path, data: SplitData, shots: int, seed: int) -> tuple[list[Datum], list[Datum]] | None:

@@ -16,13 +16,13 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mugcp_bench.atomic import atomic_write_text
 from mugcp_bench.datapaths import default_cache_dir
 from mugcp_bench.errors import UserError
 
@@ -222,17 +222,7 @@ class DescriptionCache:
             entries, broken = self._read(path, report=False)
             with open(path, encoding="utf-8", errors="replace") as f:
                 n_lines = sum(1 for line in f if line.strip())
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    f.write("".join(e.line() for e in entries.values()))
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            atomic_write_text(path, "".join(e.line() for e in entries.values()))
         self._loaded.pop(path, None)
         return n_lines - len(entries)
 

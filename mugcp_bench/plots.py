@@ -10,8 +10,6 @@ import colorsys
 import hashlib
 import logging
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import FixedLocator, NullLocator
 
 from mugcp_bench.aggregate import AVERAGE, Report, Table, seedwise_average
+from mugcp_bench.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -334,14 +333,8 @@ def save_figure(fig: Figure, out_dir: str | Path, stem: str) -> list[Path]:
     written = []
     for ext in ("png", "pdf"):
         path = out_dir / f"{stem}.{ext}"
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{stem}.", suffix=f".{ext}")
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             fig.savefig(tmp, format=ext, dpi=150)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         written.append(path)
     return written
 

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from rich.table import Table as RichTable
 from rich.text import Text
 
 from mugcp_bench.aggregate import AVERAGE, Column, Options, Report, Table
+from mugcp_bench.atomic import atomic_write_text
 
 FORMATS = ("table", "md", "latex", "csv")
 SUFFIX_FORMATS = {".md": "md", ".markdown": "md", ".tex": "latex", ".csv": "csv", ".txt": "table"}
@@ -358,14 +357,4 @@ def render(report: Report, fmt: str, pivot: bool = False, width: int = 400, colo
 
 def write_atomic(path: str | Path, text: str) -> Path:
     """Write text to `path` atomically (temp file in the same folder, then os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(path, text)
