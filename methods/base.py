@@ -40,6 +40,13 @@ class TrainConfig:
     weight_decay: float = 5e-4
     warmup_epochs: int = 1
     warmup_lr: float = 1e-5
+    # RandomResizedCrop's smallest area share in training (Dassl: 0.08). The toy recipes crop less: 32-px toy images
+    # have no detail to spare and the toy CLIP never saw crops in pretraining.
+    crop_min_scale: float = 0.08
+
+
+# Training settings shared by every method's `toy` recipe.
+TOY_TRAIN: dict[str, Any] = {"crop_min_scale": 1.0}
 
 
 @dataclass

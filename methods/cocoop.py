@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mugcp_bench.errors import UserError
-from mugcp_bench.methods.base import Method, MethodOutput, cosine_logits
+from mugcp_bench.methods.base import TOY_TRAIN, Method, MethodOutput, cosine_logits
 from mugcp_bench.methods.coop import effective_n_ctx, frozen_image_features
 from mugcp_bench.methods.prompts import ClassPrompts, init_context
 from mugcp_bench.registry import METHODS
@@ -60,7 +60,7 @@ class CoCoOp(Method):
         },
         # Toy world (our design): batch 4 instead of 1 so an epoch is a few dozen steps on a CPU.
         "toy": {
-            p: {"n_ctx": 4, "ctx_init": "a photo of a", "batch_size": 4, "lr": 0.01, "epochs": 5}
+            p: {**TOY_TRAIN, "n_ctx": 4, "ctx_init": "a photo of a", "batch_size": 4, "lr": 0.01, "epochs": 5}
             for p in ("base2novel", "xd", "few_shot")
         },
     }

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from mugcp_bench.errors import UserError
-from mugcp_bench.methods.base import SharedTextMethod
+from mugcp_bench.methods.base import TOY_TRAIN, SharedTextMethod
 from mugcp_bench.methods.prompts import ClassPrompts, init_context
 from mugcp_bench.registry import METHODS
 
@@ -87,9 +87,9 @@ class CoOp(SharedTextMethod):
         # Toy world (our design): same prompt structure, a budget that runs in seconds on a CPU; 4 random ctx for
         # few-shot keep the toy text sequences short.
         "toy": {
-            "base2novel": {**_CTXV1, "batch_size": 32, "lr": 0.01, "epochs": 10},
-            "xd": {**_CTXV1, "batch_size": 32, "lr": 0.01, "epochs": 5},
-            "few_shot": {**_IJCV, "n_ctx": 4, "batch_size": 32, "lr": 0.01, "epochs": 10},
+            "base2novel": {**_CTXV1, **TOY_TRAIN, "batch_size": 32, "lr": 0.01, "epochs": 10},
+            "xd": {**_CTXV1, **TOY_TRAIN, "batch_size": 32, "lr": 0.01, "epochs": 5},
+            "few_shot": {**_IJCV, **TOY_TRAIN, "n_ctx": 4, "batch_size": 32, "lr": 0.01, "epochs": 10},
         },
     }
     # `ablate --drop init` -> variant no-init: random N(0, 0.02²) context of the same length instead of the word

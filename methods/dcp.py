@@ -58,7 +58,7 @@ from torch import nn
 
 from mugcp_bench.backbone import Backbone
 from mugcp_bench.errors import UserError
-from mugcp_bench.methods.base import Method, MethodOutput, cosine_logits
+from mugcp_bench.methods.base import TOY_TRAIN, Method, MethodOutput, cosine_logits
 from mugcp_bench.methods.prompts import ClassPrompts, init_context
 from mugcp_bench.registry import METHODS
 
@@ -184,7 +184,7 @@ def _heads(width: int, heads: int, key: str) -> int:
 PAPER_RECIPE = {"n_ctx": 16, "depth": 9, "epochs": 20, "lr": 0.0035, "batch_size": 4, "eval_batch_size": 16}
 # Toy world (4-layer CLIP): 4 ctx (initialised from "a photo of a", the reference's n_ctx <= 4 rule), depth 3
 # (injections at every deep block 1 … 3), a few epochs.
-TOY_RECIPE = {"n_ctx": 4, "depth": 3, "epochs": 5, "lr": 0.0035, "batch_size": 4, "eval_batch_size": 16}
+TOY_RECIPE = {**TOY_TRAIN, "n_ctx": 4, "depth": 3, "epochs": 5, "lr": 0.0035, "batch_size": 4, "eval_batch_size": 16}
 
 
 @METHODS.register("dcp", aliases=("cmpa",))

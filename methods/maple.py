@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from mugcp_bench.errors import UserError
-from mugcp_bench.methods.base import SharedTextMethod
+from mugcp_bench.methods.base import TOY_TRAIN, SharedTextMethod
 from mugcp_bench.methods.prompts import ClassPrompts, init_context
 from mugcp_bench.registry import METHODS
 
@@ -70,9 +70,9 @@ class MaPLe(SharedTextMethod):
         },
         # Toy world (our design; depth <= 3 on the 4-layer toy CLIP); few_shot reuses the base-to-novel budget.
         "toy": {
-            "base2novel": {**_C2, "prompt_depth": 3, "batch_size": 4, "lr": 0.0035, "epochs": 5},
-            "xd": {**_C2, "prompt_depth": 3, "batch_size": 4, "lr": 0.0026, "epochs": 2},
-            "few_shot": {**_C2, "prompt_depth": 3, "batch_size": 4, "lr": 0.0035, "epochs": 5},
+            "base2novel": {**_C2, **TOY_TRAIN, "prompt_depth": 3, "batch_size": 4, "lr": 0.0035, "epochs": 5},
+            "xd": {**_C2, **TOY_TRAIN, "prompt_depth": 3, "batch_size": 4, "lr": 0.0026, "epochs": 2},
+            "few_shot": {**_C2, **TOY_TRAIN, "prompt_depth": 3, "batch_size": 4, "lr": 0.0035, "epochs": 5},
         },
     }
     # no-coupling: IVLP-like independent vision prompts; no-deep: shallow MaPLe (prompts at the input only).

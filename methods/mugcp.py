@@ -45,7 +45,7 @@ from torch.utils.checkpoint import checkpoint
 from mugcp_bench.description_cache import DescriptionCache, describe_items, item_key
 from mugcp_bench.errors import UserError
 from mugcp_bench.leakage import leakage_fraction, mask_classnames
-from mugcp_bench.methods.base import Method, MethodOutput, cosine_logits
+from mugcp_bench.methods.base import TOY_TRAIN, Method, MethodOutput, cosine_logits
 from mugcp_bench.methods.prompts import ClassPrompts, clean_classname, init_context
 from mugcp_bench.registry import DESCRIBERS, METHODS, suggest
 
@@ -229,9 +229,9 @@ class MuGCP(Method):
         },
         # Toy world (4-layer CLIP): depth 3, descriptions from the rendered scenes (interrogator elsewhere).
         "toy": {
-            "base2novel": {"epochs": 5, "lr": 0.0035, "batch_size": 4, "depth": 3, "text_depth": 3},
-            "xd": {"epochs": 2, "lr": 0.0026, "batch_size": 4, "depth": 3, "text_depth": 3},
-            "few_shot": {"epochs": 5, "lr": 0.0035, "batch_size": 4, "depth": 3, "text_depth": 3},
+            "base2novel": {**TOY_TRAIN, "epochs": 5, "lr": 0.0035, "batch_size": 4, "depth": 3, "text_depth": 3},
+            "xd": {**TOY_TRAIN, "epochs": 2, "lr": 0.0026, "batch_size": 4, "depth": 3, "text_depth": 3},
+            "few_shot": {**TOY_TRAIN, "epochs": 5, "lr": 0.0035, "batch_size": 4, "depth": 3, "text_depth": 3},
         },
     }
     # methods.md §7.3 (G): `ablate --drop X` -> variant no-X.

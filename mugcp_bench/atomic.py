@@ -17,6 +17,11 @@ def _umask() -> int:
     return mask
 
 
+def default_mode(directory: bool = False) -> int:
+    """The mode a plain open() / mkdir() gives under the current umask (mkstemp / mkdtemp give 0600 / 0700)."""
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path next to `path`; write it inside the block. On success it replaces `path` (mode 0666 minus
@@ -27,7 +32,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, default_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -43,4 +48,4 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
-__all__ = ["atomic_path", "atomic_write_text"]
+__all__ = ["atomic_path", "atomic_write_text", "default_mode"]

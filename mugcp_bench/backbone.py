@@ -61,13 +61,13 @@ def register_packaged_configs() -> list[str]:
 register_packaged_configs()
 
 
-def build_transforms(image_size: int) -> tuple[Callable, Callable]:
-    """Train and test transforms of the reference protocol (Dassl, protocol.md §4.1)."""
+def build_transforms(image_size: int, crop_min_scale: float = 0.08) -> tuple[Callable, Callable]:
+    """Train and test transforms of the reference protocol (Dassl, protocol.md §4.1; `crop_min_scale` 0.08)."""
     normalize = T.Normalize(CLIP_MEAN, CLIP_STD)
     bicubic = T.InterpolationMode.BICUBIC
     train = T.Compose(
         [
-            T.RandomResizedCrop(image_size, scale=(0.08, 1.0), interpolation=bicubic),
+            T.RandomResizedCrop(image_size, scale=(crop_min_scale, 1.0), interpolation=bicubic),
             T.RandomHorizontalFlip(p=0.5),
             T.ToTensor(),
             normalize,

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from mugcp_bench.backbone import TRANSFORM_VERSION, Backbone, load_backbone
+from mugcp_bench.backbone import TRANSFORM_VERSION, Backbone, build_transforms, load_backbone
 from mugcp_bench.datasets.base import get_spec, prepare
 from mugcp_bench.errors import RunFailed, UserError
 from mugcp_bench.features import image_features
@@ -102,6 +102,8 @@ def resolve_configs(
     tcfg = apply_overrides(apply_overrides(TrainConfig(), rt, "training"), ut, "training")
     if tcfg.batch_size <= 0 or tcfg.accum_steps <= 0 or tcfg.eval_batch_size <= 0 or tcfg.epochs < 0:
         raise UserError("batch_size, accum_steps and eval_batch_size must be positive and epochs >= 0")
+    if not 0.0 < tcfg.crop_min_scale <= 1.0:
+        raise UserError(f"crop_min_scale must be in (0, 1], got {tcfg.crop_min_scale}")
     return cfg, tcfg
 
 
@@ -171,6 +173,13 @@ def _action(run: PlannedRun, opts: RunOptions) -> str:
 
 
 # --- execution ---------------------------------------------------------------------------------------------------
+def train_transform(backbone: Backbone, tcfg: TrainConfig):
+    """The backbone's Dassl train transform, or one with the recipe's own crop scale."""
+    if tcfg.crop_min_scale == 0.08:
+        return backbone.train_transform
+    return build_transforms(backbone.image_size, tcfg.crop_min_scale)[0]
+
+
 def _eval_split(run: PlannedRun, target: EvalTarget, opts: RunOptions):
     seed = run.key.seed
     if target.protocol == "base2novel":
@@ -216,7 +225,7 @@ def execute(run: PlannedRun, backbone: Backbone, opts: RunOptions, progress=None
                     method,
                     data.train,
                     run.train_config,
-                    backbone.train_transform,
+                    train_transform(backbone, run.train_config),
                     device,
                     precision,
                     run.key.seed,

@@ -44,3 +44,21 @@ def test_readme_dataset_example_registers():
         assert spec.folder == "my-birds" and "{}" in spec.template
     finally:
         DATASETS._items.pop("my_birds", None)
+
+
+def test_readme_toy_table_matches_the_suite():
+    from mugcp_bench.toy.suite import DATASETS
+
+    section = README.read_text().split("## The toy world", 1)[1].split("\n## ", 1)[0]
+    rows = [r.split("|")[1:-1] for r in section.splitlines() if r.startswith("| `toy_")]
+    seen = []
+    for cells in rows:
+        names = [n.strip("` ") for n in cells[0].split("/")]
+        stem = names[0].rsplit("_", 1)[0]  # `toy_objects_sketch` / `_noisy` -> toy_objects_noisy
+        names = [names[0], *(stem + n if n.startswith("_") else n for n in names[1:])]
+        for name in names:
+            ds = DATASETS[name]
+            assert int(cells[2]) == len(ds.classnames), name
+            assert float(cells[5]) == round(100 / len(ds.classnames), 1), name
+        seen += names
+    assert sorted(seen) == sorted(DATASETS)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -119,8 +120,8 @@ def test_pretraining_captions_cover_the_whole_vocabulary() -> None:
     gens = list(DATASETS.values())
     p = np.full(len(gens), 1.0 / len(gens))
     rng = np.random.default_rng(0)
-    # 3,000 groups: a tenth of what the default pretraining draws (steps x batch / group size = 32,000)
-    n_groups = 3000
+    # 2,500 groups: under a tenth of what the default pretraining draws (steps x batch / group size = 28,800)
+    n_groups = 2500
     assert n_groups * 10 <= settings.steps * settings.batch_size // settings.group_size
     text = " ".join(t for _ in range(n_groups) for _, t in _sample_group(rng, settings, gens, p))
     words = [*render.COLORS, *render.SHAPES, *render.PATTERNS, *render.BACKGROUNDS, *render.COUNT_WORDS]
@@ -142,3 +143,16 @@ def test_minimal_pairs_change_one_attribute_and_labels_round_trip() -> None:
         assert not np.array_equal(render.render(other), render.render(scene))
     count_scene = DATASETS["toy_counts"].sample(0, rng)
     assert render.with_attributes(count_scene, rng, count=5).count == 5
+
+
+def test_source_warm_light_is_a_shift_pretraining_never_shows() -> None:
+    source = DATASETS["toy_objects"]
+    assert source.lighting == "warm" and all(ds.lighting == "neutral" for ds in DATASETS.values() if ds is not source)
+    rng = np.random.default_rng(1)
+    scene = source.sample(0, rng)
+    warm, neutral = render.render(scene).astype(float), render.render(replace(scene, lighting="neutral")).astype(float)
+    assert warm[..., 0].mean() > neutral[..., 0].mean() and warm[..., 2].mean() < neutral[..., 2].mean()
+    gens = list(DATASETS.values())
+    p = np.array([1.0 if ds is source else 0.0 for ds in gens])  # draw every group from the source generator
+    pairs = [pair for _ in range(50) for pair in _sample_group(rng, PretrainSettings(free_scene_prob=0.0), gens, p)]
+    assert {s.lighting for s, _ in pairs} == {"neutral"}

@@ -29,10 +29,10 @@ def test_same_seed_pretrains_identical_weights() -> None:
     torch.manual_seed(123)
     outside = torch.rand(1)
     torch.manual_seed(123)
-    a, _ = pretrain(TINY, progress=False)
+    a, _ = pretrain(TINY, progress=False, workers=0)
     assert torch.equal(torch.rand(1), outside)  # global RNG state is left alone
-    b, _ = pretrain(TINY, progress=False)
-    c, _ = pretrain(PretrainSettings(steps=3, batch_size=16, warmup_steps=1, seed=1), progress=False)
+    b, _ = pretrain(TINY, progress=False, workers=1)  # batches rendered ahead in a worker process: same weights
+    c, _ = pretrain(PretrainSettings(steps=3, batch_size=16, warmup_steps=1, seed=1), progress=False, workers=0)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
@@ -99,7 +99,7 @@ def test_interrupted_pretraining_leaves_nothing_half_written(
     assert not quick_world.checkpoint.exists()
     assert not [p for p in quick_world.root.iterdir() if p.name.startswith(".")]  # no temp files left
 
-    monkeypatch.setattr(world_mod, "pretrain", lambda settings, progress: (state, {"seconds": 0.0}))
+    monkeypatch.setattr(world_mod, "pretrain", lambda settings, progress, workers=0: (state, {"seconds": 0.0}))
     again = ensure_toy_world(cache_dir=cache, quick=True, progress=False)
     assert again.checkpoint.is_file() and again.zero_shot == quick_world.zero_shot
 

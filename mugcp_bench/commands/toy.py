@@ -12,7 +12,7 @@ def toy() -> None:
 
 @toy.command("prepare")
 @click.option("--quick", is_flag=True, help="A tiny world of the same structure (seconds; for tests and CI).")
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="Pretraining steps (default 500; quick 12).")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Pretraining steps (default 450; quick 12).")
 @click.option("--force", is_flag=True, help="Render and pretrain again even if this world is cached.")
 @click.option(
     "--cache-dir",

@@ -8,12 +8,15 @@ name of the suite, so zero-shot works on every toy dataset; the short budget kee
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import logging
 import math
+import multiprocessing
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +56,7 @@ def register_model_config() -> None:
 class PretrainSettings:
     """Everything that determines the pretrained weights (with the model config and the renderer version)."""
 
-    steps: int = 500
+    steps: int = 450
     batch_size: int = 256
     lr: float = 2e-3
     weight_decay: float = 0.1
@@ -62,7 +65,8 @@ class PretrainSettings:
     prompt_caption_prob: float = 0.2  # share of captions that are a dataset's own zero-shot prompt
     free_scene_prob: float = 0.2  # share of scenes drawn from the whole attribute space, not a dataset's generator
     domain_weight: float = 0.03  # sampling weight of each shifted-domain generator (the others weigh 1 each)
-    source_weight: float = 2.0  # sampling weight of the source dataset's generator
+    # Sampling weights of dataset generators other than 1 (the source and the slow-to-learn textures weigh more).
+    dataset_weights: tuple[tuple[str, float], ...] = (("toy_objects", 2.0), ("toy_textures", 2.0))
     grad_clip: float = 1.0
     # Weight of an auxiliary loss: linear heads on the image embedding predict each scene attribute (heads are
     # discarded); cosine-decayed to 0, so training ends purely contrastive. A tiny ViT trained contrastively from
@@ -115,12 +119,13 @@ def _sample_group(
         style = "photo" if rng.random() < 0.9 else STYLES[int(rng.integers(1, len(STYLES)))]
         base = sample_scene(rng, layout=layout, style=style)
         factors = _visible_factors(layout, style)
-        factor = "shape" if shape_focus else factors[int(rng.integers(len(factors)))]
+        factor = "shape" if shape_focus and layout == "object" else factors[int(rng.integers(len(factors)))]
         variants = [{factor: v} for v in _distinct(rng, _POOLS[factor], g)]
     else:
         ds = gens[int(rng.choice(len(gens), p=p))]
-        base = ds.sample(int(rng.integers(len(ds.classnames))), rng)
-        if shape_focus:  # vary the shape only, within the dataset's shapes
+        # Pretraining images are all shot under neutral light: the source's warm cast stays a downstream shift.
+        base = replace(ds.sample(int(rng.integers(len(ds.classnames))), rng), lighting="neutral")
+        if shape_focus and base.layout == "object":  # vary the shape only (single large objects)
             shapes = ds.classnames if ds.attribute == "shape" else ds.shapes
             if ds.attribute == "color shape":
                 shapes = tuple(sorted({c.split(" ")[1] for c in ds.classnames}))
@@ -157,32 +162,54 @@ def scene_targets(scene: Scene) -> list[int]:
     return out
 
 
-def pair_stream(settings: PretrainSettings) -> Iterator[tuple[list[np.ndarray], list[str], np.ndarray]]:
-    """Batches of (images (H, W, 3) uint8, captions, attribute targets (B, n_attributes)); batch i depends only on
-    (seed, i)."""
+def _generator_weights(settings: PretrainSettings) -> tuple[list[ToyDataset], np.ndarray]:
     gens = list(DATASETS.values())
-    w = np.array(
-        [
-            settings.source_weight if d.name == "toy_objects" else settings.domain_weight if d.test_only else 1.0
-            for d in gens
-        ]
-    )
-    p = w / w.sum()
-    step = 0
-    while True:
-        rng = np.random.default_rng([settings.seed, step])
-        pairs: list[tuple[Scene, str]] = []
-        while len(pairs) < settings.batch_size:
-            pairs += _sample_group(rng, settings, gens, p)
-        pairs = pairs[: settings.batch_size]
-        targets = np.array([scene_targets(s) for s, _ in pairs], dtype=np.int64)
-        yield [render(s) for s, _ in pairs], [t for _, t in pairs], targets
-        step += 1
+    special = dict(settings.dataset_weights)
+    w = np.array([special.get(d.name, settings.domain_weight if d.test_only else 1.0) for d in gens])
+    return gens, w / w.sum()
 
 
-def to_tensor(images: list[np.ndarray], mean, std) -> torch.Tensor:
-    """uint8 (H, W, 3) images -> normalised (B, 3, H, W) float tensor, as open_clip's transform does."""
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, 32, 32)
+def pair_batch(settings: PretrainSettings, step: int) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """Batch `step`: (images (B, H, W, 3) uint8, captions, attribute targets (B, n_attributes)); a pure function of
+    (settings, step)."""
+    gens, p = _generator_weights(settings)
+    rng = np.random.default_rng([settings.seed, step])
+    pairs: list[tuple[Scene, str]] = []
+    while len(pairs) < settings.batch_size:
+        pairs += _sample_group(rng, settings, gens, p)
+    pairs = pairs[: settings.batch_size]
+    targets = np.array([scene_targets(s) for s, _ in pairs], dtype=np.int64)
+    return np.stack([render(s) for s, _ in pairs]), [t for _, t in pairs], targets
+
+
+def pair_stream(
+    settings: PretrainSettings, workers: int = 0, ahead: int = 2
+) -> Iterator[tuple[np.ndarray, list[str], np.ndarray]]:
+    """Batches 0, 1, 2, ... of `pair_batch`. With workers > 0 they are rendered `ahead` steps in advance in worker
+    processes, overlapping rendering with training (same batches either way)."""
+    if workers <= 0:
+        step = 0
+        while True:
+            yield pair_batch(settings, step)
+            step += 1
+    ctx = multiprocessing.get_context("spawn")  # never fork a process whose torch/OpenMP threads are running
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        pending = collections.deque(pool.submit(pair_batch, settings, i) for i in range(ahead))
+        step = ahead
+        try:
+            while True:
+                batch = pending.popleft().result()
+                pending.append(pool.submit(pair_batch, settings, step))
+                step += 1
+                yield batch
+        finally:
+            for f in pending:
+                f.cancel()
+
+
+def to_tensor(images: np.ndarray, mean, std) -> torch.Tensor:
+    """uint8 (B, H, W, 3) images -> normalised (B, 3, H, W) float tensor, as open_clip's transform does."""
+    x = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, 32, 32)
     return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
@@ -221,8 +248,11 @@ def progress_bar(enabled: bool = True):
     )
 
 
-def pretrain(settings: PretrainSettings, progress: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
-    """Train the toy CLIP from scratch; returns (open_clip state dict, stats).
+def pretrain(
+    settings: PretrainSettings, progress: bool = True, workers: int = 0
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Train the toy CLIP from scratch; returns (open_clip state dict, stats). `workers` render processes prepare
+    batches ahead (0: render in this process; the weights do not depend on it).
 
     Same settings, torch version and thread count -> bitwise identical weights. Global RNG state is restored.
     """
@@ -257,10 +287,9 @@ def pretrain(settings: PretrainSettings, progress: bool = True) -> tuple[dict[st
             milestones=[warmup],
         )
         loss_fn = open_clip.ClipLoss()
-        stream = pair_stream(settings)
         losses: list[float] = []
         data_seconds = 0.0
-        with progress_bar(progress) as bar:
+        with contextlib.closing(pair_stream(settings, workers=workers)) as stream, progress_bar(progress) as bar:
             task = bar.add_task("pretraining toy CLIP", total=settings.steps, status="")
             for step in range(settings.steps):
                 td = time.perf_counter()
@@ -309,6 +338,7 @@ __all__ = [
     "CONFIG_PATH",
     "MODEL_NAME",
     "PretrainSettings",
+    "pair_batch",
     "pair_stream",
     "pretrain",
     "register_model_config",

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 # Bump when anything changes the pixels or captions: it is part of the toy world's cache key.
-RENDERER_VERSION = "1"
+RENDERER_VERSION = "3"
 RENDER_SIZE = 64
 IMAGE_SIZE = 32
 
@@ -39,12 +39,8 @@ SHAPES: tuple[str, ...] = (
     "star",
     "heart",
     "cross",
-    "diamond",
-    "hexagon",
-    "pentagon",
-    "crescent",
     "ring",
-    "arrow",
+    "crescent",
 )
 PATTERNS: tuple[str, ...] = ("plain", "striped", "dotted", "checkered", "zigzag", "wavy", "grid", "speckled")
 BACKGROUNDS: tuple[str, ...] = (
@@ -60,21 +56,24 @@ BACKGROUNDS: tuple[str, ...] = (
 )
 # Default sampling pools: names repeated to weigh them (plain surfaces and backgrounds are common).
 PATTERN_POOL: tuple[str, ...] = ("plain", "plain", *PATTERNS)
-BACKGROUND_POOL: tuple[str, ...] = ("plain", "plain", *BACKGROUNDS)
+BACKGROUND_POOL: tuple[str, ...] = ("plain", "plain", "plain", "plain", *BACKGROUNDS)
 COUNT_WORDS: tuple[str, ...] = ("one", "two", "three", "four", "five", "six")
 SIZES: tuple[str, ...] = ("small", "large")
 POSITIONS: tuple[str, ...] = ("center", "left", "right", "top", "bottom")
 # photo: the default look; the other styles are the shifted domains (and a small share of pretraining data).
+# Colour casts (RGB gains). The source dataset is shot under warm light, which the toy CLIP never sees in
+# pretraining: a dataset-level shift that prompt learning can adapt to (zero-shot cannot).
+LIGHTINGS: dict[str, tuple[float, float, float]] = {"neutral": (1.0, 1.0, 1.0), "warm": (1.3, 1.0, 0.6)}
 STYLES: tuple[str, ...] = ("photo", "sketch", "noisy", "textured", "cartoon")
 # Layouts: how many objects, how big, where.
 LAYOUTS: tuple[str, ...] = ("object", "texture", "scene", "count")
 
 _RADIUS = {  # circumradius range in RENDER_SIZE pixels, per layout and size word
-    ("object", "small"): (13.0, 18.0),
-    ("object", "large"): (19.0, 26.0),
+    ("object", "small"): (17.0, 21.0),
+    ("object", "large"): (22.0, 28.0),
     ("texture", "large"): (24.0, 29.0),
-    ("scene", "small"): (8.0, 11.0),
-    ("count", "small"): (6.5, 8.5),
+    ("scene", "small"): (10.0, 14.0),
+    ("count", "small"): (8.0, 10.0),
 }
 
 
@@ -93,6 +92,7 @@ class Scene:
     radius: float  # circumradius in RENDER_SIZE pixels
     rotation: float  # degrees
     noise_seed: int  # seeds the pixel-level noise (textures, jitter) of `render`
+    lighting: str = "neutral"  # a colour cast over the whole image (see LIGHTINGS)
 
     @property
     def count(self) -> int:
@@ -141,10 +141,13 @@ def sample_scene(
     backgrounds: tuple[str, ...] = BACKGROUND_POOL,
     colors: tuple[str, ...] = tuple(COLORS),
     shapes: tuple[str, ...] = SHAPES,
+    lighting: str = "neutral",
 ) -> Scene:
     """A random scene; fixed attributes are given, the others drawn from `rng` (and the given pools)."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}")
+    if lighting not in LIGHTINGS:
+        raise ValueError(f"unknown lighting {lighting!r}")
     shape = shape or _choice(rng, shapes)
     color = color or _choice(rng, colors)
     pattern = pattern or _choice(rng, patterns)
@@ -162,8 +165,6 @@ def sample_scene(
     radius = float(rng.uniform(lo, hi))
     centers = _place(rng, layout, n, radius)
     rotation = float(rng.uniform(-15, 15))
-    if shape == "arrow":
-        rotation += 90.0 * int(rng.integers(4))
     return Scene(
         shape=shape,
         color=color,
@@ -176,14 +177,16 @@ def sample_scene(
         radius=radius,
         rotation=rotation,
         noise_seed=int(rng.integers(2**31)),
+        lighting=lighting,
     )
 
 
 def _place(rng: np.random.Generator, layout: str, n: int, radius: float) -> tuple[tuple[float, float], ...]:
     """Centres of n objects that never overlap (n > 1: distinct cells of a 3x3 grid, jittered inside the cell)."""
     if n == 1:
-        if layout == "texture":
-            return ((float(rng.uniform(28, 36)), float(rng.uniform(28, 36))),)
+        if layout in ("texture", "object"):  # one large object near the centre (as in most photos)
+            lo, hi = max(radius + 1.0, 26.0), min(RENDER_SIZE - radius - 1.0, 38.0)
+            return ((float(rng.uniform(lo, max(lo, hi))), float(rng.uniform(lo, max(lo, hi)))),)
         margin = radius + 1.0
         return ((float(rng.uniform(margin, RENDER_SIZE - margin)), float(rng.uniform(margin, RENDER_SIZE - margin))),)
     cell = RENDER_SIZE / 3
@@ -203,9 +206,6 @@ def with_attributes(scene: Scene, rng: np.random.Generator, **attributes) -> Sce
     pairs for contrastive pretraining. A new count places the objects again."""
     count = attributes.pop("count", None)
     new = replace(scene, **attributes)
-    if "shape" in attributes and (new.shape == "arrow") != (scene.shape == "arrow"):
-        jitter = (scene.rotation + 15.0) % 90.0 - 15.0
-        new = replace(new, rotation=jitter + (90.0 * int(rng.integers(4)) if new.shape == "arrow" else 0.0))
     if count is not None and count != scene.count:
         new = replace(new, centers=_place(rng, scene.layout, count, scene.radius))
     return new
@@ -262,14 +262,8 @@ _UNIT_POLYGONS: dict[str, list[tuple[np.ndarray, bool]]] = {  # (vertices, fille
             True,
         )
     ],
-    "diamond": [(_regular(4) * [0.6, 1.0], True)],
-    "hexagon": [(_regular(6, start=np.pi / 6), True)],
-    "pentagon": [(_regular(5), True)],
     "crescent": [(_regular(48), True), (_regular(48) * 0.85 + [0.45, -0.1], False)],
     "ring": [(_regular(48), True), (_regular(48) * 0.55, False)],
-    "arrow": [
-        (np.array([[-1, -0.28], [0.15, -0.28], [0.15, -0.75], [1, 0], [0.15, 0.75], [0.15, 0.28], [-1, 0.28]]), True)
-    ],
 }
 
 
@@ -292,11 +286,12 @@ def shape_mask(
 _YY, _XX = np.mgrid[0:RENDER_SIZE, 0:RENDER_SIZE].astype(np.float32)
 
 
-def pattern_map(pattern: str, rng: np.random.Generator) -> np.ndarray:
-    """(H, W) float in [0, 1]: where the secondary colour of a pattern shows (0 everywhere for plain)."""
+def pattern_map(pattern: str, rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
+    """(H, W) float in [0, 1]: where the secondary colour of a pattern shows (0 everywhere for plain). `scale`
+    stretches the period (texture close-ups show coarser patterns)."""
     if pattern == "plain":
         return np.zeros((RENDER_SIZE, RENDER_SIZE), np.float32)
-    period = float(rng.uniform(7.0, 10.0))
+    period = float(rng.uniform(7.0, 10.0)) * scale
     phase = float(rng.uniform(0, period))
     if pattern == "striped":
         th = float(rng.uniform(0, np.pi))
@@ -394,6 +389,22 @@ def _erode(mask: Image.Image, width: int) -> Image.Image:
     return mask.filter(ImageFilter.MinFilter(width))
 
 
+def _other_background(background: str, rng: np.random.Generator) -> str:
+    others = [b for b in BACKGROUNDS if b not in (background, "plain")]
+    return others[int(rng.integers(len(others)))]
+
+
+def _mix_regions(main: np.ndarray, other: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Scenes hold several regions, as in SUN397: `main` (the label) keeps 50-75% of the view, split from `other` by a
+    tilted horizon (other on top or at the bottom)."""
+    s = RENDER_SIZE
+    share = float(rng.uniform(0.25, 0.5))
+    tilt = float(rng.uniform(-0.3, 0.3))
+    horizon = share * s + tilt * (_XX - s / 2)  # rows above the line belong to `other`
+    top = (_YY < horizon) if bool(rng.integers(2)) else (_YY >= s - horizon)
+    return np.where(top[:, :, None], other, main)
+
+
 def render(scene: Scene) -> np.ndarray:
     """(IMAGE_SIZE, IMAGE_SIZE, 3) uint8 RGB image of a scene; a pure function of `scene`."""
     rng = np.random.default_rng(scene.noise_seed)
@@ -431,20 +442,31 @@ def render(scene: Scene) -> np.ndarray:
         inner = (np.asarray(_erode(mask_img, 5), np.float32) / 255.0)[:, :, None]
         img = img * (1 - mask) + _rgb((15, 15, 15)) * (mask - inner) + base * inner
     else:
-        img = _two_tone(rng) if style == "textured" else background_image(scene.background, rng)
-        color = base + rng.normal(0, 14, 3)
-        color = color * float(rng.uniform(0.8, 1.12))
+        if style == "textured":
+            img = _two_tone(rng)
+        else:  # lighting and white balance vary from photo to photo
+            gain = rng.uniform(0.82, 1.18, 3) * float(rng.uniform(0.75, 1.15))
+            img = background_image(scene.background, rng)
+            if scene.layout == "scene":  # a second region (another background) fills 25-50% of the view
+                img = _mix_regions(img, background_image(_other_background(scene.background, rng), rng), rng)
+            img = img * gain.astype(np.float32)
+        color = base + rng.normal(0, 20, 3)
+        color = color * float(rng.uniform(0.75, 1.15))
         # Gentle lighting gradient across the object.
         lt = float(rng.uniform(0, 2 * np.pi))
         light = 1.0 + 0.1 * (np.cos(lt) * (_XX - s / 2) + np.sin(lt) * (_YY - s / 2))[:, :, None] / (s / 2)
         obj = color * light
         if scene.pattern != "plain":
-            pm = pattern_map(scene.pattern, rng)[:, :, None]
+            pm = pattern_map(scene.pattern, rng, 1.5 if scene.layout == "texture" else 1.0)[:, :, None]
             second = 20.0 if bool(rng.integers(2)) else 240.0
-            strength = 0.85 if style == "textured" else 0.65
+            strength = 0.85 if style == "textured" else (0.75 if scene.layout == "texture" else 0.5)
             obj = obj * (1 - strength * pm) + second * strength * pm
+            if scene.layout == "texture":  # a close-up: the pattern fills the frame (the DTD role)
+                img = img * (1 - strength * pm) + second * strength * pm
         img = img * (1 - mask) + obj * mask
 
+    if scene.lighting != "neutral":
+        img = img * _rgb(LIGHTINGS[scene.lighting])
     small = img.reshape(IMAGE_SIZE, s // IMAGE_SIZE, IMAGE_SIZE, s // IMAGE_SIZE, 3).mean(axis=(1, 3))
     if style == "noisy":
         small = small + rng.normal(0, 55, small.shape) + rng.normal(0, 25, (IMAGE_SIZE, IMAGE_SIZE, 1))
@@ -558,6 +580,7 @@ __all__ = [
     "COUNT_WORDS",
     "IMAGE_SIZE",
     "LAYOUTS",
+    "LIGHTINGS",
     "PATTERNS",
     "RENDERER_VERSION",
     "RENDER_SIZE",

@@ -77,6 +77,7 @@ class ToyDataset:
     shapes: tuple[str, ...] = SHAPES
     patterns: tuple[str, ...] = MOSTLY_PLAIN
     backgrounds: tuple[str, ...] = BACKGROUND_POOL
+    lighting: str = "neutral"
     description: str = ""
 
     @property
@@ -118,6 +119,7 @@ class ToyDataset:
             shapes=self.shapes,
             patterns=self.patterns,
             backgrounds=self.backgrounds,
+            lighting=self.lighting,
             **self.class_attributes(label),
         )
 
@@ -134,7 +136,8 @@ _SOURCE = ToyDataset(
     colors=SOURCE_COLORS,
     shapes=SOURCE_SHAPES,
     patterns=SOURCE_PATTERNS,
-    description="48 colour x shape compositions (the ImageNet role)",
+    lighting="warm",
+    description="48 colour x shape compositions under warm light (the ImageNet role)",
 )
 
 
@@ -165,7 +168,7 @@ DATASETS: dict[str, ToyDataset] = {
             SHAPES,
             "a photo of a {}, a type of shape.",
             "shape",
-            description="12 shapes in any colour",
+            description=f"{len(SHAPES)} shapes in any colour",
         ),
         ToyDataset(
             "toy_colors",
@@ -173,7 +176,7 @@ DATASETS: dict[str, ToyDataset] = {
             tuple(COLORS),
             "a photo of a {} object.",
             "color",
-            description="12 colours of any shape",
+            description=f"{len(COLORS)} colours of any shape",
         ),
         ToyDataset(
             "toy_textures",
@@ -182,7 +185,7 @@ DATASETS: dict[str, ToyDataset] = {
             "a {} texture.",
             "pattern",
             layout="texture",
-            description="8 surface patterns on a large object (the DTD role)",
+            description=f"{len(PATTERNS)} surface patterns filling the frame (the DTD role)",
         ),
         ToyDataset(
             "toy_scenes",
@@ -191,7 +194,7 @@ DATASETS: dict[str, ToyDataset] = {
             "a photo of a {} background.",
             "background",
             layout="scene",
-            description="8 backgrounds behind small objects (the SUN397 role)",
+            description=f"{len(SCENE_BACKGROUNDS)} backgrounds, each sharing the view with another (the SUN397 role)",
         ),
         ToyDataset(
             "toy_counts",
