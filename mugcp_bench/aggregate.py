@@ -579,6 +579,11 @@ def _is_leak_line(note: str) -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 # Δ against the published numbers or another method
 # ---------------------------------------------------------------------------------------------------------------
+# Every published number comes from the reference code's default precision (fp16 CLIP weights and prompts, plain SGD;
+# protocol.md §4.5); our runs match it only in that mode.
+REFERENCE_PRECISION = "reference-fp16"
+
+
 def _paper_metric(kind: str, group: str, is_average: bool) -> str | None:
     if kind == "base2novel" and group in ("base", "novel", "hm"):
         return f"avg_{group}" if is_average else group
@@ -634,6 +639,17 @@ def attach_paper(table: Table, published: pd.DataFrame | None = None) -> None:
     skipped = sorted(set(info.index) - comparable)
     if skipped:
         table.footnotes.append(f"No Δ vs paper for {', '.join(skipped)}: the published numbers use ViT-B/16, 16 shots.")
+    compared = sorted(set(table.cells.loc[table.cells["delta"].notna(), "entry"]))
+    by_precision: dict[str, list[str]] = {}
+    for e in compared:
+        if info.loc[e, "precision"] != REFERENCE_PRECISION:
+            by_precision.setdefault(str(info.loc[e, "precision"]), []).append(e)
+    if by_precision:
+        ran = "; ".join(f"{', '.join(es)} ran {p}" for p, es in sorted(by_precision.items()))
+        table.footnotes.append(
+            f"Precision differs from the published numbers' (the reference code's fp16 weights and prompts, "
+            f"protocol.md §4.5): {ran}. Δ includes that difference."
+        )
 
 
 def attach_method(table: Table, reference: str) -> bool:

@@ -60,6 +60,9 @@ def test_vs_paper_shows_delta_with_confidence_marker() -> None:
     assert dg.loc["average", "ref_value"] == 59.28 and dg.loc["average", "ref_marker"] == "✓"
     mugcp = cells[cells["entry"] == "mugcp"]
     assert mugcp["delta"].isna().all()  # no published MuGCP number yet
+    md = run("--results-dir", str(RESULTS), "--format", "md", "--protocol", "base2novel", "--vs", "paper").stdout
+    (note,) = [line for line in md.splitlines() if "Precision differs" in line]
+    assert "coop ran bf16-autocast" in note and "mugcp" not in note  # only entries that got a Δ are named
 
 
 def test_vs_method_and_unknown_method() -> None:
