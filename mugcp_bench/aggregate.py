@@ -404,8 +404,33 @@ def build_table(frame: pd.DataFrame, kind: str, options: Options) -> Table | Non
         group_labels=group_labels,
         seed_values=seed_values,
     )
-    table.footnotes = _footnotes(table, sub, options, n_dup, n_avg)
+    table.footnotes = _footnotes(table, sub, options, n_dup, n_avg) + outlier_seed_notes(table)
     return table
+
+
+# A seed is an outlier when it lies beyond 2σ of its cell's other seeds and at least 5 points away from their mean
+# (two close seeds have a tiny σ). Outliers stay in the mean; the table names them (user_complaints.md §1).
+OUTLIER_SIGMAS = 2.0
+OUTLIER_MIN_GAP = 5.0
+
+
+def outlier_seed_notes(table: Table) -> list[str]:
+    """One footnote naming every outlier seed of the table's measured cells (cells of 3 or more seeds)."""
+    found = []
+    for (entry, row, group), g in table.seed_values.groupby(["entry", "row", "group"], sort=False):
+        if row == AVERAGE or group == "hm" or len(g) < 3:
+            continue
+        values = g.set_index("seed")["value"].astype(float)
+        for seed, v in values.items():
+            others = values.drop(seed)
+            if abs(v - others.mean()) > max(OUTLIER_SIGMAS * others.std(ddof=1), OUTLIER_MIN_GAP):
+                label = table.row_labels.get(row, row)
+                group_label = table.group_labels.get(group, group)
+                rest = ", ".join(f"{o:.2f}" for o in others)
+                found.append(f"{entry} {label} {group_label} seed {seed}: {v:.2f} (other seeds {rest})")
+    if not found:
+        return []
+    return [f"Outlier seeds (beyond 2σ of the other seeds and ≥ 5 points from their mean; kept): {'; '.join(found)}."]
 
 
 def seed_notes(table: Table, options: Options) -> list[str]:

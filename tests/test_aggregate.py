@@ -190,6 +190,18 @@ def test_average_flagged_when_a_cell_or_dataset_is_missing() -> None:
     assert table.cell("cocoop", AVERAGE, "base")["n_rows"] == 1
 
 
+def test_outlier_seed_is_named_and_kept_in_the_mean() -> None:
+    # CoOp#24: DTD seeds at 12 / 15 / 63 %; here novel seeds 61.8, 12.3, 63.1 and base seeds within a point
+    novel = {1: 61.8, 2: 12.3, 3: 63.1}
+    records = [b2n_record("coop", "dtd", s, 80.0 + 0.3 * s, novel[s]) for s in (1, 2, 3)]
+    records += [b2n_record("maple", "dtd", s, 80.0, 70.0 + 3.0 * s) for s in (1, 2, 3)]  # spread, no outlier
+    table = b2n_table(records)
+    (note,) = [n for n in table.footnotes if n.startswith("Outlier seeds")]
+    assert "coop DTD Novel seed 2: 12.30 (other seeds 61.80, 63.10)" in note
+    assert "maple" not in note and "Base" not in note
+    assert table.cell("coop", "dtd", "novel")["mean"] == pytest.approx(np.mean(list(novel.values())))
+
+
 def test_seeds_option_sets_expected_seeds_and_drops_others() -> None:
     records = [b2n_record("coop", "dtd", s, 80.0 + s, 70.0) for s in (1, 2, 4)]
     table = b2n_table(records, Options(seeds=(1, 2, 3)))
