@@ -392,6 +392,8 @@ def build_table(frame: pd.DataFrame, kind: str, options: Options) -> Table | Non
     expected_seeds = {e: sorted(v) for e, v in expected.items()}
     entries["expected_seeds"] = [",".join(str(x) for x in expected_seeds[e]) for e in entries["entry"]]
     seed_values = sub[["entry", "row", "group", "seed", "value"]].reset_index(drop=True)
+    for col in ("n", "n_classes"):
+        seed_values[col] = pd.to_numeric(sub[col], errors="coerce").to_numpy() if col in sub else np.nan
     table = Table(
         kind=kind,
         ablation=False,
@@ -408,29 +410,54 @@ def build_table(frame: pd.DataFrame, kind: str, options: Options) -> Table | Non
     return table
 
 
-# A seed is an outlier when it lies beyond 2σ of its cell's other seeds and at least 5 points away from their mean
-# (two close seeds have a tiny σ). Outliers stay in the mean; the table names them (user_complaints.md §1).
+# A seed is an outlier when it lies beyond 2σ of its cell's other seeds and further from their mean than both 5 points
+# and 3 binomial standard errors of its test set (two close seeds have a tiny σ; small test sets are noisy). A seed is
+# near chance when it is within one binomial standard error of chance (or below it): e.g. a diverged run. Both stay
+# in the mean; the table names them (user_complaints.md §1).
 OUTLIER_SIGMAS = 2.0
 OUTLIER_MIN_GAP = 5.0
 
 
+def _binomial_se(p_percent: float, n: float) -> float:
+    """Standard error (points) of an accuracy of p % measured on n images."""
+    if not n or pd.isna(n):
+        return 0.0
+    p = min(max(p_percent / 100.0, 0.0), 1.0)
+    return 100.0 * math.sqrt(p * (1.0 - p) / float(n))
+
+
 def outlier_seed_notes(table: Table) -> list[str]:
-    """One footnote naming every outlier seed of the table's measured cells (cells of 3 or more seeds)."""
-    found = []
+    """Footnotes naming the outlier seeds and the near-chance seeds of the table's measured cells."""
+    spread, chance = [], []
     for (entry, row, group), g in table.seed_values.groupby(["entry", "row", "group"], sort=False):
-        if row == AVERAGE or group == "hm" or len(g) < 3:
+        if row == AVERAGE or group == "hm":
             continue
-        values = g.set_index("seed")["value"].astype(float)
+        label = f"{entry} {table.row_labels.get(row, row)} {table.group_labels.get(group, group)}"
+        g = g.set_index("seed")
+        values = g["value"].astype(float)
+        near = []
         for seed, v in values.items():
+            n, k = g.at[seed, "n"], g.at[seed, "n_classes"]
+            if pd.notna(k) and k > 1:
+                level = 100.0 / float(k)
+                if v <= level + _binomial_se(level, n):
+                    near.append((seed, v, level))
+            if len(values) < 3:
+                continue
             others = values.drop(seed)
-            if abs(v - others.mean()) > max(OUTLIER_SIGMAS * others.std(ddof=1), OUTLIER_MIN_GAP):
-                label = table.row_labels.get(row, row)
-                group_label = table.group_labels.get(group, group)
-                rest = ", ".join(f"{o:.2f}" for o in others)
-                found.append(f"{entry} {label} {group_label} seed {seed}: {v:.2f} (other seeds {rest})")
-    if not found:
-        return []
-    return [f"Outlier seeds (beyond 2σ of the other seeds and ≥ 5 points from their mean; kept): {'; '.join(found)}."]
+            gap = abs(v - others.mean())
+            if gap > max(OUTLIER_SIGMAS * others.std(ddof=1), OUTLIER_MIN_GAP, 3 * _binomial_se(others.mean(), n)):
+                spread.append(f"{label} seed {seed}: {v:.2f} (other seeds {', '.join(f'{o:.2f}' for o in others)})")
+        if near:
+            seeds = ", ".join(str(x[0]) for x in near)
+            vals = ", ".join(f"{x[1]:.2f}" for x in near)
+            chance.append(f"{label} seed{'s' if len(near) > 1 else ''} {seeds}: {vals} (chance {near[0][2]:.2f})")
+    notes = []
+    if spread:
+        notes.append(f"Outlier seeds (beyond 2σ of the other seeds and beyond noise; kept): {'; '.join(spread)}.")
+    if chance:
+        notes.append(f"Seeds within one standard error of chance (kept): {'; '.join(chance)}.")
+    return notes
 
 
 def seed_notes(table: Table, options: Options) -> list[str]:

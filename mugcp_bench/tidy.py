@@ -37,7 +37,7 @@ KEY_COLUMNS = [
 EVAL_COLUMNS = ["eval_protocol", "eval_dataset", "classes", "n", "accuracy", "accuracy_1dp", "leakage"]
 TIDY_COLUMNS = ["run_id", "status", *KEY_COLUMNS, *EVAL_COLUMNS]
 # Not part of the documented tidy schema, kept at the end: needed to resolve duplicate runs of one seed.
-EXTRA_COLUMNS = ["config_hash", "path", "mtime"]
+EXTRA_COLUMNS = ["config_hash", "path", "mtime", "n_classes"]
 RUN_COLUMNS = ["run_id", "status", "reason", *KEY_COLUMNS, "config_hash", "path", "mtime"]
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -178,6 +178,7 @@ def records_to_frames(records: list[tuple[Path, dict]]) -> tuple[pd.DataFrame, p
                     "accuracy_1dp": _float(ev.get("accuracy_1dp")),
                     "leakage": _float(ev.get("leakage")),
                     **extra,
+                    "n_classes": ev.get("n_classes"),
                 }
             )
     runs = pd.DataFrame(run_rows, columns=RUN_COLUMNS)

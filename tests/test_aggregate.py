@@ -131,7 +131,9 @@ def test_seed_cells_sample_std_ci_and_missing_seeds() -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Through the tidy table: HM from seed means, incomplete averages, --seeds, --rounded
 # ---------------------------------------------------------------------------------------------------------------
-def b2n_record(method: str, dataset: str, seed: int, base: float, novel: float, variant: str = "") -> dict:
+def b2n_record(
+    method: str, dataset: str, seed: int, base: float, novel: float, variant: str = "", n_classes: int | None = None
+) -> dict:
     key = {
         "train_protocol": "base2novel",
         "method": method,
@@ -153,6 +155,7 @@ def b2n_record(method: str, dataset: str, seed: int, base: float, novel: float, 
             "n": 100,
             "accuracy": v,
             "accuracy_1dp": round(v, 1),
+            **({"n_classes": n_classes} if n_classes else {}),
         }
         for c, v in (("base", base), ("novel", novel))
     ]
@@ -200,6 +203,19 @@ def test_outlier_seed_is_named_and_kept_in_the_mean() -> None:
     assert "coop DTD Novel seed 2: 12.30 (other seeds 61.80, 63.10)" in note
     assert "maple" not in note and "Base" not in note
     assert table.cell("coop", "dtd", "novel")["mean"] == pytest.approx(np.mean(list(novel.values())))
+    assert not [n for n in table.footnotes if "chance" in n]  # no class count recorded: no chance test
+
+
+def test_near_chance_seed_is_named() -> None:
+    # a diverged run: 4.5 % and 5 % on 24 classes (chance 4.17 %, SE 2 points on 100 images); one seed of two
+    records = [
+        b2n_record("coop", "dtd", 1, 80.0, 60.0, n_classes=24),
+        b2n_record("coop", "dtd", 2, 4.5, 5.0, n_classes=24),
+    ]
+    table = b2n_table(records)
+    (note,) = [n for n in table.footnotes if n.startswith("Seeds within one standard error of chance")]
+    assert "coop DTD Base seed 2: 4.50 (chance 4.17)" in note and "coop DTD Novel seed 2: 5.00 (chance 4.17)" in note
+    assert "seed 1" not in note
 
 
 def test_seeds_option_sets_expected_seeds_and_drops_others() -> None:
