@@ -21,13 +21,16 @@ from mugcp_bench.errors import RunFailed
 @click.option("--seeds", default="1,2,3", show_default=True, help="Seeds (three fit the 15-minute CPU budget).")
 @click.option("--datasets", default=None, help="Toy datasets (default: the toy suite's base-to-novel datasets).")
 @click.option("--results-dir", default="results", show_default=True, type=click.Path(path_type=Path))
-def demo(methods: str, seeds: str, datasets: str | None, results_dir: Path) -> None:
+@click.option("--quick-toy", is_flag=True, hidden=True, help="Use the quick toy world (tests).")
+def demo(methods: str, seeds: str, datasets: str | None, results_dir: Path, quick_toy: bool) -> None:
     """Toy-world base-to-novel for every method, then the table in the terminal and plots in RESULTS_DIR/plots."""
     console = Console(stderr=True)
     t0 = time.perf_counter()
     args = ["--methods", methods, "--seeds", seeds, "--results-dir", str(results_dir), "--keep-going"]
     if datasets:
         args += ["--datasets", datasets]
+    if quick_toy:
+        args.append("--quick-toy")
     failed: RunFailed | None = None
     try:
         run.main(args, standalone_mode=False)
