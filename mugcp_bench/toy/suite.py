@@ -2,7 +2,8 @@
 
 - `toy_objects` (the ImageNet role): 48 colour x shape compositions. Its classes are ordered so that the base half
   (first 24 labels) and the novel half both contain every colour and every shape: novel classes are unseen
-  *compositions* of seen words.
+  *compositions* of seen words. It is shot under warm light, which the toy CLIP never sees in pretraining: a
+  dataset-level shift that prompt learning can adapt to and zero-shot cannot.
 - five targets with other class semantics: shapes, colours, textures (the DTD role), backgrounds (scenes), counts;
 - four test-only shifted domains of the source, same label space (the ImageNet-V2/Sketch/A/R role):
   sketch, noisy, textured (texture swap), cartoon (another rendering style).
