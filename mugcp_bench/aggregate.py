@@ -5,7 +5,7 @@ Two stages, kept apart so the dataset stage can be checked on published cells:
    Student-t 95% half-width, and whether every expected seed is present;
 2. dataset stage (`derive`): per-dataset HM from the seed-MEAN base and novel, and the Average row: for
    base-to-novel the HM of the mean base and the mean novel over datasets (never the mean of per-dataset HMs);
-   otherwise the mean over the rows that count (cross-dataset and DG targets, the source ImageNet excluded).
+   otherwise the mean over the rows that count (cross-dataset and DG targets, the source dataset excluded).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ KINDS = ("base2novel", "cross_dataset", "domain_generalization", "few_shot")
 REPORT_PROTOCOLS = (*KINDS, "ablation")
 TITLES = {
     "base2novel": "Base-to-novel generalization",
-    "cross_dataset": "Cross-dataset transfer (source: ImageNet)",
-    "domain_generalization": "Domain generalization (source: ImageNet)",
+    "cross_dataset": "Cross-dataset transfer (source: {source})",
+    "domain_generalization": "Domain generalization (source: {source})",
     "few_shot": "Few-shot classification (all classes)",
 }
 # Evaluation protocols (run.json `evaluations[].protocol`) that feed each table; "source" = ImageNet accuracy of
@@ -373,6 +373,7 @@ def build_table(frame: pd.DataFrame, kind: str, options: Options) -> Table | Non
     cells = derive(kind, cells)
 
     rows, row_labels = _row_order(sub)
+    source_name = " + ".join(sorted(row_labels[k] for k in source_rows)) or "ImageNet"  # the toy world: Toy Objects
     for key in source_rows:
         row_labels[key] = f"{row_labels[key]} (source)"
     n_avg = len([r for r in rows if r not in source_rows])
@@ -397,7 +398,7 @@ def build_table(frame: pd.DataFrame, kind: str, options: Options) -> Table | Non
     table = Table(
         kind=kind,
         ablation=False,
-        title=_title(kind, entries),
+        title=_title(kind, entries).replace("{source}", source_name),
         cells=cells,
         rows=rows,
         row_labels=row_labels,
@@ -406,7 +407,7 @@ def build_table(frame: pd.DataFrame, kind: str, options: Options) -> Table | Non
         group_labels=group_labels,
         seed_values=seed_values,
     )
-    table.footnotes = _footnotes(table, sub, options, n_dup, n_avg) + outlier_seed_notes(table)
+    table.footnotes = _footnotes(table, sub, options, n_dup, n_avg, source_name) + outlier_seed_notes(table)
     return table
 
 
@@ -489,7 +490,9 @@ def _title(kind: str, entries: pd.DataFrame) -> str:
     return TITLES[kind] + (f" — {', '.join(parts)}" if parts else "")
 
 
-def _footnotes(table: Table, sub: pd.DataFrame, options: Options, n_dup: int, n_avg: int) -> list[str]:
+def _footnotes(
+    table: Table, sub: pd.DataFrame, options: Options, n_dup: int, n_avg: int, source: str = "ImageNet"
+) -> list[str]:
     notes = []
     if table.kind == "base2novel":
         notes.append(
@@ -499,7 +502,7 @@ def _footnotes(table: Table, sub: pd.DataFrame, options: Options, n_dup: int, n_
     elif table.kind == "few_shot":
         notes.append(f"Accuracy per K shots per class; Average = mean over the {n_avg} datasets for each K.")
     else:
-        notes.append(f"Average = mean over the {n_avg} target datasets; the ImageNet source row is not averaged.")
+        notes.append(f"Average = mean over the {n_avg} target datasets; the {source} source row is not averaged.")
     spread = "95% CI half-width (Student's t, n−1 dof)" if options.ci else "sample std over seeds (ddof=1)"
     value = (
         "per-seed accuracies rounded to 1 decimal (as the reference parser reads them)"

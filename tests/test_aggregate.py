@@ -258,3 +258,21 @@ def test_duplicate_runs_of_one_seed_count_once() -> None:
     cell = table.cell("coop", "dtd", "base")
     assert cell["n"] == 2 and cell["seeds"] == (1, 2)
     assert any("duplicate run" in n for n in table.footnotes)
+
+
+def test_transfer_tables_name_their_source_dataset() -> None:
+    from pathlib import Path
+
+    def xd_record(seed: int) -> dict:
+        key = {**b2n_record("coop", "toy_objects", seed, 0.0, 0.0)["key"], "train_protocol": "xd", "classes": "all"}
+        evs = [
+            {"protocol": p, "dataset": d, "classes": "all", "n": 100, "accuracy": a, "accuracy_1dp": round(a, 1)}
+            for p, d, a in (("source", "toy_objects", 40.0 + seed), ("cross_dataset", "toy_shapes", 30.0 + seed))
+        ]
+        return {"schema": 1, "id": f"xd{seed}", "status": "complete", "key": key, "evaluations": evs}
+
+    _, tidy = records_to_frames([(Path("/nonexistent") / f"xd{s}", xd_record(s)) for s in (1, 2)])
+    table = build_table(prepare(tidy, Options()), "cross_dataset", Options())
+    assert table.title.startswith("Cross-dataset transfer (source: Toy Objects)")
+    assert any("the Toy Objects source row is not averaged" in n for n in table.footnotes)
+    assert table.cell("coop", AVERAGE, "acc")["mean"] == pytest.approx(31.5)  # the source is not averaged
