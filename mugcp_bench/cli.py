@@ -64,10 +64,12 @@ def setup_logging(verbose: int) -> None:
 
     level = logging.WARNING if verbose < 0 else logging.INFO if verbose == 0 else logging.DEBUG
     handler = RichHandler(console=Console(stderr=True), show_path=False, show_time=False, markup=False)
+    # Warnings logged straight on the root logger come from libraries (open_clip warns "no pretrained weights" on
+    # every random init); hide those, not the root level, which would silence every warning of ours too.
+    handler.addFilter(lambda record: record.name != "root" or record.levelno >= logging.ERROR)
     logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
-    for noisy in ("PIL", "matplotlib", "urllib3", "filelock", "huggingface_hub", "root"):
+    for noisy in ("PIL", "matplotlib", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
-    logging.getLogger("root").setLevel(logging.ERROR)  # open_clip warns "no pretrained weights" on random init
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

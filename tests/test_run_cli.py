@@ -219,3 +219,16 @@ def test_no_describe_fails_before_training_naming_the_missing(data_root, tmp_pat
     assert "have no cached description" in line and "mugcp-bench describe" in line
     (rec,) = records(tmp_path / "r")
     assert rec["status"] == "failed" and "train_s" not in rec["timings"]
+
+
+def test_our_warnings_reach_stderr_and_open_clip_random_init_warning_does_not(data_root, tmp_path, capsys):
+    args = ["run", "--methods", "zsclip", "--datasets", "caltech101", "--seeds", "1", "--data-root", str(data_root)]
+    code, _, err = cli([*args, *BASE, "--results-dir", str(tmp_path)], capsys)
+    assert code == 0, err
+    assert "No pretrained weights" not in err  # open_clip's warning on every random init is hidden
+    broken = tmp_path / "runs" / "base2novel" / "dtd" / "coop" / "tiny" / "shots16" / "seed9-x" / "run.json"
+    broken.parent.mkdir(parents=True)
+    broken.write_text("{not json")
+    code, _, err = cli(["report", "--results-dir", str(tmp_path)], capsys)
+    assert code == 0, err
+    assert "skipping unreadable run record" in err  # a warning of ours is shown, not swallowed by the root level
