@@ -62,7 +62,8 @@ def setup_logging(verbose: int) -> None:
     from rich.console import Console
     from rich.logging import RichHandler
 
-    level = logging.WARNING if verbose < 0 else logging.INFO if verbose == 0 else logging.DEBUG
+    levels = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}  # -q, default, -v; -vv and more: debug
+    level = levels.get(max(verbose, -1), logging.DEBUG)
     handler = RichHandler(console=Console(stderr=True), show_path=False, show_time=False, markup=False)
     # Warnings logged straight on the root logger come from libraries (open_clip warns "no pretrained weights" on
     # every random init); hide those, not the root level, which would silence every warning of ours too.
@@ -74,8 +75,8 @@ def setup_logging(verbose: int) -> None:
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mugcp-bench")
-@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
-@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+@click.option("-v", "--verbose", count=True, help="More logging: -v progress details, -vv debug.")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors.")
 def cli(verbose: int, quiet: bool) -> None:
     """mugcp-bench: prompt learning on CLIP — CoOp, CoCoOp, MaPLe, DCP and MuGCP under one trainer,
     the standard protocols, a results store, tables and plots."""
