@@ -283,10 +283,6 @@ def fewshot_cache_path(cache_dir: Path, data: SplitData, shots: int, seed: int) 
     return Path(cache_dir) / "fewshot" / data.name / f"shot{shots}-seed{seed}-{split_hash(data)[:16]}.json"
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj))
-
-
 def _read_cached_subset(path: Path, data: SplitData, shots: int, seed: int) -> tuple[list[Datum], list[Datum]] | None:
     """The cached (train, val) subsets, or None (with a warning) if the file is unreadable or does not fit."""
     try:
@@ -340,7 +336,7 @@ def fewshot(data: SplitData, shots: int | None, seed: int, cache_dir: Path | Non
                 "val": [] if data.val_is_test else [[d.relpath, d.label] for d in val],
             }
             try:
-                _write_json_atomic(cache, obj)
+                atomic_write_text(cache, json.dumps(obj))
             except OSError as e:
                 log.warning("cannot write few-shot cache %s (%s)", cache, e)
     classnames = classnames_by_label(train, data.name, f"the {shots}-shot training list")

@@ -490,9 +490,7 @@ def _title(kind: str, entries: pd.DataFrame) -> str:
     return TITLES[kind] + (f" — {', '.join(parts)}" if parts else "")
 
 
-def _footnotes(
-    table: Table, sub: pd.DataFrame, options: Options, n_dup: int, n_avg: int, source: str = "ImageNet"
-) -> list[str]:
+def _footnotes(table: Table, sub: pd.DataFrame, options: Options, n_dup: int, n_avg: int, source: str) -> list[str]:
     notes = []
     if table.kind == "base2novel":
         notes.append(

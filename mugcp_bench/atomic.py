@@ -8,6 +8,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 def _umask() -> int:
@@ -48,4 +49,12 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
-__all__ = ["atomic_path", "atomic_write_text", "default_mode"]
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """`torch.save` atomically (checkpoints, feature caches)."""
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+__all__ = ["atomic_path", "atomic_torch_save", "atomic_write_text", "default_mode"]

@@ -148,12 +148,18 @@ class Backbone(nn.Module):
         size = visual.image_size
         self.image_size: int = size[0] if isinstance(size, (tuple, list)) else int(size)
         self.n_vision_tokens: int = visual.positional_embedding.shape[0]
-        self.train_transform, self.test_transform = build_transforms(self.image_size)
+        self.test_transform = build_transforms(self.image_size)[1]
         for block in [*visual.transformer.resblocks, *self.text.transformer.resblocks]:
             if not getattr(block.attn, "batch_first", True):
                 raise UserError(f"backbone '{name}' uses sequence-first blocks; open_clip>=3 batch-first is required")
 
     # --- frozen: never leave eval mode, never train -------------------------------------------------------------
+
+    def train_transform(self, crop_min_scale: float = 0.08) -> Callable:
+        """Dassl's train transform at this backbone's image size; `crop_min_scale` is RandomResizedCrop's smallest
+        area share (0.08 in the reference protocol; a TrainConfig setting)."""
+        return build_transforms(self.image_size, crop_min_scale)[0]
+
     def train(self, mode: bool = True) -> Backbone:  # noqa: D102 - the backbone is always in eval mode
         return super().train(False)
 

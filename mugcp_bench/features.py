@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from mugcp_bench.atomic import atomic_torch_save
 from mugcp_bench.backbone import TRANSFORM_VERSION, Backbone
 from mugcp_bench.datasets.base import Datum, ImageListDataset
-from mugcp_bench.store import atomic_torch_save
 from mugcp_bench.trainer import autocast
 
 log = logging.getLogger(__name__)

@@ -17,14 +17,15 @@ from typing import Any
 
 import torch
 
-from mugcp_bench.backbone import TRANSFORM_VERSION, Backbone, build_transforms, load_backbone
+from mugcp_bench.atomic import atomic_torch_save
+from mugcp_bench.backbone import TRANSFORM_VERSION, Backbone, load_backbone
 from mugcp_bench.datasets.base import get_spec, prepare
 from mugcp_bench.errors import RunFailed, UserError
 from mugcp_bench.features import image_features
 from mugcp_bench.methods.base import Method, TrainConfig, apply_overrides, split_overrides
 from mugcp_bench.protocols import EvalTarget, Protocol, Suite, TrainTarget, plan_protocol
 from mugcp_bench.registry import METHODS, suggest
-from mugcp_bench.store import RunKey, RunRecord, atomic_torch_save, config_hash
+from mugcp_bench.store import RunKey, RunRecord, config_hash
 from mugcp_bench.trainer import evaluate, fit, resolve_precision, set_seed
 
 log = logging.getLogger(__name__)
@@ -173,13 +174,6 @@ def _action(run: PlannedRun, opts: RunOptions) -> str:
 
 
 # --- execution ---------------------------------------------------------------------------------------------------
-def train_transform(backbone: Backbone, tcfg: TrainConfig):
-    """The backbone's Dassl train transform, or one with the recipe's own crop scale."""
-    if tcfg.crop_min_scale == 0.08:
-        return backbone.train_transform
-    return build_transforms(backbone.image_size, tcfg.crop_min_scale)[0]
-
-
 def _eval_split(run: PlannedRun, target: EvalTarget, opts: RunOptions):
     seed = run.key.seed
     if target.protocol == "base2novel":
@@ -225,7 +219,7 @@ def execute(run: PlannedRun, backbone: Backbone, opts: RunOptions, progress=None
                     method,
                     data.train,
                     run.train_config,
-                    train_transform(backbone, run.train_config),
+                    backbone.train_transform(run.train_config.crop_min_scale),
                     device,
                     precision,
                     run.key.seed,

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from mugcp_bench.atomic import atomic_path, atomic_write_text
+from mugcp_bench.atomic import atomic_write_text
 
 SCHEMA = 1
 RUNS = "runs"
@@ -65,13 +65,6 @@ class RunKey:
 
 def config_hash(obj: Any) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    import torch
-
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
 
 
 def versions() -> dict[str, str]:

@@ -11,7 +11,6 @@ import io
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import pandas as pd
 from rich.console import Console
@@ -19,7 +18,6 @@ from rich.table import Table as RichTable
 from rich.text import Text
 
 from mugcp_bench.aggregate import AVERAGE, Column, Options, Report, Table
-from mugcp_bench.atomic import atomic_write_text
 
 FORMATS = ("table", "md", "latex", "csv")
 SUFFIX_FORMATS = {".md": "md", ".markdown": "md", ".tex": "latex", ".csv": "csv", ".txt": "table"}
@@ -353,8 +351,3 @@ def render(report: Report, fmt: str, pivot: bool = False, width: int = 400, colo
     if fmt == "table":
         return report_text(report, width=width, color=color)
     raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
-
-
-def write_atomic(path: str | Path, text: str) -> Path:
-    """Write text to `path` atomically (temp file in the same folder, then os.replace)."""
-    return atomic_write_text(path, text)

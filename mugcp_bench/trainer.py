@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from mugcp_bench.atomic import atomic_torch_save
 from mugcp_bench.datasets.base import Datum, ImageListDataset
 from mugcp_bench.methods.base import Method, TrainConfig
-from mugcp_bench.store import atomic_torch_save
 
 log = logging.getLogger(__name__)
 

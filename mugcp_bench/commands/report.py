@@ -10,9 +10,10 @@ from pathlib import Path
 import click
 
 from mugcp_bench.aggregate import REPORT_PROTOCOLS, Options, build_report
+from mugcp_bench.atomic import atomic_write_text
 from mugcp_bench.errors import UserError
 from mugcp_bench.plots import make_plots
-from mugcp_bench.tables import FORMATS, SUFFIX_FORMATS, render, write_atomic
+from mugcp_bench.tables import FORMATS, SUFFIX_FORMATS, render
 from mugcp_bench.tidy import load_results
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ def report(
         width = shutil.get_terminal_size().columns if tty else 400
         text = render(rep, fmt, pivot=pivot, width=width, color=tty and fmt == "table")
         if out is not None:
-            write_atomic(out, text)
+            atomic_write_text(out, text)
             log.info("wrote %s", out)
         else:
             click.echo(text, nl=False)

@@ -25,8 +25,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from mugcp_bench.atomic import atomic_write_text, default_mode
-from mugcp_bench.store import atomic_torch_save
+from mugcp_bench.atomic import atomic_torch_save, atomic_write_text, default_mode
 from mugcp_bench.toy.pretrain import (
     CONFIG_PATH,
     MODEL_NAME,
@@ -89,12 +88,7 @@ def world_settings(steps: int | None = None, quick: bool = False) -> WorldSettin
     return settings
 
 
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True))
-
-
 def _render(data_dir: Path, settings: WorldSettings, progress: bool) -> float:
-
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=".data.tmp-", dir=data_dir.parent))
     try:
@@ -170,7 +164,7 @@ def ensure_toy_world(
                 "zero_shot": zero_shot,
                 "chance": {n: round(100.0 / len(DATASETS[n].classnames), 2) for n in names},
             }
-            _write_json_atomic(world_file, info)
+            atomic_write_text(world_file, json.dumps(info, indent=2, sort_keys=True))
     return ToyWorld(data_root=data_dir, checkpoint=ckpt, zero_shot=dict(info["zero_shot"]), info=info)
 
 
