@@ -1,29 +1,24 @@
-"""Seed and dataset aggregation (protocol.md §3) from the tidy table into report tables.
+"""Report tables from the tidy table: entries (columns), rows, seed and dataset aggregation, footnotes, ablations.
 
-Two stages, kept apart so the dataset stage can be checked on published cells:
-1. seed stage (`seed_cells`): per cell (method entry x dataset x metric) mean, sample std (ddof=1), n seeds,
-   Student-t 95% half-width, and whether every expected seed is present;
-2. dataset stage (`derive`): per-dataset HM from the seed-MEAN base and novel, and the Average row: for
-   base-to-novel the HM of the mean base and the mean novel over datasets (never the mean of per-dataset HMs);
-   otherwise the mean over the rows that count (cross-dataset and DG targets, the source dataset excluded).
+The statistics live in `mugcp_bench.statistics`, the data model in `mugcp_bench.report_model`, the Δ against
+published numbers or another method in `mugcp_bench.comparison`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import re
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
+from mugcp_bench.comparison import attach_method, attach_paper
 from mugcp_bench.errors import UserError
-from mugcp_bench.reference_results import AVERAGE, CONFIDENCE_MARKERS, load_published, published_method
+from mugcp_bench.reference_results import AVERAGE
 from mugcp_bench.registry import suggest
-from mugcp_bench.tidy import DATASET_ORDER, Results, dataset_display, dataset_key, dataset_rank
+from mugcp_bench.report_model import Column, Options, Report, Table
+from mugcp_bench.statistics import derive, outlier_seed_notes, seed_cells
+from mugcp_bench.tidy import Results, dataset_display, dataset_key, dataset_rank
 
 log = logging.getLogger(__name__)
 
@@ -48,210 +43,7 @@ GROUP_LABELS = {"base": "Base", "novel": "Novel", "hm": "HM", "acc": "Acc"}
 METHOD_ORDER_HEAD = ("zsclip", "coop", "cocoop", "ivlp", "maple", "promptsrc")
 METHOD_ORDER_TAIL = ("dcp", "mugcp")
 SETTING_FIELDS = ("backbone", "pretrained", "recipe", "precision")
-PAPER_BACKBONE = "vitb16"  # the published tables use CLIP ViT-B/16 with 16 shots
-PAPER_SHOTS = 16
-# The datasets behind each published Average: a Δ on an Average row needs exactly these rows.
-PAPER_AVERAGE_ROWS = {
-    "base2novel": frozenset(DATASET_ORDER[:11]),
-    "cross_dataset": frozenset(DATASET_ORDER[1:11]),
-    "domain_generalization": frozenset(DATASET_ORDER[11:15]),
-}
 LEAK_TEXT = " of descriptions name the true class"
-
-
-def hm(base: float, novel: float) -> float:
-    """Harmonic mean 2·B·N/(B+N) (NaN if either is NaN, 0 if both are 0)."""
-    if base is None or novel is None or math.isnan(base) or math.isnan(novel):
-        return math.nan
-    return 0.0 if base + novel == 0 else 2.0 * base * novel / (base + novel)
-
-
-def t_halfwidth(std: float, n: int, level: float = 0.95) -> float:
-    """Half-width of the Student-t confidence interval of a mean of n values (NaN for n < 2)."""
-    if n < 2 or std is None or math.isnan(std):
-        return math.nan
-    return float(stats.t.ppf(0.5 + level / 2, n - 1) * std / math.sqrt(n))
-
-
-@dataclass(frozen=True)
-class Options:
-    """What the report aggregates and how."""
-
-    rounded: bool = False  # per-seed values rounded to 1 decimal (the reference parser) instead of full precision
-    ci: bool = False  # show the 95% Student-t half-width instead of the std
-    seeds: tuple[int, ...] | None = None  # expected seeds (others are dropped); default: those present per method
-    methods: tuple[str, ...] | None = None  # method labels (a bare method name also selects its variants)
-    vs: str | None = None  # "paper" or a method entry to compute Δ against
-
-    @property
-    def value_column(self) -> str:
-        return "accuracy_1dp" if self.rounded else "accuracy"
-
-
-@dataclass
-class Column:
-    """One displayed column: an entry (method) and a metric group; `delta` marks an ablation Δ column."""
-
-    entry: str
-    group: str
-    delta: bool = False
-
-
-@dataclass
-class Table:
-    """One report table: long-form cells plus the order and labels to display them."""
-
-    kind: str  # one of KINDS
-    ablation: bool
-    title: str
-    cells: pd.DataFrame  # entry, row, group, mean, std, ci95, n, n_expected, complete, is_average, [ref_*, delta]
-    rows: list[str]  # row keys (dataset keys, then AVERAGE)
-    row_labels: dict[str, str]
-    columns: list[Column]
-    entries: pd.DataFrame  # one row per entry: entry, method, variant, method_label, setting + SETTING_FIELDS, shots
-    group_labels: dict[str, str]
-    seed_values: pd.DataFrame  # per-seed values behind the cells: entry, row, group, seed, value
-    footnotes: list[str] = field(default_factory=list)
-
-    @property
-    def name(self) -> str:
-        return f"ablation_{self.kind}" if self.ablation else self.kind
-
-    def cell(self, entry: str, row: str, group: str) -> pd.Series | None:
-        """The cell for (entry, row, group), or None."""
-        hit = self.cells[(self.cells["entry"] == entry) & (self.cells["row"] == row) & (self.cells["group"] == group)]
-        return None if hit.empty else hit.iloc[0]
-
-
-@dataclass
-class Report:
-    """All tables of a report and the report-level footer lines."""
-
-    tables: list[Table]
-    footer: list[str]
-    options: Options
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Seed stage
-# ---------------------------------------------------------------------------------------------------------------
-def seed_cells(values: pd.DataFrame, keys: Sequence[str], expected: dict[str, set[int]] | None = None) -> pd.DataFrame:
-    """Mean, sample std (ddof=1), n, 95% half-width and completeness per cell.
-
-    `values` holds one row per seed (columns keys + seed + value, one of the keys is `entry`); `expected` maps an
-    entry to the seeds it should have (default: the union of the seeds of that entry's cells).
-    """
-    keys = list(keys)
-    if expected is None:
-        expected = {e: set(s.dropna().astype(int)) for e, s in values.groupby("entry", sort=False)["seed"]}
-    out = (
-        values.groupby(keys, sort=False, dropna=False)
-        .agg(
-            mean=("value", "mean"),
-            std=("value", "std"),
-            n=("value", "size"),
-            seeds=("seed", lambda s: tuple(sorted(int(x) for x in s))),
-        )
-        .reset_index()
-    )
-    out["ci95"] = [t_halfwidth(s, int(n)) for s, n in zip(out["std"], out["n"])]
-    out["n_expected"] = [len(expected.get(e, set())) for e in out["entry"]]
-    out["complete"] = [expected.get(e, set()) <= set(s) for e, s in zip(out["entry"], out["seeds"])]
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Dataset stage
-# ---------------------------------------------------------------------------------------------------------------
-def derive(kind: str, cells: pd.DataFrame) -> pd.DataFrame:
-    """Add per-dataset HM rows (base2novel) and the Average row per entry and group.
-
-    `cells` has columns entry, row, group, mean, complete, in_average (others are carried). base2novel groups
-    are "base" and "novel"; the Average HM is hm(mean base, mean novel). A method's Average is marked incomplete
-    when any of its cells is incomplete or it lacks a row that another method has.
-    """
-    cells = cells.copy()
-    for col, default in (("n", 1), ("n_expected", 1), ("std", np.nan), ("ci95", np.nan), ("is_average", False)):
-        if col not in cells:
-            cells[col] = default
-    cells["is_average"] = False
-    parts = [cells]
-    if kind == "base2novel":
-        parts.append(_hm_rows(cells))
-    counted = cells[cells["in_average"]]
-    averages = []
-    for group, sub in counted.groupby("group", sort=False):
-        all_rows = set(sub["row"])
-        for entry, esub in sub.groupby("entry", sort=False):
-            esub = esub[esub["mean"].notna()]
-            averages.append(
-                {
-                    "entry": entry,
-                    "row": AVERAGE,
-                    "group": group,
-                    "mean": esub["mean"].mean() if len(esub) else np.nan,
-                    "n": int(esub["n"].min()) if len(esub) else 0,
-                    "n_expected": int(esub["n_expected"].max()) if len(esub) else 0,
-                    "n_rows": len(esub),
-                    "complete": bool(esub["complete"].all()) and set(esub["row"]) == all_rows,
-                    "in_average": False,
-                    "is_average": True,
-                }
-            )
-    avg = pd.DataFrame(averages)
-    if kind == "base2novel" and not avg.empty:
-        avg = pd.concat([avg, _hm_rows(avg)], ignore_index=True)
-    parts.append(avg)
-    out = pd.concat([p for p in parts if not p.empty], ignore_index=True)
-    out["is_average"] = out["is_average"].astype(bool)
-    return out
-
-
-def _hm_rows(cells: pd.DataFrame) -> pd.DataFrame:
-    """HM cells from the base and novel cells of each (entry, row)."""
-    base = cells[cells["group"] == "base"].set_index(["entry", "row"])
-    novel = cells[cells["group"] == "novel"].set_index(["entry", "row"])
-    both = base.merge(novel, left_index=True, right_index=True, suffixes=("_b", "_n"), how="inner")
-    if both.empty:
-        return pd.DataFrame()
-    out = pd.DataFrame(
-        {
-            "group": "hm",
-            "mean": [hm(b, n) for b, n in zip(both["mean_b"], both["mean_n"])],
-            "n": np.minimum(both["n_b"], both["n_n"]),
-            "n_expected": np.maximum(both["n_expected_b"], both["n_expected_n"]),
-            "complete": both["complete_b"] & both["complete_n"],
-            "in_average": False,
-            "is_average": both["is_average_b"],
-        },
-        index=both.index,
-    ).reset_index()
-    if "n_rows_b" in both:
-        out["n_rows"] = np.minimum(both["n_rows_b"], both["n_rows_n"]).to_numpy()
-    return out
-
-
-def seedwise_average(seed_values: pd.DataFrame, rows: Iterable[str]) -> pd.DataFrame:
-    """Per entry and group: mean and std over seeds of the per-seed average across `rows`.
-
-    A seed counts only where it has every one of the entry's rows (used for the few-shot average band).
-    """
-    rows = set(rows)
-    sub = seed_values[seed_values["row"].isin(rows)]
-    records = []
-    for (entry, group), esub in sub.groupby(["entry", "group"], sort=False):
-        needed = set(esub["row"])
-        per_seed = [g["value"].mean() for _, g in esub.groupby("seed") if set(g["row"]) == needed]
-        records.append(
-            {
-                "entry": entry,
-                "group": group,
-                "mean": float(np.mean(per_seed)) if per_seed else np.nan,
-                "std": float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else np.nan,
-                "n": len(per_seed),
-            }
-        )
-    return pd.DataFrame(records, columns=["entry", "group", "mean", "std", "n"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -409,56 +201,6 @@ def build_table(frame: pd.DataFrame, kind: str, options: Options) -> Table | Non
     )
     table.footnotes = _footnotes(table, sub, options, n_dup, n_avg, source_name) + outlier_seed_notes(table)
     return table
-
-
-# A seed is an outlier when it lies beyond 2σ of its cell's other seeds and further from their mean than both 5 points
-# and 3 binomial standard errors of its test set (two close seeds have a tiny σ; small test sets are noisy). A seed is
-# near chance when it is within one binomial standard error of chance (or below it): e.g. a diverged run. Both stay
-# in the mean; the table names them (user_complaints.md §1).
-OUTLIER_SIGMAS = 2.0
-OUTLIER_MIN_GAP = 5.0
-
-
-def _binomial_se(p_percent: float, n: float) -> float:
-    """Standard error (points) of an accuracy of p % measured on n images."""
-    if not n or pd.isna(n):
-        return 0.0
-    p = min(max(p_percent / 100.0, 0.0), 1.0)
-    return 100.0 * math.sqrt(p * (1.0 - p) / float(n))
-
-
-def outlier_seed_notes(table: Table) -> list[str]:
-    """Footnotes naming the outlier seeds and the near-chance seeds of the table's measured cells."""
-    spread, chance = [], []
-    for (entry, row, group), g in table.seed_values.groupby(["entry", "row", "group"], sort=False):
-        if row == AVERAGE or group == "hm":
-            continue
-        label = f"{entry} {table.row_labels.get(row, row)} {table.group_labels.get(group, group)}"
-        g = g.set_index("seed")
-        values = g["value"].astype(float)
-        near = []
-        for seed, v in values.items():
-            n, k = g.at[seed, "n"], g.at[seed, "n_classes"]
-            if pd.notna(k) and k > 1:
-                level = 100.0 / float(k)
-                if v <= level + _binomial_se(level, n):
-                    near.append((seed, v, level))
-            if len(values) < 3:
-                continue
-            others = values.drop(seed)
-            gap = abs(v - others.mean())
-            if gap > max(OUTLIER_SIGMAS * others.std(ddof=1), OUTLIER_MIN_GAP, 3 * _binomial_se(others.mean(), n)):
-                spread.append(f"{label} seed {seed}: {v:.2f} (other seeds {', '.join(f'{o:.2f}' for o in others)})")
-        if near:
-            seeds = ", ".join(str(x[0]) for x in near)
-            vals = ", ".join(f"{x[1]:.2f}" for x in near)
-            chance.append(f"{label} seed{'s' if len(near) > 1 else ''} {seeds}: {vals} (chance {near[0][2]:.2f})")
-    notes = []
-    if spread:
-        notes.append(f"Outlier seeds (beyond 2σ of the other seeds and beyond noise; kept): {'; '.join(spread)}.")
-    if chance:
-        notes.append(f"Seeds within one standard error of chance (kept): {'; '.join(chance)}.")
-    return notes
 
 
 def seed_notes(table: Table, options: Options) -> list[str]:
@@ -627,103 +369,6 @@ def _main_view(table: Table, options: Options) -> Table:
 
 def _is_leak_line(note: str) -> bool:
     return LEAK_TEXT in note
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Δ against the published numbers or another method
-# ---------------------------------------------------------------------------------------------------------------
-# Every published number comes from the reference code's default precision (fp16 CLIP weights and prompts, plain SGD;
-# protocol.md §4.5); our runs match it only in that mode.
-REFERENCE_PRECISION = "reference-fp16"
-
-
-def _paper_metric(kind: str, group: str, is_average: bool) -> str | None:
-    if kind == "base2novel" and group in ("base", "novel", "hm"):
-        return f"avg_{group}" if is_average else group
-    if kind in ("cross_dataset", "domain_generalization") and group == "acc":
-        return "avg" if is_average else "acc"
-    return None
-
-
-def attach_paper(table: Table, published: pd.DataFrame | None = None) -> None:
-    """Columns ref_value, ref_marker, delta (ours − published) where a published number exists for the cell."""
-    published = load_published() if published is None else published
-    index = {
-        (r.method, r.protocol, r.dataset_key, r.metric): (r.value, CONFIDENCE_MARKERS[r.confidence])
-        for r in published.itertuples(index=False)
-    }
-    info = table.entries.set_index("entry")
-    comparable = {
-        e
-        for e, r in info.iterrows()
-        if re.sub(r"[^0-9a-z]", "", str(r["backbone"]).lower()) == PAPER_BACKBONE
-        and (table.kind == "few_shot" or set(r["shots"]) == {PAPER_SHOTS})
-    }
-    counted = table.cells[table.cells["in_average"].fillna(False).astype(bool) & table.cells["mean"].notna()]
-    averaged = {k: frozenset(g["row"]) for k, g in counted.groupby(["entry", "group"])}
-    paper_rows = PAPER_AVERAGE_ROWS.get(table.kind)
-    ref_value, ref_marker = [], []
-    for c in table.cells.itertuples(index=False):
-        hit = None
-        if c.entry in comparable and info.loc[c.entry, "variant"] == "":
-            metric = _paper_metric(table.kind, c.group, bool(c.is_average))
-            if metric and c.is_average:
-                parts = ("base", "novel") if c.group == "hm" else (c.group,)
-                if any(averaged.get((c.entry, p)) != paper_rows for p in parts):
-                    metric = None  # our average is over other datasets than the published one
-            if metric:
-                key = (published_method(info.loc[c.entry, "method"]), table.kind, c.row, metric)
-                hit = index.get(key)
-        ref_value.append(hit[0] if hit else np.nan)
-        ref_marker.append(hit[1] if hit else "")
-    table.cells = table.cells.assign(ref_value=ref_value, ref_marker=ref_marker)
-    table.cells["delta"] = table.cells["mean"] - table.cells["ref_value"]
-    if table.cells["delta"].notna().any():
-        table.footnotes.append(
-            "(±x.xx M) = Δ ours − published (percentage points); M = confidence of the published number: "
-            "✓ verified, T transcribed, L low (results/reference/README.md)."
-        )
-    if (
-        table.cells["is_average"].astype(bool).any()
-        and not table.cells.loc[table.cells["is_average"], "delta"].notna().any()
-    ):
-        if table.cells["delta"].notna().any():
-            table.footnotes.append("No Δ on the Average row: it is not over the datasets the published average uses.")
-    skipped = sorted(set(info.index) - comparable)
-    if skipped:
-        table.footnotes.append(f"No Δ vs paper for {', '.join(skipped)}: the published numbers use ViT-B/16, 16 shots.")
-    compared = sorted(set(table.cells.loc[table.cells["delta"].notna(), "entry"]))
-    by_precision: dict[str, list[str]] = {}
-    for e in compared:
-        if info.loc[e, "precision"] != REFERENCE_PRECISION:
-            by_precision.setdefault(str(info.loc[e, "precision"]), []).append(e)
-    if by_precision:
-        ran = "; ".join(f"{', '.join(es)} ran {p}" for p, es in sorted(by_precision.items()))
-        table.footnotes.append(
-            f"Precision differs from the published numbers' (the reference code's fp16 weights and prompts, "
-            f"protocol.md §4.5): {ran}. Δ includes that difference."
-        )
-
-
-def attach_method(table: Table, reference: str) -> bool:
-    """Δ of every other entry against `reference` (an entry or method label). False if this table lacks it."""
-    entries = list(table.entries["entry"])
-    ref = reference if reference in entries else None
-    if ref is None:
-        by_label = table.entries[table.entries["method_label"] == reference]["entry"].tolist()
-        ref = by_label[0] if len(by_label) == 1 else None
-    if ref is None:
-        table.cells = table.cells.assign(ref_value=np.nan, ref_marker="", delta=np.nan)
-        return False
-    base = table.cells[table.cells["entry"] == ref].set_index(["row", "group"])["mean"]
-    keys = list(zip(table.cells["row"], table.cells["group"]))
-    ref_values = [base.get(k, np.nan) for k in keys]
-    cells = table.cells.assign(ref_value=ref_values, ref_marker="")
-    cells.loc[cells["entry"] == ref, "ref_value"] = np.nan
-    cells["delta"] = cells["mean"] - cells["ref_value"]
-    table.cells = cells
-    table.footnotes.append(f"(±x.xx) = Δ against {ref} (percentage points).")
-    return True
 
 
 # ---------------------------------------------------------------------------------------------------------------

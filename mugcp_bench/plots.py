@@ -20,8 +20,10 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FixedLocator, NullLocator
 
-from mugcp_bench.aggregate import AVERAGE, Report, Table, seedwise_average
 from mugcp_bench.atomic import atomic_path
+from mugcp_bench.reference_results import AVERAGE
+from mugcp_bench.report_model import Report, Table
+from mugcp_bench.statistics import seedwise_average
 
 log = logging.getLogger(__name__)
 

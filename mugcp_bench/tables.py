@@ -17,7 +17,8 @@ from rich.console import Console
 from rich.table import Table as RichTable
 from rich.text import Text
 
-from mugcp_bench.aggregate import AVERAGE, Column, Options, Report, Table
+from mugcp_bench.reference_results import AVERAGE
+from mugcp_bench.report_model import Column, Options, Report, Table
 
 FORMATS = ("table", "md", "latex", "csv")
 SUFFIX_FORMATS = {".md": "md", ".markdown": "md", ".tex": "latex", ".csv": "csv", ".txt": "table"}

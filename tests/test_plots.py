@@ -10,8 +10,9 @@ from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 from matplotlib.legend import Legend
 
-from mugcp_bench.aggregate import Options, build_report
+from mugcp_bench.aggregate import build_report
 from mugcp_bench.plots import METHOD_COLORS, make_plots, method_color, report_figures
+from mugcp_bench.report_model import Options
 from mugcp_bench.tidy import load_results
 
 RESULTS = Path(__file__).parent / "fixtures" / "results"

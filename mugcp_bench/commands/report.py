@@ -9,10 +9,11 @@ from pathlib import Path
 
 import click
 
-from mugcp_bench.aggregate import REPORT_PROTOCOLS, Options, build_report
+from mugcp_bench.aggregate import REPORT_PROTOCOLS, build_report
 from mugcp_bench.atomic import atomic_write_text
 from mugcp_bench.errors import UserError
 from mugcp_bench.plots import make_plots
+from mugcp_bench.report_model import Options
 from mugcp_bench.tables import FORMATS, SUFFIX_FORMATS, render
 from mugcp_bench.tidy import load_results
 
