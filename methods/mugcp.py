@@ -42,8 +42,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mugcp_bench.description_cache import DescriptionCache, describe_items, item_key
+from mugcp_bench.description_cache import DescriptionCache
 from mugcp_bench.errors import UserError
+from mugcp_bench.image_keys import item_key
 from mugcp_bench.leakage import leakage_fraction, mask_classnames
 from mugcp_bench.methods.base import TOY_TRAIN, Method, MethodOutput, cosine_logits
 from mugcp_bench.methods.prompts import ClassPrompts, clean_classname, init_context
@@ -399,6 +400,8 @@ class MuGCP(Method):
         """Describe every item (through the shared cache), encode the descriptions, report label leakage."""
         if not self.cfg.scp or not items:
             return {"leakage": None, "n_descriptions": 0, "describer": None}
+        from mugcp_bench.describers import describe_items
+
         cache = DescriptionCache()
         raw: dict[str, str] = {}
         ids, prompts, n_cached, n_generated = [], [], 0, 0

@@ -7,6 +7,8 @@ fields). Lines are appended whole (one write, flush, fsync) under a file lock, s
 share the cache. A line that does not parse or whose checksum does not match is reported (a warning naming the file
 and line) and its image is described again; the file is then rewritten without the broken lines (temp file +
 ``os.replace``). Content-keyed: renaming or moving images keeps their descriptions, a changed image gets a new one.
+
+This module only stores; `mugcp_bench.describers.cached` fills it through the describers.
 """
 
 from __future__ import annotations
@@ -16,18 +18,13 @@ import hashlib
 import json
 import logging
 import os
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mugcp_bench.atomic import atomic_write_text
 from mugcp_bench.datapaths import default_cache_dir
-from mugcp_bench.errors import UserError
-
-if TYPE_CHECKING:
-    from mugcp_bench.describers import Describer
 
 try:  # POSIX advisory locks; elsewhere appends are still whole lines
     import fcntl
@@ -38,39 +35,6 @@ log = logging.getLogger(__name__)
 
 CACHE_SUBDIR = "descriptions"
 FIELDS = ("image_sha1", "text", "n_tokens", "wall_s")
-_HASH_CHUNK = 1 << 20
-
-
-# --- image hashing ---------------------------------------------------------------------------------------------------
-_SHA1_MEMO: dict[tuple[str, int, int], str] = {}
-
-
-def image_path(item: Any) -> str:
-    """The image file of an item: a `Datum` (its `.impath`) or a path."""
-    return os.path.abspath(item.impath if hasattr(item, "impath") else os.fspath(item))
-
-
-def item_key(item: Any) -> str:
-    """The id an item is known by in a run (its relpath; the absolute path for plain paths)."""
-    return item.relpath if hasattr(item, "relpath") else image_path(item)
-
-
-def image_sha1(item: Any) -> str:
-    """SHA-1 of the image file's bytes (memoised per path, size and modification time)."""
-    path = image_path(item)
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise UserError(f"image {path} is missing or unreadable ({e.strerror}); re-download or re-extract it") from None
-    memo_key = (path, st.st_size, st.st_mtime_ns)
-    digest = _SHA1_MEMO.get(memo_key)
-    if digest is None:
-        h = hashlib.sha1()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
-                h.update(chunk)
-        digest = _SHA1_MEMO[memo_key] = h.hexdigest()
-    return digest
 
 
 # --- entries and files -----------------------------------------------------------------------------------------------
@@ -227,98 +191,4 @@ class DescriptionCache:
         return n_lines - len(entries)
 
 
-# --- filling and reading ---------------------------------------------------------------------------------------------
-@dataclass
-class DescribeOutcome:
-    """Descriptions of a list of items and how they were obtained."""
-
-    texts: dict[str, str]  # item key (relpath) -> description
-    n_images: int  # distinct images (by content)
-    n_cached: int  # distinct images found in the cache
-    n_generated: int  # distinct images described now
-    n_corrupted: int  # corrupted cache lines found (reported and regenerated)
-
-
-def describe_command_hint(describer: Describer, datasets: str = "...") -> str:
-    return f"mugcp-bench describe --datasets {datasets} {describer.cli_args()}".strip()
-
-
-def describe_items(
-    items: Sequence[Any],
-    describer: Describer,
-    cache: DescriptionCache | None = None,
-    generate: bool = True,
-    progress: Callable[[int], None] | None = None,
-    batch_size: int | None = None,
-    datasets_hint: str = "...",
-) -> DescribeOutcome:
-    """Descriptions of `items` from the cache; missing ones are generated in batches and appended as they come
-    (an interrupted fill resumes where it stopped). Cache hits never call the describer.
-
-    generate=False: missing entries raise UserError naming how many are missing and the command that fills them.
-    progress(n): called with the number of distinct images handled (cached ones at once, then per batch).
-    """
-    cache = cache or DescriptionCache()
-    did, pid = describer.id, describer.prompt_id
-    shas = [image_sha1(item) for item in items]
-    known = cache.load(did, pid)
-    n_corrupted = len(cache.broken_lines(did, pid))
-    first: dict[str, Any] = {}
-    for sha, item in zip(shas, items):
-        first.setdefault(sha, item)
-    missing = [sha for sha in first if sha not in known]
-    n_cached = len(first) - len(missing)
-    if progress and n_cached:
-        progress(n_cached)
-    if missing and not generate:
-        raise UserError(
-            f"{len(missing)} of {len(first)} images have no cached description for describer '{did}' / prompt "
-            f"'{pid}'; fill the cache with '{describe_command_hint(describer, datasets_hint)}' "
-            "or run without --no-describe"
-        )
-    new: dict[str, Entry] = {}
-    size = max(1, batch_size or describer.batch_size)
-    for start in range(0, len(missing), size):
-        chunk = missing[start : start + size]
-        chunk_items = [first[sha] for sha in chunk]
-        t0 = time.perf_counter()
-        texts = describer.describe(chunk_items)
-        wall = (time.perf_counter() - t0) / max(len(chunk), 1)
-        if len(texts) != len(chunk):
-            raise RuntimeError(f"describer '{did}' returned {len(texts)} descriptions for {len(chunk)} images")
-        batch = [
-            Entry(sha, text, describer.count_tokens(text), wall, item_key(item))
-            for sha, item, text in zip(chunk, chunk_items, texts)
-        ]
-        cache.append(did, pid, batch)
-        new.update((e.image_sha1, e) for e in batch)
-        if progress:
-            progress(len(batch))
-    if n_corrupted and generate:  # drop the broken lines so they are reported once
-        dropped = cache.compact(did, pid)
-        log.info("rewrote %s without %d broken or superseded lines", cache.path(did, pid), dropped)
-    table = {**known, **new}
-    texts = {item_key(item): table[sha].text for sha, item in zip(shas, items)}
-    return DescribeOutcome(texts, len(first), n_cached, len(missing), n_corrupted)
-
-
-def ensure_descriptions(
-    items: Sequence[Any],
-    describer: Describer,
-    cache: DescriptionCache | None = None,
-    generate: bool = True,
-    progress: Callable[[int], None] | None = None,
-) -> dict[str, str]:
-    """relpath -> description for every item, from the cache or generated (see `describe_items`)."""
-    return describe_items(items, describer, cache, generate, progress).texts
-
-
-__all__ = [
-    "DescribeOutcome",
-    "DescriptionCache",
-    "Entry",
-    "describe_items",
-    "ensure_descriptions",
-    "image_sha1",
-    "item_key",
-]
+__all__ = ["DescriptionCache", "Entry", "checksum", "parse_line", "safe_name"]

@@ -24,9 +24,12 @@ from mugcp_bench.describers import (
     SceneDescriber,
     build_describer,
     check_tokenizer,
+    describe_items,
+    ensure_descriptions,
 )
-from mugcp_bench.description_cache import DescriptionCache, describe_items, ensure_descriptions, image_sha1
+from mugcp_bench.description_cache import DescriptionCache
 from mugcp_bench.errors import UserError
+from mugcp_bench.image_keys import image_sha1
 from mugcp_bench.registry import DESCRIBERS
 from tests.method_harness import shared_tiny_backbone
 

@@ -82,8 +82,8 @@ def describe(
     from mugcp_bench.commands.run import _device, parse_ints
     from mugcp_bench.datapaths import default_cache_dir, resolve_data_root
     from mugcp_bench.datasets.checks import dataset_names, require_datasets
-    from mugcp_bench.describers import AUTO, DescriberOptions, build_describer, describer_groups
-    from mugcp_bench.description_cache import DescriptionCache, describe_items
+    from mugcp_bench.describers import AUTO, DescriberOptions, build_describer, describe_items, describer_groups
+    from mugcp_bench.description_cache import DescriptionCache
     from mugcp_bench.leakage import leakage_fraction
     from mugcp_bench.registry import DESCRIBERS
 
