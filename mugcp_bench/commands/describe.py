@@ -79,13 +79,14 @@ def describe(
     quick_toy: bool,
 ) -> None:
     """Describe every image a protocol uses and store the texts in the shared description cache (resumable)."""
-    from mugcp_bench.commands.run import _device, parse_ints
     from mugcp_bench.datapaths import default_cache_dir, resolve_data_root
     from mugcp_bench.datasets.checks import dataset_names, require_datasets
     from mugcp_bench.describers import AUTO, DescriberOptions, build_describer, describe_items, describer_groups
     from mugcp_bench.description_cache import DescriptionCache
     from mugcp_bench.leakage import leakage_fraction
     from mugcp_bench.registry import DESCRIBERS
+    from mugcp_bench.sweep import parse_ints
+    from mugcp_bench.sweep import resolve_device as _device
 
     name = AUTO if describer_name.strip().lower() == AUTO else DESCRIBERS.canonical(describer_name)
     if shots < 1:

@@ -1,0 +1,336 @@
+"""A sweep as a library call: options -> world -> plan -> execute -> summary. What `mugcp-bench run` and `ablate` call.
+
+    from mugcp_bench import run_sweep
+
+    result = run_sweep(methods="coop,maple", datasets="toy_shapes", seeds=[1, 2])
+    df = result.table()          # tidy pandas DataFrame, one row per run x evaluation of this sweep
+
+Everything is checked before the first run starts (bad input raises `UserError`); a failed run is recorded in its
+run.json. Printing is the caller's: pass a `Reporter` to follow the plan and the runs (the CLI draws a progress bar).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mugcp_bench.errors import RunFailed, UserError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_METHODS = "zsclip,coop,cocoop,maple,dcp,mugcp"
+
+
+# --- parsing the option values (shared by the CLI and the Python API) ---------------------------------------------
+def parse_ints(text: str | int | Sequence[int] | None, what: str) -> tuple[int, ...] | None:
+    """'1,2,3' or '1-3' (or an int, or a sequence of ints) -> a tuple of ints; None or '' -> None."""
+    if text is None or text == "":
+        return None
+    if isinstance(text, int):
+        return (text,)
+    if not isinstance(text, str):
+        return tuple(int(x) for x in text)
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part[1:]:
+                lo, hi = part.split("-", 1)
+                out.extend(range(int(lo), int(hi) + 1))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise UserError(f"--{what} '{text}': expected comma-separated integers, e.g. 1,2,3 or 1-3") from None
+    return tuple(out)
+
+
+def parse_sets(sets: Sequence[str] | Mapping[str, Any]) -> dict[str, str]:
+    """('epochs=2', 'n_ctx=8') or {'epochs': 2} -> {'epochs': '2', ...} (values are type-checked later)."""
+    if isinstance(sets, Mapping):
+        return {str(k).strip(): str(v).strip() for k, v in sets.items()}
+    out = {}
+    for s in sets:
+        if "=" not in s:
+            raise UserError(f"--set '{s}': expected key=value, e.g. --set epochs=2")
+        k, v = s.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def check_writable(results_dir: Path) -> None:
+    try:
+        results_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=results_dir, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise UserError(
+            f"results directory {results_dir} is not writable ({e.strerror}); pass --results-dir DIR"
+        ) from None
+
+
+def resolve_device(name: str) -> str:
+    """'auto' -> cuda if available else cpu; 'cuda[:N]' only when CUDA is available."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available; use --device cpu")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise UserError(f"--device '{name}': use cpu, cuda, cuda:N or auto")
+    return name
+
+
+def _names(value: str | Sequence[str]) -> list[str]:
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    return [p.strip() for p in parts if p.strip()]
+
+
+# --- options, progress, result ------------------------------------------------------------------------------------
+@dataclass
+class SweepOptions:
+    """Everything a sweep takes; the CLI's options of `run`, with Python values accepted too (lists, dicts)."""
+
+    methods: str | Sequence[str] = DEFAULT_METHODS
+    variants: dict[str, list[str]] | None = None  # ablation: method -> components to drop (variant no-X each)
+    protocols: str | Sequence[str] = "base2novel"
+    datasets: str | Sequence[str] | None = None
+    shots: str | int | Sequence[int] | None = None
+    seeds: str | int | Sequence[int] = "1,2,3"
+    data_root: str | Path | None = None
+    backbone: str | None = None
+    pretrained: str | None = None
+    recipe: str | None = None
+    results_dir: str | Path = "results"
+    sets: Sequence[str] | Mapping[str, Any] = ()
+    dry_run: bool = False
+    force: bool = False
+    resume: bool = True
+    keep_going: bool = False
+    device: str = "auto"
+    precision: str = "auto"
+    workers: int | None = None
+    no_describe: bool = False
+    quick_toy: bool = False
+
+
+@dataclass
+class SweepPlan:
+    """What a sweep is about to do (given to `Reporter.planned`)."""
+
+    counts: dict[str, int]
+    backbone: str
+    recipe: str
+    device: str
+    results_dir: Path
+    labels: list[str]
+
+
+@dataclass
+class RunOutcome:
+    """One planned run after the sweep: its action (skip/train/resume/evaluate) and the record's status."""
+
+    label: str
+    id: str
+    path: Path
+    action: str
+    status: str
+    reason: str | None = None
+
+
+@dataclass
+class SweepResult:
+    """The summary of a sweep; `table()` gives its tidy results."""
+
+    plan: SweepPlan
+    runs: list[RunOutcome] = field(default_factory=list)
+    dry_run: bool = False
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return self.plan.counts
+
+    @property
+    def results_dir(self) -> Path:
+        return self.plan.results_dir
+
+    @property
+    def failed(self) -> list[RunOutcome]:
+        return [r for r in self.runs if r.status == "failed"]
+
+    @property
+    def trained(self) -> list[RunOutcome]:
+        return [r for r in self.runs if r.action != "skip"]
+
+    def records(self) -> list[dict[str, Any]]:
+        """The run.json of every run of this sweep that has one."""
+        from mugcp_bench.tidy import read_run
+
+        out = []
+        for r in self.runs:
+            if r.path.is_file():
+                rec = read_run(r.path)
+                if rec is not None:
+                    out.append(rec)
+        return out
+
+    def table(self, complete_only: bool = True):
+        """Tidy pandas DataFrame (one row per run x evaluation, `mugcp_bench.tidy` columns) of this sweep's runs."""
+        from mugcp_bench.tidy import read_run, records_to_frames
+
+        pairs = [(r.path, rec) for r in self.runs if r.path.is_file() and (rec := read_run(r.path)) is not None]
+        _, tidy = records_to_frames(pairs)
+        if complete_only:
+            tidy = tidy[tidy["status"] == "complete"].reset_index(drop=True)
+        return tidy
+
+
+class Reporter:
+    """Progress callbacks of a sweep; the default logs. The CLI's draws a rich progress bar on stderr."""
+
+    def planned(self, plan: SweepPlan) -> None:
+        c = plan.counts
+        log.info(
+            "%d runs: %d done, %d to train, %d to resume, %d to evaluate",
+            c["runs"],
+            c.get("skip", 0),
+            c.get("train", 0),
+            c.get("resume", 0),
+            c.get("evaluate", 0),
+        )
+
+    def start(self, total: int) -> None:
+        """Execution begins with `total` runs to do."""
+
+    def run_started(self, label: str) -> None:
+        log.info("run %s", label)
+
+    def step(self, label: str, info: dict[str, Any]) -> None:
+        """A training step of run `label` (epoch, epochs, step, steps, loss, lr, images_per_s)."""
+
+    def run_finished(self, label: str, status: str, reason: str | None) -> None:
+        """Run `label` ended with `status` (complete / failed) and the failure's `reason`."""
+
+    def close(self) -> None:
+        """Execution ended (normally or not)."""
+
+
+# --- the sweep -----------------------------------------------------------------------------------------------------
+def run_sweep(options: SweepOptions | None = None, /, *, reporter: Reporter | None = None, **kw: Any) -> SweepResult:
+    """Validate everything, plan, then execute. Every check happens before the first run starts.
+
+    Pass a `SweepOptions` or its fields as keywords. Raises `UserError` on bad input; without `keep_going` the first
+    failed run stops the sweep (`RunFailed`, or `UserError` for bad data found while running).
+    """
+    from mugcp_bench.datapaths import default_cache_dir, resolve_data_root
+    from mugcp_bench.datasets.checks import dataset_names, require_datasets
+    from mugcp_bench.protocols import REAL_SUITE, get_protocol, toy_suite
+    from mugcp_bench.runner import RunOptions, execute, get_backbone, plan, resolve_methods, summarize
+
+    o = options if options is not None else SweepOptions(**kw)
+    if options is not None and kw:
+        raise TypeError("pass either a SweepOptions or keywords, not both")
+    reporter = reporter or Reporter()
+    method_names = resolve_methods(_names(o.methods))
+    protocols = [get_protocol(p) for p in _names(o.protocols)]
+    shots = parse_ints(o.shots, "shots")
+    if shots is not None and any(k <= 0 for k in shots):
+        raise UserError(f"--shots {o.shots}: shots must be positive")
+    seeds = parse_ints(o.seeds, "seeds") or (1,)
+    overrides = parse_sets(o.sets)
+    device = resolve_device(o.device)
+    results_dir = Path(o.results_dir)
+    check_writable(results_dir)
+    cache_dir = default_cache_dir()
+    sel = ",".join(_names(o.datasets)) if o.datasets is not None else None
+    use_toy = o.data_root is None and o.backbone is None and os.environ.get("MUGCP_DATA") is None
+    if sel and all(d.strip().lower().startswith("toy_") for d in sel.split(",")):
+        use_toy = o.backbone is None and o.data_root is None
+    if use_toy:
+        from mugcp_bench.toy.world import ensure_toy_world
+
+        suite = toy_suite()
+        datasets = tuple(dataset_names(sel, group="toy")) if sel else None
+        if datasets:
+            unknown = [d for d in datasets if d not in suite.all_datasets()]
+            if unknown:
+                raise UserError(f"{', '.join(unknown)} not in the toy world; pass --data-root for real datasets")
+        world = ensure_toy_world(cache_dir, quick=o.quick_toy)
+        data_root, backbone_name, pretrained = world.data_root, world.backbone_name, str(world.checkpoint)
+        recipe = o.recipe or "toy"
+    else:
+        suite = REAL_SUITE
+        datasets = tuple(dataset_names(sel)) if sel and sel != "all" else None
+        data_root = resolve_data_root(o.data_root)
+        backbone_name, pretrained = o.backbone or "ViT-B-16", o.pretrained or "openai"
+        recipe = o.recipe or "paper"
+    if o.no_describe:
+        from mugcp_bench.registry import METHODS
+
+        for m in method_names:
+            if "describe_missing" in METHODS.get(m).Config.__dataclass_fields__:
+                overrides.setdefault("describe_missing", "false")
+    opts = RunOptions(
+        results_dir=results_dir,
+        data_root=Path(data_root),
+        cache_dir=cache_dir,
+        backbone=backbone_name,
+        pretrained=pretrained,
+        recipe=recipe,
+        device=device,
+        precision=o.precision,
+        overrides=overrides,
+        force=o.force,
+        resume=o.resume,
+        workers=o.workers if o.workers is not None else (8 if device.startswith("cuda") else 0),
+    )
+    backbone = get_backbone(backbone_name, pretrained, device)
+    runs = plan(opts, backbone, method_names, protocols, suite, datasets, shots, seeds, o.variants)
+    needed = sorted({r.train.dataset for r in runs} | {e.dataset for r in runs for e in r.evals})
+    if any(r.action != "skip" for r in runs):
+        require_datasets(opts.data_root, needed)  # every dataset, before the first run starts
+    sweep_plan = SweepPlan(summarize(runs), backbone_name, recipe, device, results_dir, [r.label for r in runs])
+    reporter.planned(sweep_plan)
+    result = SweepResult(sweep_plan, dry_run=o.dry_run)
+    if o.dry_run:
+        result.runs = [RunOutcome(r.label, r.key.id, r.record.path, r.action, r.record.status) for r in runs]
+        return result
+    todo = [r for r in runs if r.action != "skip"]
+    outcomes: dict[str, RunOutcome] = {}
+    reporter.start(len(todo))
+    try:
+        for run in todo:
+            reporter.run_started(run.label)
+            try:
+                execute(run, backbone, opts, progress=lambda s, label=run.label: reporter.step(label, s))
+            except (RunFailed, UserError) as e:
+                outcomes[run.key.id] = RunOutcome(run.label, run.key.id, run.record.path, run.action, "failed", str(e))
+                reporter.run_finished(run.label, "failed", str(e))
+                if not o.keep_going:
+                    raise
+                log.error("run failed: %s", e)
+                continue
+            reporter.run_finished(run.label, run.record.status, None)
+    finally:
+        reporter.close()
+    result.runs = [
+        outcomes.get(r.key.id) or RunOutcome(r.label, r.key.id, r.record.path, r.action, r.record.status) for r in runs
+    ]
+    return result
+
+
+__all__ = [
+    "DEFAULT_METHODS",
+    "Reporter",
+    "RunOutcome",
+    "SweepOptions",
+    "SweepPlan",
+    "SweepResult",
+    "run_sweep",
+]
