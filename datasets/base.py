@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import random
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,6 +141,11 @@ def count_missing(items: Iterable[Datum]) -> tuple[int, int, str]:
     return n_missing, n_total, first
 
 
+def title_case(name: str) -> str:
+    """ "toy_shapes" -> "Toy Shapes": the display name of a dataset that declares none."""
+    return " ".join(part.capitalize() if part.islower() else part for part in re.split(r"[_\-\s]+", name) if part)
+
+
 class DatasetSpec:
     """How one dataset lives on disk; registered in `mugcp_bench.registry.DATASETS` by lowercase name.
 
@@ -153,8 +159,19 @@ class DatasetSpec:
     label_space: str | None = None
     source: str = ""  # where the data comes from, multi-line instructions
     homepage: str = ""  # one URL or phrase for one-line error messages
-    group: str = "benchmark"  # "all" in --datasets selects the benchmark group; the toy world uses its own
-    aliases: tuple[str, ...] = ()
+    # Names: the one place a dataset's spellings live (the registry, --datasets and the report read them here).
+    display_name: str = ""  # as the paper tables print it ("OxfordPets", "-Sketch"); "" = the name in title case
+    aliases: tuple[str, ...] = ()  # other spellings --datasets and the report accept ("pets", "flowers102")
+    # Suite membership: the suite ("all" in --datasets selects the benchmark group; the toy world has its own), the
+    # dataset's parts in that suite's protocols (`mugcp_bench.protocols.ROLES`) and its row in the report tables.
+    group: str = "benchmark"
+    roles: tuple[str, ...] = ()  # base2novel, source, cross_dataset, domain_generalization, few_shot
+    order: int | None = None  # position in the suite's tables and `--datasets all` (None: after the ordered ones)
+
+    @property
+    def label(self) -> str:
+        """The name report tables print."""
+        return self.display_name or title_case(self.name)
 
     def dataset_dir(self, root: Path) -> Path:
         return Path(os.path.abspath(root)) / self.folder
@@ -465,4 +482,5 @@ __all__ = [
     "prepare",
     "split_hash",
     "subsample_classes",
+    "title_case",
 ]

@@ -8,15 +8,12 @@ from pathlib import Path
 
 from mugcp_bench.datasets.base import CheckResult, DatasetSpec
 from mugcp_bench.errors import UserError
-from mugcp_bench.protocols import REAL_SUITE
+from mugcp_bench.protocols import spec_rank
 from mugcp_bench.registry import DATASETS
-
-# protocol.md order (the 11 base-to-novel datasets, then the 4 ImageNet variants); "all" lists other names after.
-PROTOCOL_ORDER = (*REAL_SUITE.base2novel, *REAL_SUITE.domain_targets)
 
 
 def dataset_names(selection: str | Iterable[str] = "all", group: str = "benchmark") -> list[str]:
-    """Registry names from "all" (every dataset of `group`, protocol order first), a group name ("benchmark",
+    """Registry names from "all" (every dataset of `group`, in the specs' table order), a group name ("benchmark",
     "toy"), "a,b" or a list of names.
 
     Unknown names raise UserError with a did-you-mean; aliases map to their registered name; duplicates are dropped.
@@ -28,10 +25,8 @@ def dataset_names(selection: str | Iterable[str] = "all", group: str = "benchmar
     if not parts:
         raise UserError("no dataset given; pass --datasets all or a comma-separated list of names")
     groups: dict[str, list[str]] = {}
-    for n, spec in DATASETS.items():
-        groups.setdefault(getattr(spec, "group", "benchmark"), []).append(n)
-    for members in groups.values():
-        members.sort(key=lambda n: (PROTOCOL_ORDER.index(n) if n in PROTOCOL_ORDER else len(PROTOCOL_ORDER), n))
+    for n, spec in sorted(DATASETS.items(), key=lambda item: spec_rank(item[1])):
+        groups.setdefault(spec.group, []).append(n)
     names: list[str] = []
     for part in parts:
         key = part.lower()

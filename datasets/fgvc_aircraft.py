@@ -34,7 +34,10 @@ class FGVCAircraftSpec(DatasetSpec):
     folder = "fgvc_aircraft"
     image_dir = "images"
     template = "a photo of a {}, a type of aircraft."
-    aliases = ("fgvcaircraft", "aircraft")
+    display_name = "FGVCAircraft"
+    aliases = ("fgvcaircraft", "aircraft", "fgvc")
+    roles = ("base2novel", "cross_dataset", "few_shot")
+    order = 6
     homepage = "https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/archives/fgvc-aircraft-2013b.tar.gz"
     source = (
         f"Download {homepage}, extract it, keep only fgvc-aircraft-2013b/data/ and rename it to "

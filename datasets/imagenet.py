@@ -117,6 +117,9 @@ class ImageFolderSpec(DatasetSpec):
 class ImageNetSpec(ImageFolderSpec):
     name = "imagenet"
     folder = "imagenet"
+    display_name = "ImageNet"
+    roles = ("base2novel", "source", "few_shot")  # the cross-dataset and domain-generalization source
+    order = 0
     image_dir = "images"
     homepage = "https://image-net.org (ILSVRC-2012 train and val)"
     source = (
@@ -158,6 +161,7 @@ class ImageNetVariantSpec(ImageFolderSpec):
     """A test-only ImageNet variant read from wnid folders (Sketch: all 1000; A and R: the 200 present)."""
 
     test_only = True
+    roles = ("domain_generalization",)
     all_wnids_required = False
 
     def __init__(
@@ -167,7 +171,9 @@ class ImageNetVariantSpec(ImageFolderSpec):
         image_dir: str,
         *,
         homepage: str,
+        display_name: str,
         aliases: tuple[str, ...],
+        order: int,
         label_space: str | None,
         all_wnids_required: bool,
         n_classes_text: str,
@@ -176,7 +182,9 @@ class ImageNetVariantSpec(ImageFolderSpec):
         self.folder = folder
         self.image_dir = image_dir
         self.homepage = homepage
+        self.display_name = display_name
         self.aliases = aliases
+        self.order = order
         self.label_space = label_space
         self.all_wnids_required = all_wnids_required
         self.n_classes_text = n_classes_text
@@ -211,7 +219,10 @@ class ImageNetV2Spec(ImageFolderSpec):
     image_dir = "imagenetv2-matched-frequency-format-val"
     test_only = True
     label_space = "imagenet"
+    display_name = "-V2"  # the domain-generalization tables print the variants after ImageNet as -V2, -Sketch, ...
     aliases = ("imagenetv2",)
+    roles = ("domain_generalization",)
+    order = 11
     homepage = "https://s3-us-west-2.amazonaws.com/imagenetv2public/imagenetv2-matched-frequency.tar.gz"
     source = (
         f"Download {homepage} (see https://github.com/modestyachts/ImageNetV2) and extract it into $DATA/imagenetv2/;"
@@ -249,7 +260,9 @@ IMAGENET_SKETCH = ImageNetVariantSpec(
     "imagenet-sketch",
     "images",
     homepage="https://github.com/HaohanWang/ImageNet-Sketch",
+    display_name="-Sketch",
     aliases=("imagenetsketch",),
+    order=12,
     label_space="imagenet",
     all_wnids_required=True,
     n_classes_text="1,000 wnid folders; label = sorted wnid index (= ImageNet's labels)",
@@ -259,7 +272,9 @@ IMAGENET_A = ImageNetVariantSpec(
     "imagenet-adversarial",
     "imagenet-a",
     homepage="https://github.com/hendrycks/natural-adv-examples",
-    aliases=("imageneta",),
+    display_name="-A",
+    aliases=("imageneta", "imagenetadversarial"),
+    order=13,
     label_space=None,
     all_wnids_required=False,
     n_classes_text="200 wnid folders (+ README.txt, ignored); relabelled 0..199 in sorted order, 200-way",
@@ -269,7 +284,9 @@ IMAGENET_R = ImageNetVariantSpec(
     "imagenet-rendition",
     "imagenet-r",
     homepage="https://github.com/hendrycks/imagenet-r",
-    aliases=("imagenetr",),
+    display_name="-R",
+    aliases=("imagenetr", "imagenetrendition"),
+    order=14,
     label_space=None,
     all_wnids_required=False,
     n_classes_text="200 wnid folders (+ README.txt, ignored); relabelled 0..199 in sorted order, 200-way",

@@ -44,6 +44,7 @@ class ZhouJsonSpec(DatasetSpec):
         template: hand-written zero-shot template with one `{}`.
         source: where the data comes from (multi-line instructions, shown by check-data).
         homepage: one URL or phrase for one-line error messages (default: the first line of `source`).
+        display_name, aliases, group, roles, order: names and suite membership (see `DatasetSpec`).
         name_from_path: expected class name of a JSON impath (validates a JSON's names; protocol.md §1.3).
         names_by_label: reads a side file of the dataset folder and returns the expected class names in label
             order, or None if the side file is absent.
@@ -61,8 +62,11 @@ class ZhouJsonSpec(DatasetSpec):
         source: str = "",
         *,
         homepage: str | None = None,
+        display_name: str = "",
         aliases: Iterable[str] = (),
         group: str = "benchmark",
+        roles: Iterable[str] = (),
+        order: int | None = None,
         image_dir_comment: str = "images",
         name_from_path: Callable[[str], str] | None = None,
         names_by_label: Callable[[Path], list[str] | None] | None = None,
@@ -76,8 +80,11 @@ class ZhouJsonSpec(DatasetSpec):
         self.template = template
         self.source = source
         self.homepage = homepage or (source.strip().splitlines()[0] if source.strip() else COOP_DATASETS_MD)
+        self.display_name = display_name
         self.aliases = tuple(aliases)
         self.group = group
+        self.roles = tuple(roles)
+        self.order = order
         self.test_only = False
         self.label_space = None
         self.image_dir_comment = image_dir_comment
@@ -229,6 +236,9 @@ def stanford_cars_names_by_label(dataset_dir: Path) -> list[str] | None:
 
 # ------------------------------------------------------------------------------------------------ the nine specs
 
+# Each is a base-to-novel and few-shot dataset and a cross-dataset target of the ImageNet source (protocol.md §2).
+TARGET_ROLES = ("base2novel", "cross_dataset", "few_shot")
+
 SPECS = [
     ZhouJsonSpec(
         "caltech101",
@@ -240,6 +250,10 @@ SPECS = [
         "http://www.vision.caltech.edu/Image_Datasets/Caltech101/101_ObjectCategories.tar.gz), extract into "
         "caltech-101/.\nSplit: split_zhou_Caltech101.json, linked from " + COOP_DATASETS_MD + "\n" + REHOSTED,
         homepage=f"{COOP_DATASETS_MD}#caltech101",
+        display_name="Caltech101",
+        aliases=("caltech",),
+        roles=TARGET_ROLES,
+        order=1,
         image_dir_comment="102 class folders (BACKGROUND_Google and Faces_easy are not used: 100 classes)",
         name_from_path=cleaning.caltech101_name_from_path,
         labels_follow_sorted_folders=True,
@@ -254,6 +268,9 @@ SPECS = [
         "https://www.robots.ox.ac.uk/~vgg/data/pets/data/annotations.tar.gz, extract into oxford_pets/.\n"
         "Split: split_zhou_OxfordPets.json, linked from " + COOP_DATASETS_MD + "\n" + REHOSTED,
         homepage=f"{COOP_DATASETS_MD}#oxfordpets",
+        display_name="OxfordPets",
+        roles=TARGET_ROLES,
+        order=2,
         aliases=("oxfordpets", "pets"),
         image_dir_comment="<Breed>_<n>.jpg",
         extra_tree=[("annotations/", "optional (used only to rebuild the split)")],
@@ -272,6 +289,9 @@ SPECS = [
         + "\n"
         + REHOSTED,
         homepage=f"{COOP_DATASETS_MD}#stanfordcars",
+        display_name="StanfordCars",
+        roles=TARGET_ROLES,
+        order=3,
         aliases=("stanfordcars", "cars"),
         extra_tree=[
             ("cars_train/", "JSON paths are relative to stanford_cars/ itself: cars_train/00001.jpg"),
@@ -291,6 +311,9 @@ SPECS = [
         "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/imagelabels.mat.\nSplit and names: "
         "split_zhou_OxfordFlowers.json and cat_to_name.json, linked from " + COOP_DATASETS_MD + "\n" + REHOSTED,
         homepage=f"{COOP_DATASETS_MD}#flowers102",
+        display_name="Flowers102",
+        roles=TARGET_ROLES,
+        order=4,
         aliases=("oxfordflowers", "flowers102", "flowers"),
         image_dir_comment="image_00001.jpg ...",
         extra_tree=[
@@ -308,6 +331,10 @@ SPECS = [
         "Images: https://data.vision.ee.ethz.ch/cvl/datasets_extra/food-101/ (food-101.tar.gz, extract into the "
         "data root).\nSplit: split_zhou_Food101.json, linked from " + COOP_DATASETS_MD + "\n" + REHOSTED,
         homepage=f"{COOP_DATASETS_MD}#food101",
+        display_name="Food101",
+        aliases=("food",),
+        roles=TARGET_ROLES,
+        order=5,
         image_dir_comment="101 class folders (apple_pie/, ...)",
         name_from_path=cleaning.folder_name_from_path,
         labels_follow_sorted_folders=True,
@@ -322,6 +349,10 @@ SPECS = [
         "https://vision.princeton.edu/projects/2010/SUN/download/Partitions.zip (these links are often dead).\n"
         "Split: split_zhou_SUN397.json, linked from " + COOP_DATASETS_MD + "\n" + REHOSTED,
         homepage=f"{COOP_DATASETS_MD}#sun397",
+        display_name="SUN397",
+        aliases=("sun",),
+        roles=TARGET_ROLES,
+        order=7,
         image_dir_comment="a/abbey/..., a/apartment_building/outdoor/..., ...",
         name_from_path=cleaning.sun397_name_from_path,
     ),
@@ -334,6 +365,9 @@ SPECS = [
         "Images: https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz (extract into the data root).\n"
         "Split: split_zhou_DescribableTextures.json, linked from " + COOP_DATASETS_MD + "\n" + REHOSTED,
         homepage=f"{COOP_DATASETS_MD}#dtd",
+        display_name="DTD",
+        roles=TARGET_ROLES,
+        order=8,
         aliases=("describabletextures",),
         image_dir_comment="47 class folders (banded/, ...)",
         name_from_path=cleaning.folder_name_from_path,
@@ -348,6 +382,9 @@ SPECS = [
         "Images: http://madm.dfki.de/files/sentinel/EuroSAT.zip (RGB version; extract into eurosat/).\n"
         "Split: split_zhou_EuroSAT.json, linked from " + COOP_DATASETS_MD + "\n" + REHOSTED,
         homepage=f"{COOP_DATASETS_MD}#eurosat",
+        display_name="EuroSAT",
+        roles=TARGET_ROLES,
+        order=9,
         image_dir_comment="10 class folders (AnnualCrop/, Forest/, ...)",
         name_from_path=cleaning.eurosat_name_from_path,
         labels_follow_sorted_folders=True,
@@ -361,6 +398,10 @@ SPECS = [
         "Middle frames: UCF-101-midframes.zip, linked from " + COOP_DATASETS_MD + " (extract into ucf101/).\n"
         "Split: split_zhou_UCF101.json, linked from the same page.\n" + REHOSTED,
         homepage=f"{COOP_DATASETS_MD}#ucf101",
+        display_name="UCF101",
+        aliases=("ucf",),
+        roles=TARGET_ROLES,
+        order=10,
         image_dir_comment="101 folders named by the split action (Apply_Eye_Makeup/...jpg)",
         name_from_path=cleaning.ucf101_name_from_path,
     ),

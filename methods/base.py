@@ -22,10 +22,6 @@ from mugcp_bench.registry import METHODS, suggest
 
 log = logging.getLogger(__name__)
 
-# Training protocols a recipe can name: the ImageNet source run ("xd") serves cross-dataset and domain
-# generalization (protocol.md §2).
-TRAIN_PROTOCOLS = ("base2novel", "xd", "few_shot")
-
 
 @dataclass
 class TrainConfig:

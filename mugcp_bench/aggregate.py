@@ -14,6 +14,7 @@ import pandas as pd
 
 from mugcp_bench.comparison import attach_method, attach_paper
 from mugcp_bench.errors import UserError
+from mugcp_bench.protocols import PROTOCOL_NAMES, PROTOCOLS
 from mugcp_bench.reference_results import AVERAGE
 from mugcp_bench.registry import suggest
 from mugcp_bench.report_model import Column, Options, Report, Table
@@ -22,22 +23,9 @@ from mugcp_bench.tidy import Results, dataset_display, dataset_key, dataset_rank
 
 log = logging.getLogger(__name__)
 
-KINDS = ("base2novel", "cross_dataset", "domain_generalization", "few_shot")
-REPORT_PROTOCOLS = (*KINDS, "ablation")
-TITLES = {
-    "base2novel": "Base-to-novel generalization",
-    "cross_dataset": "Cross-dataset transfer (source: {source})",
-    "domain_generalization": "Domain generalization (source: {source})",
-    "few_shot": "Few-shot classification (all classes)",
-}
-# Evaluation protocols (run.json `evaluations[].protocol`) that feed each table; "source" = ImageNet accuracy of
-# the xd run, shown as a row of the cross-dataset and DG tables but never averaged.
-TARGET_PROTOCOL = {
-    "base2novel": "base2novel",
-    "cross_dataset": "cross_dataset",
-    "domain_generalization": "domain_generalization",
-    "few_shot": "few_shot",
-}
+# One table per protocol, fed by the evaluations (run.json `evaluations[].protocol`) of that name; "source" = the
+# source-dataset accuracy of the xd run, shown as a row of the cross-dataset and DG tables but never averaged.
+REPORT_PROTOCOLS = (*PROTOCOL_NAMES, "ablation")
 GROUP_LABELS = {"base": "Base", "novel": "Novel", "hm": "HM", "acc": "Acc"}
 # Columns of the paper tables in their usual order; unknown methods go between them and the proposed ones.
 METHOD_ORDER_HEAD = ("zsclip", "coop", "cocoop", "ivlp", "maple", "promptsrc")
@@ -106,7 +94,8 @@ def prepare(tidy: pd.DataFrame, options: Options) -> pd.DataFrame:
         keep = set(options.methods)
         frame = frame[frame["method_label"].isin(keep) | frame["method"].isin(keep)]
     frame["value"] = frame[options.value_column].astype(float)
-    frame["row"] = [dataset_key(str(d)) for d in frame["eval_dataset"]]
+    keys = {d: dataset_key(str(d)) for d in frame["eval_dataset"].unique()}
+    frame["row"] = frame["eval_dataset"].map(keys)
     return frame.reset_index(drop=True)
 
 
@@ -131,7 +120,7 @@ def _row_order(frame: pd.DataFrame) -> tuple[list[str], dict[str, str]]:
 
 
 def _kind_frame(frame: pd.DataFrame, kind: str) -> pd.DataFrame:
-    target = frame[frame["eval_protocol"] == TARGET_PROTOCOL[kind]]
+    target = frame[frame["eval_protocol"] == kind]
     if kind == "base2novel":
         return target[target["classes"].isin(["base", "novel"])]
     if kind in ("cross_dataset", "domain_generalization") and not target.empty:
@@ -229,7 +218,7 @@ def _title(kind: str, entries: pd.DataFrame) -> str:
         shots = sorted({s for ss in entries["shots"] for s in ss})
         if len(shots) == 1:
             parts.append(f"{shots[0]} shots")
-    return TITLES[kind] + (f" — {', '.join(parts)}" if parts else "")
+    return PROTOCOLS[kind].title + (f" — {', '.join(parts)}" if parts else "")
 
 
 def _footnotes(table: Table, sub: pd.DataFrame, options: Options, n_dup: int, n_avg: int, source: str) -> list[str]:
@@ -330,7 +319,7 @@ def ablation_table(table: Table) -> Table | None:
     abl = Table(
         kind=table.kind,
         ablation=True,
-        title=f"Ablation ({TITLES[table.kind].split(' (')[0].lower()}): full method vs variants, Δ {metric}",
+        title=f"Ablation ({PROTOCOLS[table.kind].title.split(' (')[0].lower()}): full method vs variants, Δ {metric}",
         cells=abl_cells,
         rows=list(table.rows),
         row_labels=dict(table.row_labels),
@@ -384,13 +373,15 @@ def build_report(results: Results, protocols: Sequence[str] | None = None, optio
     bad = [p for p in wanted if p not in REPORT_PROTOCOLS]
     if bad:
         raise UserError(f"unknown protocol '{bad[0]}'.{suggest(bad[0], REPORT_PROTOCOLS)}")
-    full_tables = {k: t for k in KINDS if (t := build_table(frame, k, options)) is not None}
+    full_tables = {k: t for k in PROTOCOL_NAMES if (t := build_table(frame, k, options)) is not None}
     tables: list[Table] = []
     for kind, table in full_tables.items():
         if kind in wanted:
             tables.append(_main_view(_copy(table), options))
     if "ablation" in wanted:
-        tables.extend(t for k in KINDS if k in full_tables and (t := ablation_table(full_tables[k])) is not None)
+        tables.extend(
+            t for k in PROTOCOL_NAMES if k in full_tables and (t := ablation_table(full_tables[k])) is not None
+        )
     if protocols:
         missing = [p for p in protocols if not any(t.kind == p and not t.ablation for t in tables) and p != "ablation"]
         if "ablation" in protocols and not any(t.ablation for t in tables):

@@ -7,18 +7,25 @@ import re
 import numpy as np
 import pandas as pd
 
+from mugcp_bench.protocols import real_suite
 from mugcp_bench.reference_results import CONFIDENCE_MARKERS, load_published, published_method
 from mugcp_bench.report_model import Table
-from mugcp_bench.tidy import DATASET_ORDER
 
 PAPER_BACKBONE = "vitb16"  # the published tables use CLIP ViT-B/16 with 16 shots
 PAPER_SHOTS = 16
-# The datasets behind each published Average: a Δ on an Average row needs exactly these rows.
-PAPER_AVERAGE_ROWS = {
-    "base2novel": frozenset(DATASET_ORDER[:11]),
-    "cross_dataset": frozenset(DATASET_ORDER[1:11]),
-    "domain_generalization": frozenset(DATASET_ORDER[11:15]),
-}
+
+
+def paper_average_rows(kind: str) -> frozenset[str] | None:
+    """The datasets behind a published Average (the benchmark suite's roles): a Δ on an Average row needs exactly
+    these rows."""
+    suite = real_suite()
+    rows = {
+        "base2novel": suite.base2novel,
+        "cross_dataset": suite.cross_dataset_targets,
+        "domain_generalization": suite.domain_targets,
+    }
+    return frozenset(rows[kind]) if kind in rows else None
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Δ against the published numbers or another method
@@ -52,7 +59,7 @@ def attach_paper(table: Table, published: pd.DataFrame | None = None) -> None:
     }
     counted = table.cells[table.cells["in_average"].fillna(False).astype(bool) & table.cells["mean"].notna()]
     averaged = {k: frozenset(g["row"]) for k, g in counted.groupby(["entry", "group"])}
-    paper_rows = PAPER_AVERAGE_ROWS.get(table.kind)
+    paper_rows = paper_average_rows(table.kind)
     ref_value, ref_marker = [], []
     for c in table.cells.itertuples(index=False):
         hit = None

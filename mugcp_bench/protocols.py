@@ -1,7 +1,10 @@
 """The four protocols as data (protocol.md §2) and the dataset suites they run on (the real benchmark, the toy world).
 
-A protocol names the training regime (`train_protocol`: base2novel, xd or few_shot) and the evaluations done with
-the trained model. Cross-dataset and domain generalization share one ImageNet-trained source run ("xd").
+The one place protocol names live: `PROTOCOLS` (evaluation protocols, the report's tables), `TRAIN_PROTOCOLS`
+(training regimes a recipe names) and `ROLES` (a dataset's parts in a suite). A protocol names the training regime
+(`train_protocol`: base2novel, xd or few_shot) and the evaluations done with the trained model. Cross-dataset and
+domain generalization share one ImageNet-trained source run ("xd"). A suite is read off the dataset specs: each
+declares its group, roles and table order (`DatasetSpec`), so adding a dataset is one file.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mugcp_bench.errors import UserError
-from mugcp_bench.registry import suggest
+from mugcp_bench.registry import DATASETS, suggest
 
 
 @dataclass(frozen=True)
@@ -28,30 +31,53 @@ class Suite:
         return tuple(dict.fromkeys(names))
 
 
-BENCHMARK_11 = (
-    "imagenet",
-    "caltech101",
-    "oxford_pets",
-    "stanford_cars",
-    "oxford_flowers",
-    "food101",
-    "fgvc_aircraft",
-    "sun397",
-    "dtd",
-    "eurosat",
-    "ucf101",
-)
-REAL_SUITE = Suite(
-    name="benchmark",
-    base2novel=BENCHMARK_11,
-    source="imagenet",
-    cross_dataset_targets=BENCHMARK_11[1:],
-    domain_targets=("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"),
-    few_shot=BENCHMARK_11,
-)
+# A dataset's parts in its suite: the protocols it is trained or evaluated under, and "source" (the dataset the
+# cross-dataset and domain-generalization model trains on).
+ROLES = ("base2novel", "source", "cross_dataset", "domain_generalization", "few_shot")
+
+
+def spec_rank(spec) -> tuple[int, int, str]:
+    """Sort key of dataset specs: declared table order first, then by name."""
+    return (spec.order is None, spec.order or 0, spec.name)
+
+
+def suite(group: str) -> Suite:
+    """The suite of the registered datasets of `group` ("benchmark", "toy"), read off their specs' roles."""
+    specs = sorted((s for _, s in DATASETS.items() if s.group == group), key=spec_rank)
+    unknown = sorted({r for s in specs for r in s.roles} - set(ROLES))
+    if unknown:
+        raise ValueError(f"dataset roles {unknown} are not in {ROLES}")
+
+    def playing(role: str) -> tuple[str, ...]:
+        return tuple(s.name for s in specs if role in s.roles)
+
+    sources = playing("source")
+    if len(sources) != 1:
+        raise ValueError(f"suite '{group}' needs exactly one dataset with the 'source' role, has {list(sources)}")
+    return Suite(
+        name=group,
+        base2novel=playing("base2novel"),
+        source=sources[0],
+        cross_dataset_targets=playing("cross_dataset"),
+        domain_targets=playing("domain_generalization"),
+        few_shot=playing("few_shot"),
+    )
+
+
+def real_suite() -> Suite:
+    """The CoOp-layout benchmark: 11 base-to-novel datasets, ImageNet as the source, 4 ImageNet variants."""
+    return suite("benchmark")
+
+
+def __getattr__(name: str):
+    # REAL_SUITE is read off the registered specs on first use (importing them here would be an import cycle)
+    if name == "REAL_SUITE":
+        return real_suite()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def toy_suite() -> Suite:
+    """The toy world's suite (`mugcp_bench.toy.suite.TOY_SUITE`)."""
     from mugcp_bench.toy.suite import TOY_SUITE
 
     return Suite(
@@ -69,6 +95,7 @@ class Protocol:
     name: str
     train_protocol: str
     description: str
+    title: str  # the report table's title; "{source}" is replaced by the source dataset's display name
     default_shots: tuple[int, ...] = (16,)
     eval_tags: tuple[str, ...] = field(default=())
 
@@ -80,16 +107,32 @@ PROTOCOLS: dict[str, Protocol] = {
             "base2novel",
             "base2novel",
             "train on the base half (16 shots), test base and novel classes from the same checkpoint",
+            "Base-to-novel generalization",
         ),
-        Protocol("cross_dataset", "xd", "train on the source (all classes, 16 shots), test on the other datasets"),
+        Protocol(
+            "cross_dataset",
+            "xd",
+            "train on the source (all classes, 16 shots), test on the other datasets",
+            "Cross-dataset transfer (source: {source})",
+        ),
         Protocol(
             "domain_generalization",
             "xd",
             "the cross-dataset source model, tested on the source's shifted domains (V2 / Sketch / A / R)",
+            "Domain generalization (source: {source})",
         ),
-        Protocol("few_shot", "few_shot", "all classes, K in 1, 2, 4, 8, 16 shots", default_shots=(1, 2, 4, 8, 16)),
+        Protocol(
+            "few_shot",
+            "few_shot",
+            "all classes, K in 1, 2, 4, 8, 16 shots",
+            "Few-shot classification (all classes)",
+            default_shots=(1, 2, 4, 8, 16),
+        ),
     )
 }
+PROTOCOL_NAMES = tuple(PROTOCOLS)
+# Training regimes a recipe can name: the source run ("xd") serves cross-dataset and domain generalization.
+TRAIN_PROTOCOLS = tuple(dict.fromkeys(p.train_protocol for p in PROTOCOLS.values()))
 PROTOCOL_ALIASES = {"b2n": "base2novel", "xd": "cross_dataset", "dg": "domain_generalization", "fewshot": "few_shot"}
 
 

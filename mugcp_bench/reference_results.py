@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from mugcp_bench.protocols import PROTOCOL_NAMES
 from mugcp_bench.tidy import dataset_key
 
 log = logging.getLogger(__name__)
 
 COLUMNS = ["method", "protocol", "dataset", "metric", "value", "source", "table", "confidence", "read_off_plot"]
-PROTOCOLS = ("base2novel", "cross_dataset", "domain_generalization", "few_shot")
 METRICS = ("base", "novel", "hm", "acc", "avg_base", "avg_novel", "avg_hm", "avg")
 CONFIDENCES = ("verified", "transcribed", "low")
 # Marker printed next to a published value (as in published_results.md): verified, transcribed, low confidence.
@@ -45,7 +45,7 @@ def validate(frame: pd.DataFrame) -> None:
     missing = [c for c in COLUMNS if c not in frame.columns]
     if missing:
         raise ValueError(f"published.csv lacks columns {missing}")
-    for col, allowed in (("protocol", PROTOCOLS), ("metric", METRICS), ("confidence", CONFIDENCES)):
+    for col, allowed in (("protocol", PROTOCOL_NAMES), ("metric", METRICS), ("confidence", CONFIDENCES)):
         bad = sorted(set(frame[col]) - set(allowed))
         if bad:
             raise ValueError(f"published.csv: unknown {col} values {bad}")

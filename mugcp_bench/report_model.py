@@ -35,7 +35,7 @@ class Column:
 class Table:
     """One report table: long-form cells plus the order and labels to display them."""
 
-    kind: str  # one of KINDS
+    kind: str  # one of protocols.PROTOCOL_NAMES
     ablation: bool
     title: str
     cells: pd.DataFrame  # entry, row, group, mean, std, ci95, n, n_expected, complete, is_average, [ref_*, delta]

@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mugcp_bench.datasets.base import title_case
 from mugcp_bench.errors import UserError
+from mugcp_bench.registry import DATASETS
 
 log = logging.getLogger(__name__)
 
@@ -40,54 +42,48 @@ TIDY_COLUMNS = ["run_id", "status", *KEY_COLUMNS, *EVAL_COLUMNS]
 EXTRA_COLUMNS = ["config_hash", "path", "mtime", "n_classes"]
 RUN_COLUMNS = ["run_id", "status", "reason", *KEY_COLUMNS, "config_hash", "path", "mtime"]
 
-# ---------------------------------------------------------------------------------------------------------------
-# Dataset names: registry name -> canonical key, display name and benchmark order.
-# ---------------------------------------------------------------------------------------------------------------
-# (canonical key, display name, normalised spellings the registry or a user might use)
-_KNOWN_DATASETS: list[tuple[str, str, tuple[str, ...]]] = [
-    ("imagenet", "ImageNet", ("imagenet",)),
-    ("caltech101", "Caltech101", ("caltech101", "caltech")),
-    ("oxford_pets", "OxfordPets", ("oxfordpets", "pets")),
-    ("stanford_cars", "StanfordCars", ("stanfordcars", "cars")),
-    ("oxford_flowers", "Flowers102", ("oxfordflowers", "flowers102", "flowers")),
-    ("food101", "Food101", ("food101", "food")),
-    ("fgvc_aircraft", "FGVCAircraft", ("fgvcaircraft", "aircraft", "fgvc")),
-    ("sun397", "SUN397", ("sun397", "sun")),
-    ("dtd", "DTD", ("dtd", "describabletextures")),
-    ("eurosat", "EuroSAT", ("eurosat",)),
-    ("ucf101", "UCF101", ("ucf101", "ucf")),
-    ("imagenetv2", "-V2", ("imagenetv2",)),
-    ("imagenet_sketch", "-Sketch", ("imagenetsketch",)),
-    ("imagenet_a", "-A", ("imageneta", "imagenetadversarial")),
-    ("imagenet_r", "-R", ("imagenetr", "imagenetrendition")),
-]
-DATASET_ORDER: list[str] = [key for key, _, _ in _KNOWN_DATASETS]
-_DISPLAY = {key: display for key, display, _ in _KNOWN_DATASETS}
-_ALIASES = {alias: key for key, _, aliases in _KNOWN_DATASETS for alias in aliases}
 
-
+# ---------------------------------------------------------------------------------------------------------------
+# Dataset names: read off the registered dataset specs (`DatasetSpec.display_name`, `aliases`, `order`), so a dataset
+# added in one file gets its name and place in every table. Names no spec knows (a plugin not installed here) keep
+# their own spelling, title-cased, after the known ones.
+# ---------------------------------------------------------------------------------------------------------------
 def _normalise(name: str) -> str:
     return re.sub(r"[^0-9a-z]", "", name.lower())
 
 
+def _spec_index() -> dict[str, tuple[str, object]]:
+    """Normalised spelling -> (registry name, spec) for every registered dataset name and alias."""
+    index: dict[str, tuple[str, object]] = {}
+    for name, spec in DATASETS.items():
+        for spelling in (name, *spec.aliases):
+            index.setdefault(_normalise(spelling), (name, spec))
+    return index
+
+
+def _lookup(name: str) -> tuple[str, object] | None:
+    return _spec_index().get(_normalise(name))
+
+
 def dataset_key(name: str) -> str:
-    """Canonical key of a known benchmark dataset (any usual spelling), else the name itself, lower-cased."""
-    return _ALIASES.get(_normalise(name), name.lower())
+    """Registry name of a known dataset (any usual spelling: "OxfordPets", "imagenet-sketch"), else the name
+    lower-cased."""
+    hit = _lookup(name)
+    return hit[0] if hit else name.lower()
 
 
 def dataset_display(name: str) -> str:
-    """Paper-style display name ("OxfordPets", "-Sketch"); unknown (toy) names are title-cased ("Toy Shapes")."""
-    key = dataset_key(name)
-    if key in _DISPLAY:
-        return _DISPLAY[key]
-    return " ".join(part.capitalize() if part.islower() else part for part in re.split(r"[_\-\s]+", name) if part)
+    """The spec's display name ("OxfordPets", "-Sketch"); unknown names are title-cased ("Toy Shapes")."""
+    hit = _lookup(name)
+    return hit[1].label if hit else title_case(name)
 
 
 def dataset_rank(name: str, first_seen: int = 0) -> tuple[int, int]:
-    """Sort key: the benchmark order for known datasets, then unknown ones in order of first appearance."""
-    key = dataset_key(name)
-    if key in _DISPLAY:
-        return (0, DATASET_ORDER.index(key))
+    """Sort key: the specs' table order for datasets that declare one, then the others in order of first
+    appearance."""
+    hit = _lookup(name)
+    if hit and hit[1].order is not None:
+        return (0, hit[1].order)
     return (1, first_seen)
 
 

@@ -10,13 +10,14 @@ import pytest
 from scipy import stats
 
 from mugcp_bench.aggregate import build_table, prepare
+from mugcp_bench.protocols import real_suite
 from mugcp_bench.reference_results import AVERAGE, load_published
 from mugcp_bench.report_model import Options
 from mugcp_bench.statistics import derive, hm, seed_cells, t_halfwidth
-from mugcp_bench.tidy import DATASET_ORDER, records_to_frames
+from mugcp_bench.tidy import records_to_frames
 
 FIVE = ["zsclip", "coop", "cocoop", "maple", "promptsrc"]
-B2N_DATASETS = DATASET_ORDER[:11]
+B2N_DATASETS = list(real_suite().base2novel)
 
 
 def published_cells(protocol: str, method: str, groups: dict[str, str]) -> pd.DataFrame:

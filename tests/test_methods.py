@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from mugcp_bench.errors import UserError
-from mugcp_bench.methods.base import TRAIN_PROTOCOLS, TrainConfig, split_overrides
+from mugcp_bench.methods.base import TrainConfig, split_overrides
+from mugcp_bench.protocols import TRAIN_PROTOCOLS
 from mugcp_bench.registry import METHODS
 from tests.method_harness import (
     CLASSNAMES,
