@@ -7,6 +7,7 @@ precision, optimisation, checkpoints and evaluation (like a LightningModule / mm
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -69,6 +70,10 @@ class Method(nn.Module):
     frozen_image_path: ClassVar[bool] = False
     # Reconstructed from a paper without code: reports say so.
     reconstructed: ClassVar[bool] = False
+    # Parameters the reference code keeps in fp32 under its fp16 regime (`--precision reference-fp16`), as fnmatch
+    # patterns over `named_parameters()` names ("compound_prompts_text.*"; "*" keeps every parameter fp32). Every
+    # other parameter is cast to fp16, except LayerNorm's (see `to_reference_fp16`).
+    reference_fp32: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -152,6 +157,30 @@ class Method(nn.Module):
     def n_trainable(self) -> int:
         return sum(p.numel() for p in self.trainable_parameters())
 
+    # --- the reference precision regime ---------------------------------------------------------------------------
+    def to_reference_fp16(self) -> Method:
+        """Hold the parameters as the reference code's fp16 regime does; returns self.
+
+        The reference builds its prompt learners in ``clip_model.dtype`` (fp16) and casts its extra modules with
+        ``.half()`` or CLIP's ``convert_weights``, which never touches LayerNorm (KaiyangZhou/CoOp trainers/coop.py,
+        trainers/cocoop.py; multimodal-prompt-learning trainers/maple.py; GingL/CMPA clip/model.py). So: every
+        parameter becomes fp16 (in place: the same Parameter objects, updated later by plain SGD in fp16) except
+        LayerNorm's and those matching `reference_fp32`; every plain ``nn.LayerNorm`` is replaced by a
+        `Fp32LayerNorm` holding the same parameters, which computes in fp32 and returns the input's dtype.
+        """
+        for parent in self.modules():
+            for child_name, child in parent.named_children():
+                if type(child) is nn.LayerNorm:
+                    setattr(parent, child_name, Fp32LayerNorm.wrap(child))
+        for module_name, module in self.named_modules():
+            if isinstance(module, nn.LayerNorm):
+                continue
+            for param_name, param in module.named_parameters(recurse=False):
+                full = f"{module_name}.{param_name}" if module_name else param_name
+                if not any(fnmatch.fnmatchcase(full, pattern) for pattern in self.reference_fp32):
+                    param.data = param.data.half()
+        return self
+
     # --- recipes and configs --------------------------------------------------------------------------------------
     @classmethod
     def recipe(cls, recipe: str, train_protocol: str, shots: int, dataset: str) -> dict[str, Any]:
@@ -211,6 +240,23 @@ class SharedTextMethod(Method):
 
 
 # --- helpers shared by every method ------------------------------------------------------------------------------
+class Fp32LayerNorm(nn.LayerNorm):
+    """LayerNorm that computes in fp32 and returns its input's dtype (CLIP's fp16-safe LayerNorm, KaiyangZhou/CoOp
+    clip/model.py); identical to ``nn.LayerNorm`` on fp32 inputs."""
+
+    @classmethod
+    def wrap(cls, ln: nn.LayerNorm) -> Fp32LayerNorm:
+        """The same parameters (the same Parameter objects) in an `Fp32LayerNorm`."""
+        out = cls(ln.normalized_shape, eps=ln.eps, elementwise_affine=ln.elementwise_affine, bias=ln.bias is not None)
+        out.weight, out.bias = ln.weight, ln.bias
+        return out.train(ln.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+
 def cosine_logits(scale: torch.Tensor, image_f: torch.Tensor, text_f: torch.Tensor) -> torch.Tensor:
     """scale · cos: image (B, E) with text (C, E) -> (B, C), or with per-image text (B, C, E) -> (B, C)."""
     image_f = F.normalize(image_f, dim=-1)

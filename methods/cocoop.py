@@ -51,6 +51,8 @@ class CoCoOp(Method):
     name = "cocoop"
     Config = CoCoOpConfig
     frozen_image_path = True
+    # reference-fp16: context and Meta-Net in fp16 (trainers/cocoop.py: clip_model.dtype, meta_net.half() for fp16)
+    reference_fp32 = ()
     recipes = {
         "paper": {
             "base2novel": dict(_C4_EP10_BATCH1),

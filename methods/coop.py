@@ -75,6 +75,7 @@ class CoOp(SharedTextMethod):
     name = "coop"
     Config = CoOpConfig
     frozen_image_path = True
+    reference_fp32 = ()  # reference-fp16: the context in fp16 (trainers/coop.py builds it in clip_model.dtype)
     recipes = {
         "paper": {
             # vit_b16_ctxv1 (10 datasets, 200 epochs); ImageNet uses vit_b16_ep50_ctxv1 (see `recipe`).

@@ -36,8 +36,9 @@ Fidelity decisions (all checked against the reference files above):
 * ``share=False`` (PS false): the reference creates a CMPA in all 12 joint blocks; we create one only for the blocks
   that inject (blocks 1 … J). The others never run and never receive a gradient in the reference either, so the
   behaviour is identical; only the parameter count differs (≈99 M instead of ≈132 M for J = 9 on ViT-B/16).
-* Precision: the reference casts CMPA and the prompts to fp16 and updates them with plain SGD. We keep every
-  trainable tensor in fp32 and let the trainer's autocast pick the activation precision (recorded in the run card).
+* Precision: the reference casts CMPA (except its LayerNorms) and the prompts to fp16 and updates them with plain
+  SGD; ``--precision reference-fp16`` does exactly that (`reference_fp32` below). Every other precision keeps every
+  trainable tensor in fp32 and lets the trainer's autocast pick the activation precision (recorded in the run key).
 * Evaluation: with the text update discarded (or no CMPA) the text path never sees the images, so ``begin_eval``
   encodes the class prompts once and also caches the fused text prompt t̄ each injection block needs; ``predict``
   then runs only the vision tower. The reference re-encodes every class prompt on every test batch.
@@ -193,6 +194,9 @@ class DCP(Method):
 
     name = "dcp"
     Config = DCPConfig
+    # reference-fp16: prompts and CMPA in fp16 except its LayerNorms (trainers/cmpa.py builds the prompts in
+    # clip_model.dtype; clip/model.py convert_weights converts CMPA's Linear and attention weights)
+    reference_fp32 = ()
     recipes = {
         "paper": {p: dict(PAPER_RECIPE) for p in ("few_shot", "xd", "base2novel")},
         "toy": {p: dict(TOY_RECIPE) for p in ("few_shot", "xd", "base2novel")},

@@ -52,6 +52,16 @@ class MaPLe(SharedTextMethod):
 
     name = "maple"
     Config = MaPLeConfig
+    # reference-fp16: ctx and proj in fp16 (trainers/maple.py: clip_model.dtype, proj.half()); the deep text prompts
+    # and their projections stay fp32 (created without a dtype, never converted) and are cast to fp16 where they
+    # enter a block (clip/model.py ResidualAttentionBlock_MaPLe). IVLP's free vision prompts live in the reference's
+    # CLIP as plain fp32 parameters (clip/model.py VisionTransformer VPT): fp32 too.
+    reference_fp32 = (
+        "compound_prompts_text.*",
+        "compound_prompt_projections.*",
+        "vision_ctx",
+        "compound_prompts_vision.*",
+    )
     recipes = {
         "paper": {
             # vit_b16_c2_ep5_batch4_2ctx

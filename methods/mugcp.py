@@ -221,6 +221,9 @@ class MuGCP(Method):
     name = "mugcp"
     Config = MuGCPConfig
     reconstructed = True
+    # reference-fp16 (our design, no reference code): every MuGCP parameter stays fp32 and its modules compute in fp32
+    # on the frozen fp16 CLIP's outputs; only the prompts it writes into the CLIP are cast to the CLIP's dtype.
+    reference_fp32 = ("*",)
     recipes = {
         # methods.md §7.3 (F) / §8 (our design): MaPLe's schedule, PromptSRC's few-shot length.
         "paper": {

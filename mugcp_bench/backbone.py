@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import os
 import zipfile
@@ -172,6 +173,13 @@ class Backbone(nn.Module):
         return self.model.visual.conv1.weight.device
 
     @property
+    def activation(self) -> str:
+        """The MLP activation the towers were built with, read off the modules: "quickgelu" (OpenAI's CLIP) or
+        "gelu" (recorded in every run key)."""
+        blocks = [*self.model.visual.transformer.resblocks, *self.text.transformer.resblocks]
+        return "+".join(sorted({type(b.mlp.gelu).__name__.lower() for b in blocks}))
+
+    @property
     def logit_scale(self) -> torch.Tensor:
         """exp(logit_scale), frozen (≈100 for pretrained CLIP)."""
         return self.model.logit_scale.detach().exp()
@@ -191,8 +199,8 @@ class Backbone(nn.Module):
         return self.tokenizer(list(texts)).to(self.device)
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(N, L) ids -> (N, L, text_width) token embeddings (no positional embedding)."""
-        return self.text.token_embedding(tokens)
+        """(N, L) ids -> (N, L, text_width) token embeddings (no positional embedding), in the weights' dtype."""
+        return self.text.token_embedding(tokens).to(self.dtype)
 
     def eot_index(self, tokens: torch.Tensor) -> torch.Tensor:
         """Position of the pooled (end-of-text) token of each sequence, (N,)."""
@@ -256,7 +264,7 @@ class Backbone(nn.Module):
         if truncate and self.eot_truncation and mask is not None:  # no causal mask: later tokens visible, no cut
             length = int(eot.max()) + 1
             mask = mask[:length, :length]
-        x = token_embeds[:, :length] + self.text.positional_embedding[:length].to(token_embeds.dtype)
+        x = token_embeds[:, :length].to(self.dtype) + self.text.positional_embedding[:length].to(self.dtype)
         return x, (mask.to(x.dtype) if mask is not None else None), eot
 
     def text_block(self, i: int, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -345,6 +353,18 @@ class Backbone(nn.Module):
 
 
 # --- loading ---------------------------------------------------------------------------------------------------------
+# Weight precisions of a backbone. "fp32": every weight fp32 (on CUDA the trainer's autocast picks the activation
+# precision). "reference-fp16": the reference code's regime (docs/protocol.md §4.5): CLIP's builder converts Conv,
+# Linear and attention weights and the two projections to fp16 while LayerNorm keeps fp32 weights and computes in fp32
+# (KaiyangZhou/CoOp clip/model.py: convert_weights, LayerNorm); embeddings and logit_scale stay fp32. open_clip builds
+# exactly that for precision="fp16" (factory._set_model_device_and_precision: convert_weights_to_lp, LayerNormFp32).
+REFERENCE_FP16 = "reference-fp16"
+WEIGHT_PRECISIONS = ("fp32", REFERENCE_FP16)
+HF_HUB_PREFIX = "hf-hub:"  # open_clip's form for a model (config + weights) in a Hugging Face Hub repo
+# Words in a checkpoint's file name or metadata that suggest OpenAI's (QuickGELU-trained) weights.
+OPENAI_HINTS = ("openai",)
+
+
 def _is_offline() -> bool:
     return any(
         os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
@@ -359,49 +379,141 @@ def _check_name(name: str) -> None:
         )
 
 
-def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
-    """Load a checkpoint file. Returns (state dict, is_openai_format)."""
+def architecture_quick_gelu(name: str) -> bool:
+    """Whether open_clip's config of architecture `name` builds QuickGELU (the `-quickgelu` configs do)."""
+    return bool((open_clip.get_model_config(name) or {}).get("quick_gelu", False))
+
+
+def tag_quick_gelu(name: str, tag: str) -> bool:
+    """Whether pretrained tag `tag` of `name` was trained with QuickGELU: what the tag's config says.
+
+    open_clip 3.x builds the *architecture's* activation whatever the tag and only warns on a mismatch
+    (factory.create_model, after the force overrides), so `ViT-B-16` + `openai` silently runs plain GELU. Every tag
+    trained with QuickGELU (OpenAI, MetaCLIP, DFN, the early LAION-400M B/32, ...) states ``quick_gelu=True``. A tag
+    that states nothing keeps its architecture's activation (roberta-ViT-B-32 / laion2b_s12b_b32k is the one case
+    whose architecture config sets QuickGELU).
+    """
+    cfg = open_clip.get_pretrained_cfg(name, tag)
+    if "quick_gelu" in cfg:
+        return bool(cfg["quick_gelu"])
+    return architecture_quick_gelu(name)
+
+
+def hub_quick_gelu(repo: str, model_cfg: dict) -> bool:
+    """Whether the model of Hugging Face repo `repo` was trained with QuickGELU: its `open_clip_config.json` says so,
+    or open_clip serves a pretrained tag from that repo whose config says so."""
+    if model_cfg.get("quick_gelu"):
+        return True
+    for arch, tag in open_clip.list_pretrained():
+        cfg = open_clip.get_pretrained_cfg(arch, tag)
+        if os.path.split(cfg.get("hf_hub", ""))[0] == repo and cfg.get("quick_gelu"):
+            return True
+    return False
+
+
+def _build(name: str, quick_gelu: bool, precision: str) -> nn.Module:
+    """Architecture `name`, randomly initialised, with the activation set explicitly and weights in `precision`.
+
+    Never hands open_clip a tag: weights are loaded afterwards from a file, so open_clip has nothing to compare and
+    no QuickGELU mismatch warning can arise."""
+    if precision not in WEIGHT_PRECISIONS:
+        raise UserError(f"unknown backbone precision '{precision}'; use one of {', '.join(WEIGHT_PRECISIONS)}")
+    return open_clip.create_model(
+        name, pretrained=None, quick_gelu=quick_gelu, precision="fp16" if precision == REFERENCE_FP16 else "fp32"
+    )
+
+
+def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], bool, str]:
+    """Load a checkpoint file (TorchScript, torch.save'd dict, safetensors).
+
+    Returns (state dict, is_openai_format, metadata text): the text joins the file's non-tensor entries (or its
+    safetensors metadata) for hints about where the weights come from.
+    """
     is_jit = False
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as z:
             is_jit = any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+    meta = ""
     try:
         if is_jit:  # OpenAI's released .pt files are TorchScript archives
             sd = torch.jit.load(str(path), map_location="cpu").state_dict()
+        elif path.suffix == ".safetensors":  # open_clip's format on the Hugging Face Hub
+            from safetensors import safe_open
+            from safetensors.torch import load_file
+
+            with safe_open(str(path), framework="pt") as f:
+                meta = " ".join(f"{k}={v}" for k, v in (f.metadata() or {}).items())
+            sd = load_file(str(path), device="cpu")
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is a user error
         raise UserError(f"cannot read checkpoint '{path}': {type(e).__name__}: {str(e).splitlines()[0]}") from e
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        meta = " ".join(f"{k}={v}" for k, v in sd.items() if isinstance(v, (str, int, float)))
         sd = sd["state_dict"]
     if not isinstance(sd, dict):
         raise UserError(f"checkpoint '{path}' does not hold a state dict")
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
     is_openai = is_jit or any(k in sd for k in OPENAI_EXTRA_KEYS)
-    return sd, is_openai
+    return sd, is_openai, meta
 
 
-def _load_file(name: str, path: Path) -> nn.Module:
-    sd, is_openai = _read_state_dict(path)
-    # OpenAI's CLIP uses QuickGELU; open_clip switches it on only for the 'openai' tag. A file in OpenAI's format
-    # must be built with QuickGELU or every feature is silently wrong.
-    quick = is_openai and not name.endswith("-quickgelu")
-    if quick:
-        log.info("'%s' is in OpenAI's format: building '%s' with QuickGELU", path, name)
-    model = open_clip.create_model(name, pretrained=None, force_quick_gelu=quick)
-    for k in OPENAI_EXTRA_KEYS:
-        sd.pop(k, None)
+def _load_state(model: nn.Module, sd: dict[str, torch.Tensor], source: str, name: str) -> nn.Module:
+    """Copy `sd` into `model` (cast to each parameter's dtype); a mismatch is a UserError naming the keys."""
+    sd = {k: v for k, v in sd.items() if k not in OPENAI_EXTRA_KEYS}
     sd = {k: v for k, v in sd.items() if k != "attn_mask" and not k.endswith("position_ids")}
+    if "logit_scale" in sd and sd["logit_scale"].ndim != model.logit_scale.ndim:  # as open_clip's load_checkpoint
+        sd["logit_scale"] = sd["logit_scale"].reshape(model.logit_scale.shape)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise UserError(
-            f"checkpoint '{path}' does not match backbone '{name}': {len(missing)} missing keys "
+            f"checkpoint '{source}' does not match backbone '{name}': {len(missing)} missing keys "
             f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}); pass the matching --backbone"
         )
-    return model.float()
+    return model
 
 
-def _load_tag(name: str, tag: str, cache_dir: str | None) -> nn.Module:
+def _load_file(name: str, path: Path, precision: str = "fp32") -> nn.Module:
+    sd, is_openai, meta = _read_state_dict(path)
+    # OpenAI's CLIP uses QuickGELU: a file in OpenAI's format is built with it whatever the architecture config says.
+    # An open_clip-format file carries no activation marker: the architecture decides (`-quickgelu` for QuickGELU).
+    quick = is_openai or architecture_quick_gelu(name)
+    if is_openai and not architecture_quick_gelu(name):
+        log.info("'%s' is in OpenAI's format: building '%s' with QuickGELU", path, name)
+    hinted = [w for w in OPENAI_HINTS if w in f"{path} {meta}".lower()]
+    if not quick and hinted:
+        twin = f"{name}-quickgelu"
+        fix = f"pass --backbone {twin}" if twin in open_clip.list_models() else "use an architecture with quick_gelu"
+        log.warning(
+            "'%s' mentions '%s' but has no OpenAI-format marker, so '%s' is built with GELU; if these weights were "
+            "trained with QuickGELU (OpenAI, MetaCLIP, DFN), %s",
+            path,
+            hinted[0],
+            name,
+            fix,
+        )
+    return _load_state(_build(name, quick, precision), sd, str(path), name)
+
+
+def _hub_file(repo: str, filename: str | None, cache_dir: str | None, what: str) -> str:
+    """A file of Hugging Face repo `repo` (the cache only when offline); UserError when it cannot be had."""
+    from open_clip.pretrained import download_pretrained_from_hf
+
+    try:
+        return download_pretrained_from_hf(repo, filename=filename, cache_dir=cache_dir)
+    except Exception as e:  # noqa: BLE001 - offline misses and network errors alike
+        if _is_offline():
+            raise UserError(
+                f"{what} are not in the local Hugging Face cache and HF_HUB_OFFLINE is set: pass --pretrained PATH "
+                "to a checkpoint file, or go online once to download them"
+            ) from None
+        raise UserError(
+            f"could not fetch {what} from the Hugging Face Hub ({type(e).__name__}); check the network or pass "
+            "--pretrained PATH to a checkpoint file"
+        ) from e
+
+
+def _load_tag(name: str, tag: str, cache_dir: str | None, precision: str = "fp32") -> nn.Module:
     tags = open_clip.list_pretrained_tags_by_model(name)
     if tag not in tags:
         raise UserError(
@@ -409,23 +521,79 @@ def _load_tag(name: str, tag: str, cache_dir: str | None) -> nn.Module:
             f"Tags: {', '.join(tags) or 'none'}; or pass --pretrained PATH to a checkpoint file."
         )
     cfg = open_clip.get_pretrained_cfg(name, tag)
-    if _is_offline():
-        try:  # resolves from the local cache only; raises at once when offline and absent
-            path = open_clip.download_pretrained(cfg, cache_dir=cache_dir) if cfg.get("hf_hub") else ""
-        except Exception:  # noqa: BLE001
-            path = ""
-        if not path:
+    what = f"weights '{name}' / '{tag}'"
+    if cfg.get("hf_hub"):  # every open_clip 3.x tag: 'org/repo/' (default file name) or 'org/repo/file'
+        repo, filename = os.path.split(cfg["hf_hub"])
+        path = _hub_file(repo, filename or None, cache_dir, what)
+    else:  # a URL only (older open_clip tables); open_clip keeps it in ~/.cache/clip
+        target = Path(cache_dir or os.path.expanduser("~/.cache/clip")) / os.path.basename(cfg.get("url", ""))
+        if _is_offline() and not target.is_file():
             raise UserError(
-                f"weights '{name}' / '{tag}' are not in the local cache and HF_HUB_OFFLINE is set: "
-                "pass --pretrained PATH to a checkpoint file, or go online once to download them"
+                f"{what} are not in the local cache and HF_HUB_OFFLINE is set: pass --pretrained PATH to a "
+                "checkpoint file, or go online once to download them"
             )
+        try:
+            path = open_clip.download_pretrained(cfg, cache_dir=cache_dir)
+        except Exception as e:  # noqa: BLE001
+            raise UserError(
+                f"could not fetch {what} ({type(e).__name__}); pass --pretrained PATH or check network"
+            ) from e
+    sd, _, _ = _read_state_dict(Path(path))
+    return _load_state(_build(name, tag_quick_gelu(name, tag), precision), sd, f"{name} / {tag} ({path})", name)
+
+
+def _comparable_config(cfg: dict) -> dict:
+    """A model config with open_clip's defaults filled in and the activation left out (compared separately)."""
+    import dataclasses
+    import inspect
+
+    out = {k: v for k, v in cfg.items() if k != "quick_gelu"}
+    for key, fields_of in (("vision_cfg", open_clip.CLIPVisionCfg), ("text_cfg", open_clip.CLIPTextCfg)):
+        defaults = {f.name: f.default for f in dataclasses.fields(fields_of) if f.default is not dataclasses.MISSING}
+        out[key] = {**defaults, **out.get(key, {})}
+    params = inspect.signature(open_clip.CLIP.__init__).parameters.values()
+    top = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty and p.name != "quick_gelu"}
+    return json.loads(json.dumps({"custom_text": False, **top, **out}, default=str))
+
+
+def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Keys whose values differ between two nested model configs."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out.extend(_config_diff(va, vb, f"{prefix}{k}."))
+        elif va != vb:
+            out.append(f"{prefix}{k} ({va} vs {vb})")
+    return out
+
+
+def _load_hub(name: str, repo: str, cache_dir: str | None, precision: str = "fp32") -> nn.Module:
+    """`hf-hub:ORG/NAME`: open_clip's config (`open_clip_config.json`) and weights from a Hub repo.
+
+    The repo's architecture must be `name`'s (the run key and every report name the architecture); the activation
+    comes from the repo's config or the open_clip tag served from that repo (`hub_quick_gelu`).
+    """
+    what = f"weights '{HF_HUB_PREFIX}{repo}'"
+    config_path = _hub_file(repo, "open_clip_config.json", cache_dir, what)
     try:
-        model = open_clip.create_model(name, pretrained=tag, cache_dir=cache_dir)
-    except Exception as e:  # noqa: BLE001
-        raise UserError(
-            f"could not fetch weights '{name}' / '{tag}' ({type(e).__name__}); pass --pretrained PATH or check network"
-        ) from e
-    return model.float()
+        model_cfg = json.loads(Path(config_path).read_text())["model_cfg"]
+        theirs = _comparable_config(model_cfg)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"'{config_path}' of '{repo}' is not an open_clip config with a 'model_cfg' ({e})") from None
+    diff = _config_diff(_comparable_config(open_clip.get_model_config(name) or {}), theirs)
+    if diff:
+        same = [
+            m
+            for m in open_clip.list_models()
+            if not _config_diff(_comparable_config(open_clip.get_model_config(m)), theirs)
+        ]
+        hint = f"pass --backbone {same[0]}" if same else "it matches no open_clip architecture"
+        raise UserError(f"'{HF_HUB_PREFIX}{repo}' is not a '{name}' model (differs in {', '.join(diff[:3])}); {hint}")
+    path = _hub_file(repo, None, cache_dir, what)
+    sd, _, _ = _read_state_dict(Path(path))
+    model = _build(name, hub_quick_gelu(repo, model_cfg), precision)
+    return _load_state(model, sd, f"{HF_HUB_PREFIX}{repo} ({path})", name)
 
 
 def load_backbone(
@@ -434,25 +602,35 @@ def load_backbone(
     device: str | torch.device = "cpu",
     cache_dir: str | None = None,
     seed: int = 0,
+    precision: str = "fp32",
 ) -> Backbone:
     """Build a frozen backbone from an open_clip architecture name and `pretrained`.
 
     `pretrained`: None / "" / "random" (deterministic random init from `seed`), an open_clip tag ("openai",
-    "laion2b_s34b_b88k", ...), an open_clip checkpoint file, or an OpenAI-format state dict (.pt, JIT or plain).
+    "laion2b_s34b_b88k", ...; built with the activation the tag was trained with), ``hf-hub:ORG/NAME`` (config and
+    weights from a Hugging Face Hub repo; offline from the local cache), an open_clip checkpoint file, or an
+    OpenAI-format state dict (.pt, JIT or plain; built with QuickGELU). `precision`: "fp32" or "reference-fp16"
+    (the reference code's fp16 weights, see `REFERENCE_FP16`).
     """
     _check_name(name)
     if not pretrained or pretrained == "random":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = open_clip.create_model(name, pretrained=None)
+            model = _build(name, architecture_quick_gelu(name), precision)
         pretrained = "random"
+    elif pretrained.startswith(HF_HUB_PREFIX):
+        repo = pretrained.removeprefix(HF_HUB_PREFIX).strip("/")
+        if repo.count("/") != 1:
+            raise UserError(f"--pretrained '{pretrained}': expected {HF_HUB_PREFIX}ORG/NAME")
+        model = _load_hub(name, repo, cache_dir, precision)
+        pretrained = f"{HF_HUB_PREFIX}{repo}"
     elif os.path.isfile(pretrained):
-        model = _load_file(name, Path(pretrained))
+        model = _load_file(name, Path(pretrained), precision)
         pretrained = str(Path(pretrained).resolve())
     elif os.path.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
         raise UserError(f"checkpoint file '{pretrained}' does not exist; pass --pretrained PATH to an existing file")
     else:
-        model = _load_tag(name, pretrained, cache_dir)
+        model = _load_tag(name, pretrained, cache_dir, precision)
     tokenizer = open_clip.get_tokenizer(name)
     vocab = getattr(tokenizer, "vocab_size", None)
     if vocab is not None and vocab < 1000:  # tokenizers can load empty offline without raising

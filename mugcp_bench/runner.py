@@ -26,7 +26,15 @@ from mugcp_bench.methods.base import Method, TrainConfig, apply_overrides, split
 from mugcp_bench.protocols import EvalTarget, Protocol, Suite, TrainTarget, plan_protocol
 from mugcp_bench.registry import METHODS, suggest
 from mugcp_bench.store import RunKey, RunRecord, config_hash
-from mugcp_bench.trainer import evaluate, fit, resolve_precision, set_seed
+from mugcp_bench.trainer import (
+    backbone_precision,
+    check_backbone,
+    evaluate,
+    fit,
+    prepare_method,
+    resolve_precision,
+    set_seed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +130,7 @@ def plan(
     """Expand methods × protocols × datasets × shots × seeds (× ablation variants) into keyed runs."""
     device = torch.device(opts.device)
     precision = resolve_precision(opts.precision, device)
+    check_backbone(backbone, precision)
     runs: dict[str, PlannedRun] = {}
     for name in methods:
         method_cls = METHODS.get(name)
@@ -146,6 +155,7 @@ def plan(
                             seed=seed,
                             precision=precision,
                             config_hash=config_hash([asdict(cfg), asdict(tcfg), TRANSFORM_VERSION]),
+                            activation=backbone.activation,
                         )
                         if key.id in runs:  # cross-dataset + DG share the source run: merge evaluations
                             prev = runs[key.id]
@@ -193,7 +203,7 @@ def execute(run: PlannedRun, backbone: Backbone, opts: RunOptions, progress=None
     set_seed(run.key.seed)  # as Dassl: seed before building the dataset (few-shot sampling uses its own RNG)
     data = prepare(run.key.train_dataset, opts.data_root, run.key.shots, run.key.seed, run.key.classes, opts.cache_dir)
     method = method_cls(backbone, data.classnames, run.method_config, template=spec.template, dataset=spec.name)
-    method.to(device)
+    prepare_method(method, device, run.key.precision)  # device and parameter dtypes (reference-fp16: as the reference)
     config = {"method": asdict(run.method_config), "train": asdict(run.train_config), "transform": TRANSFORM_VERSION}
     record.start(config, method.n_trainable(), run.train_config.eval_batch_size)
     # All parameters the method holds (DCP's official preset keeps a text half that never gets a gradient).
@@ -298,14 +308,17 @@ def execute(run: PlannedRun, backbone: Backbone, opts: RunOptions, progress=None
         raise RunFailed(f"{run.label}: {reason}") from e
 
 
-_BACKBONES: dict[tuple[str, str, str], Backbone] = {}
+_BACKBONES: dict[tuple[str, str, str, str], Backbone] = {}
 
 
-def get_backbone(name: str, pretrained: str | None, device: str) -> Backbone:
-    """One backbone per (name, weights, device), shared by all runs of a sweep in this process."""
-    key = (name, pretrained or "random", device)
+def get_backbone(name: str, pretrained: str | None, device: str, precision: str = "auto") -> Backbone:
+    """One backbone per (name, weights, device, weight precision), shared by all runs of a sweep in this process.
+
+    `precision` is the sweep's (resolved or not): reference-fp16 needs the backbone's weights in fp16."""
+    weights = backbone_precision(precision)
+    key = (name, pretrained or "random", device, weights)
     if key not in _BACKBONES:
-        _BACKBONES[key] = load_backbone(name, pretrained, device=device)
+        _BACKBONES[key] = load_backbone(name, pretrained, device=device, precision=weights)
     return _BACKBONES[key]
 
 

@@ -40,10 +40,16 @@ class RunKey:
     seed: int
     precision: str
     config_hash: str
+    # The backbone's MLP activation as built ("quickgelu" | "gelu"): the same weights under another activation are
+    # another model (open_clip 3.x built ViT-B-16 + openai with GELU before mugcp-bench forced QuickGELU).
+    activation: str = "gelu"
 
     @property
     def id(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        fields = asdict(self)
+        if fields["activation"] == "gelu":  # the field came later: runs built with GELU keep their earlier ids
+            del fields["activation"]
+        blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha1(blob).hexdigest()[:8]
 
     @property

@@ -228,10 +228,13 @@ def run_sweep(options: SweepOptions | None = None, /, *, reporter: Reporter | No
     Pass a `SweepOptions` or its fields as keywords. Raises `UserError` on bad input; without `keep_going` the first
     failed run stops the sweep (`RunFailed`, or `UserError` for bad data found while running).
     """
+    import torch
+
     from mugcp_bench.datapaths import default_cache_dir, resolve_data_root
     from mugcp_bench.datasets.checks import dataset_names, require_datasets
     from mugcp_bench.protocols import REAL_SUITE, get_protocol, toy_suite
     from mugcp_bench.runner import RunOptions, execute, get_backbone, plan, resolve_methods, summarize
+    from mugcp_bench.trainer import resolve_precision
 
     o = options if options is not None else SweepOptions(**kw)
     if options is not None and kw:
@@ -245,6 +248,7 @@ def run_sweep(options: SweepOptions | None = None, /, *, reporter: Reporter | No
     seeds = parse_ints(o.seeds, "seeds") or (1,)
     overrides = parse_sets(o.sets)
     device = resolve_device(o.device)
+    precision = resolve_precision(o.precision, torch.device(device))  # reference-fp16 off CUDA: UserError now
     results_dir = Path(o.results_dir)
     check_writable(results_dir)
     cache_dir = default_cache_dir()
@@ -290,7 +294,7 @@ def run_sweep(options: SweepOptions | None = None, /, *, reporter: Reporter | No
         resume=o.resume,
         workers=o.workers if o.workers is not None else (8 if device.startswith("cuda") else 0),
     )
-    backbone = get_backbone(backbone_name, pretrained, device)
+    backbone = get_backbone(backbone_name, pretrained, device, precision)
     runs = plan(opts, backbone, method_names, protocols, suite, datasets, shots, seeds, o.variants)
     needed = sorted({r.train.dataset for r in runs} | {e.dataset for r in runs for e in r.evals})
     if any(r.action != "skip" for r in runs):

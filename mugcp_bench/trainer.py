@@ -25,12 +25,20 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from mugcp_bench.atomic import atomic_torch_save
+from mugcp_bench.backbone import REFERENCE_FP16, Backbone
 from mugcp_bench.datasets.base import Datum, ImageListDataset
+from mugcp_bench.errors import UserError
 from mugcp_bench.methods.base import Method, TrainConfig
+from mugcp_bench.registry import suggest
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# auto / fp32 / bf16 / fp16: fp32 weights and trainable parameters, autocast (bf16, or fp16 with a gradient scaler)
+# on CUDA. reference-fp16: the reference code's default regime (docs/protocol.md §4.5; KaiyangZhou/CoOp
+# trainers/coop.py with PREC "fp16"): the backbone's weights in fp16 as CLIP's builder holds them, the trainable
+# parameters in fp16 except those the reference keeps in fp32 (`Method.reference_fp32`), no autocast, plain SGD on the
+# fp16 parameters (no fp32 master weights, no loss scaling). CUDA only.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", REFERENCE_FP16)
 
 
 def set_seed(seed: int) -> None:
@@ -43,11 +51,18 @@ def set_seed(seed: int) -> None:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto` -> fp32 on CPU; bf16 autocast on CUDA where supported, else fp16 with a gradient scaler."""
-    if precision not in PRECISIONS:
-        from mugcp_bench.errors import UserError
+    """`auto` -> fp32 on CPU; bf16 autocast on CUDA where supported, else fp16 with a gradient scaler.
 
-        raise UserError(f"unknown precision '{precision}'; use one of {', '.join(PRECISIONS)}")
+    `reference-fp16` is CUDA only: a UserError on any other device (raised before anything is loaded)."""
+    if precision not in PRECISIONS:
+        raise UserError(
+            f"unknown precision '{precision}'.{suggest(precision, PRECISIONS)} Use one of {', '.join(PRECISIONS)}."
+        )
+    if precision == REFERENCE_FP16 and device.type != "cuda":
+        raise UserError(
+            f"--precision {REFERENCE_FP16} runs on CUDA only (the reference code's fp16 regime); "
+            f"use --device cuda, or --precision fp32 on the {device.type.upper()}"
+        )
     if device.type != "cuda":
         return "fp32"
     if precision == "auto":
@@ -55,11 +70,39 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def backbone_precision(precision: str) -> str:
+    """The weight precision a backbone needs for training precision `precision` (`load_backbone(precision=...)`)."""
+    return REFERENCE_FP16 if precision == REFERENCE_FP16 else "fp32"
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "fp32" or device.type != "cuda":
+    """Autocast for bf16 / fp16 on CUDA; none for fp32 and reference-fp16 (whose weights carry their dtypes)."""
+    if precision in ("fp32", REFERENCE_FP16) or device.type != "cuda":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def check_backbone(backbone: Backbone, precision: str) -> None:
+    """UserError unless `backbone`'s weights are held as training precision `precision` needs."""
+    wanted = torch.float16 if precision == REFERENCE_FP16 else torch.float32
+    if backbone.dtype != wanted:
+        raise UserError(
+            f"precision {precision} needs a backbone with {wanted} weights, this one holds {backbone.dtype}: "
+            f"load it with load_backbone(..., precision='{backbone_precision(precision)}')"
+        )
+
+
+def prepare_method(method: Method, device: torch.device, precision: str) -> Method:
+    """Move `method` to `device` and give its parameters the dtypes `precision` trains them in.
+
+    fp32 for autocast precisions; for reference-fp16 the reference's fp16 parameters (`Method.to_reference_fp16`),
+    which needs a backbone loaded with ``precision="reference-fp16"`` (and only then)."""
+    check_backbone(method.backbone, precision)
+    method.to(device)
+    if precision == REFERENCE_FP16:
+        method.to_reference_fp16()
+    return method
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
@@ -91,6 +134,11 @@ def make_optimizer(method: Method, cfg: TrainConfig) -> tuple[torch.optim.Optimi
     params = method.trainable_parameters()
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, dampening=0)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+
+
+def make_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
+    """A gradient scaler for fp16 autocast on CUDA only; reference-fp16 updates its fp16 parameters unscaled."""
+    return torch.amp.GradScaler("cuda") if precision == "fp16" and device.type == "cuda" else None
 
 
 @dataclass
@@ -152,7 +200,7 @@ def fit(
     )
     keys = [d.relpath for d in items]
     opt, sched = make_optimizer(method, cfg)
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" and device.type == "cuda" else None
+    scaler = make_scaler(precision, device)
     start_epoch = 0
     if resume and checkpoint is not None and checkpoint.is_file():
         state = torch.load(checkpoint, map_location="cpu", weights_only=False)
@@ -172,7 +220,9 @@ def fit(
             labels = labels.to(device, non_blocking=True)
             with autocast(device, precision):
                 out = method(images, [keys[i] for i in index.tolist()])
-                loss = F.cross_entropy(out.logits.float(), labels)
+                # the reference takes the cross-entropy of its fp16 logits as they are
+                logits = out.logits if precision == REFERENCE_FP16 else out.logits.float()
+                loss = F.cross_entropy(logits, labels)
                 for extra in out.losses.values():
                     loss = loss + extra.float()
             scaled = loss / cfg.accum_steps
@@ -237,7 +287,7 @@ def evaluate(
     workers: int = 0,
     dataset: str = "",
 ) -> dict[str, Any]:
-    """Top-1 accuracy (%) of `method` on `items`, sequential order, fixed batch size.
+    """Top-1 accuracy (%) of `method` on `items`, sequential order, fixed batch size, under `precision`'s autocast.
 
     `image_features` (N, E): precomputed frozen image features (methods with a frozen image path).
     `fast=False` runs the naive path (forward per batch, as the reference code does).
@@ -246,11 +296,14 @@ def evaluate(
     keys = [d.relpath for d in items]
     labels = torch.tensor([d.label for d in items])
     correct = 0
-    if fast:
-        method.begin_eval()
+    if fast:  # the cached class-text pass runs under the same autocast as the per-batch forwards
+        with autocast(device, precision):
+            method.begin_eval()
     try:
         if image_features is not None:
-            chunks = ((None, image_features[s].to(device), s) for s in batches(len(items), batch_size))
+            # cached fp32 features back in the backbone's dtype (reference-fp16: the fp16 values it computed)
+            dtype = method.backbone.dtype
+            chunks = ((None, image_features[s].to(device, dtype), s) for s in batches(len(items), batch_size))
         else:
             loader = DataLoader(
                 ImageListDataset(items, transform, dataset), batch_size=batch_size, shuffle=False, num_workers=workers

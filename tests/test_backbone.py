@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
 import subprocess
 import sys
 import time
+import warnings
+from pathlib import Path
 
 import open_clip
 import pytest
 import torch
 
-from mugcp_bench.backbone import Backbone, load_backbone
+import mugcp_bench.backbone as backbone_mod
+from mugcp_bench.backbone import CLIP_MEAN, CLIP_STD, Backbone, load_backbone
 from mugcp_bench.errors import UserError
 
 TEXTS = ["a photo of a dog.", "a much longer caption about a red striped circle on grass", "x"]
@@ -211,3 +218,167 @@ def test_cli_openai_offline_one_line(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("error: weights 'ViT-B-16' / 'openai' are not in the local")
     assert "Traceback" not in proc.stderr
     assert time.perf_counter() - t0 < 60
+
+
+# --- real weights as they were trained: activation per tag, Hugging Face cache, hf-hub --------------------------
+QUICKGELU_WARNING = "QuickGELU mismatch"
+
+
+def hf_cache_snapshot(cache: Path, repo: str) -> Path:
+    """The snapshot folder of `repo` laid out as huggingface_hub's cache does (models--ORG--NAME/refs/main names the
+    revision under snapshots/); files written there are found offline."""
+    revision = hashlib.sha1(repo.encode()).hexdigest()
+    root = cache / f"models--{repo.replace('/', '--')}"
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / "main").write_text(revision)
+    snapshot = root / "snapshots" / revision
+    snapshot.mkdir(parents=True, exist_ok=True)
+    return snapshot
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch) -> Path:
+    """An empty Hugging Face cache in a temporary folder, offline (huggingface_hub reads its constants at import)."""
+    import huggingface_hub.constants as hf_constants
+
+    cache = tmp_path / "hf" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def _tag_file(hf_cache: Path, name: str, tag: str) -> Path:
+    """Where open_clip looks for the weights of (name, tag) in the cache: the hub id and file name of its pretrained
+    config (an empty file name means open_clip's default, of which it tries the safetensors one first)."""
+    from open_clip.constants import HF_SAFE_WEIGHTS_NAME
+
+    repo, filename = os.path.split(open_clip.get_pretrained_cfg(name, tag)["hf_hub"])
+    return hf_cache_snapshot(hf_cache, repo) / (filename or HF_SAFE_WEIGHTS_NAME)
+
+
+def _set_activation(model: torch.nn.Module, act: type[torch.nn.Module]) -> None:
+    for tower in (model.visual.transformer, model.transformer):
+        for block in tower.resblocks:
+            block.mlp.gelu = act()
+
+
+def test_openai_tag_loads_from_the_hf_cache_with_quickgelu_and_no_warning(hf_cache, vit_b16, caplog):
+    from safetensors.torch import save_file
+
+    path = _tag_file(hf_cache, "ViT-B-16", "openai")
+    # random ViT-B-16 weights, stored in fp16 as OpenAI released them
+    save_file({k: v.half().contiguous() for k, v in vit_b16.model.state_dict().items()}, str(path))
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            bb = load_backbone("ViT-B-16", "openai")  # the README's real usage, run's default backbone and tag
+        assert not [w for w in caught if QUICKGELU_WARNING in str(w.message)]
+        assert not [r for r in caplog.records if "QuickGELU" in r.getMessage()]
+        assert bb.activation == "quickgelu" and bb.pretrained == "openai"
+        ref = open_clip.create_model("ViT-B-16-quickgelu", pretrained=str(path))  # open_clip's own loader
+        ref.eval().requires_grad_(False)  # frozen as ours (attention takes another kernel path otherwise)
+        torch.manual_seed(0)
+        images = torch.randn(1, 3, 224, 224)
+        tokens = bb.tokenize(TEXTS[:2])
+        with torch.no_grad():  # open_clip's forwards on both models (our loops equal them: tests above)
+            ours_i, ours_t = bb.model.encode_image(images), bb.model.encode_text(tokens)
+            assert (ours_i - ref.encode_image(images)).abs().max() <= 1e-6
+            assert (ours_t - ref.encode_text(tokens)).abs().max() <= 1e-6
+            _set_activation(ref, torch.nn.GELU)  # the same weights under GELU: what open_clip 3.x builds for the tag
+            assert (ours_t - ref.encode_text(tokens)).abs().max() > 1e-3
+    finally:
+        path.unlink()
+
+
+@pytest.mark.parametrize(("name", "tag"), open_clip.list_pretrained())
+def test_every_pretrained_tag_is_built_with_its_trained_activation(name, tag, monkeypatch):
+    """Config level, through the real `_load_tag` with the file reading and the model build stubbed out."""
+    built = {}
+    monkeypatch.setattr(backbone_mod, "_hub_file", lambda *a: "weights.bin")
+    monkeypatch.setattr(backbone_mod, "_read_state_dict", lambda path: ({}, False, ""))
+    monkeypatch.setattr(backbone_mod, "_build", lambda n, quick, precision: built.setdefault("quick", quick))
+    monkeypatch.setattr(backbone_mod, "_load_state", lambda model, *a: model)
+    backbone_mod._load_tag(name, tag, None)
+    stated = open_clip.get_pretrained_cfg(name, tag).get("quick_gelu")
+    if stated is None:  # the tag says nothing (roberta-ViT-B-32 only): its architecture config decides
+        stated = bool(open_clip.get_model_config(name).get("quick_gelu", False))
+    assert built["quick"] == stated
+
+
+def test_quickgelu_tags_that_open_clip_builds_with_gelu_are_many():
+    """The cases the tag check above protects: tags trained with QuickGELU under a GELU architecture config."""
+    wrong = [
+        (n, t)
+        for n, t in open_clip.list_pretrained()
+        if open_clip.get_pretrained_cfg(n, t).get("quick_gelu") and not open_clip.get_model_config(n).get("quick_gelu")
+    ]
+    assert ("ViT-B-16", "openai") in wrong and ("ViT-B-16", "metaclip_400m") in wrong and len(wrong) >= 20
+
+
+def test_quickgelu_architecture_and_openai_named_file(tmp_path, tiny_backbone, caplog):
+    path = tmp_path / "tiny-openai.pt"  # open_clip format: no OpenAI marker, only the name says so
+    torch.save(tiny_backbone.model.state_dict(), path)
+    with caplog.at_level(logging.WARNING, logger="mugcp_bench.backbone"):
+        gelu = load_backbone("tiny", str(path))
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "mugcp_bench.backbone"]
+    assert "mentions 'openai'" in line and "pass --backbone tiny-quickgelu" in line
+    assert gelu.activation == "gelu"
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mugcp_bench.backbone"):
+        quick = load_backbone("tiny-quickgelu", str(path))
+    assert quick.activation == "quickgelu" and not [r for r in caplog.records if r.name == "mugcp_bench.backbone"]
+    assert quick.weights_hash == gelu.weights_hash == tiny_backbone.weights_hash
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (quick.encode_image(images) - gelu.encode_image(images)).abs().max() > 1e-4
+
+
+def test_openai_format_file_records_quickgelu(tmp_path):
+    torch.manual_seed(2)
+    src = open_clip.create_model("tiny-quickgelu").eval()
+    path = tmp_path / "tiny.pt"
+    torch.save(_openai_state_dict(src), path)
+    assert load_backbone("tiny", str(path)).activation == "quickgelu"
+    assert load_backbone("tiny").activation == "gelu"
+
+
+def _tiny_hub_repo(hf_cache: Path, repo: str, model: torch.nn.Module, quick_gelu: bool | None) -> None:
+    from safetensors.torch import save_file
+
+    snapshot = hf_cache_snapshot(hf_cache, repo)
+    model_cfg = open_clip.get_model_config("tiny")
+    if quick_gelu is not None:
+        model_cfg["quick_gelu"] = quick_gelu
+    config = {"model_cfg": model_cfg, "preprocess_cfg": {"mean": list(CLIP_MEAN), "std": list(CLIP_STD)}}
+    (snapshot / "open_clip_config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(snapshot / "open_clip_model.safetensors"))
+
+
+def test_hf_hub_pretrained_from_the_local_cache(hf_cache, tiny_backbone):
+    _tiny_hub_repo(hf_cache, "acme/tiny-clip-quickgelu", tiny_backbone.model, quick_gelu=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bb = load_backbone("tiny", "hf-hub:acme/tiny-clip-quickgelu")
+    assert not [w for w in caught if QUICKGELU_WARNING in str(w.message)]
+    assert bb.pretrained == "hf-hub:acme/tiny-clip-quickgelu" and bb.activation == "quickgelu"
+    assert bb.weights_hash == tiny_backbone.weights_hash
+    _tiny_hub_repo(hf_cache, "acme/tiny-clip", tiny_backbone.model, quick_gelu=None)
+    assert load_backbone("tiny", "hf-hub:acme/tiny-clip").activation == "gelu"
+    # the repo's architecture must be the one named: the run key and every report name it
+    with pytest.raises(UserError, match="is not a 'tiny-mismatch' model .*vision_cfg.layers .*pass --backbone tiny"):
+        load_backbone("tiny-mismatch", "hf-hub:acme/tiny-clip")
+    with pytest.raises(UserError, match="not in the local Hugging Face cache and HF_HUB_OFFLINE is set"):
+        load_backbone("tiny", "hf-hub:acme/absent")
+    with pytest.raises(UserError, match="expected hf-hub:ORG/NAME"):
+        load_backbone("tiny", "hf-hub:absent")
+
+
+def test_hub_repo_of_a_quickgelu_tag_is_quickgelu_even_if_its_config_is_silent():
+    repo = os.path.split(open_clip.get_pretrained_cfg("ViT-B-16", "openai")["hf_hub"])[0]
+    assert backbone_mod.hub_quick_gelu(repo, {}) is True
+    assert backbone_mod.hub_quick_gelu("laion/CLIP-ViT-B-16-laion2B-s34B-b88K", {}) is False
+    assert backbone_mod.hub_quick_gelu("acme/x", {"quick_gelu": True}) is True

@@ -40,7 +40,12 @@ def run_options(f):
         click.option("--resume/--no-resume", default=True, show_default=True, help="Resume from epoch checkpoints."),
         click.option("--keep-going", is_flag=True, help="Record a failed run and continue with the others."),
         click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1 or auto."),
-        click.option("--precision", default="auto", show_default=True, help="auto, fp32, bf16 or fp16 (CUDA)."),
+        click.option(
+            "--precision",
+            default="auto",
+            show_default=True,
+            help="auto, fp32, bf16, fp16 (CUDA autocast) or reference-fp16 (CUDA: the reference code's fp16 regime).",
+        ),
         click.option("--workers", default=None, type=int, help="Data loader workers (default: 0 on CPU, 8 on GPU)."),
         click.option("--no-describe", is_flag=True, help="MuGCP: fail if descriptions are missing from the cache."),
         click.option("--quick-toy", is_flag=True, hidden=True, help="Use the quick toy world (tests)."),
