@@ -294,3 +294,17 @@ def test_report_vs_paper_stops_flagging_reference_fp16_runs(tmp_path):
     after = CliRunner().invoke(report, args, catch_exceptions=False)
     assert after.exit_code == 0, after.output
     assert "Precision differs" not in after.stdout and "(±x.xx M)" in after.stdout  # Δ shown, not flagged
+
+
+def test_planned_runs_record_the_backbone_activation(tmp_path):
+    from mugcp_bench.protocols import REAL_SUITE, get_protocol
+    from mugcp_bench.runner import RunOptions, plan
+
+    opts = RunOptions(results_dir=tmp_path, data_root=tmp_path, cache_dir=tmp_path, recipe="toy")
+    keys = {}
+    for name in ("tiny", "tiny-quickgelu"):
+        bb = load_backbone(name)
+        (run,) = plan(opts, bb, ["coop"], [get_protocol("base2novel")], REAL_SUITE, ("dtd",), None, [1])
+        run.record.start({}, 0, 1)
+        keys[name] = json.loads(run.record.path.read_text())["key"]
+    assert keys["tiny"]["activation"] == "gelu" and keys["tiny-quickgelu"]["activation"] == "quickgelu"
