@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from PIL import Image
 from torch import nn
 
-from mugcp_bench import aggregate, trainer
+from mugcp_bench import comparison, trainer
 from mugcp_bench.backbone import REFERENCE_FP16, load_backbone
 from mugcp_bench.cli import main
 from mugcp_bench.commands.report import report
@@ -281,7 +281,7 @@ def test_run_key_records_the_activation_and_gelu_runs_keep_their_ids():
 
 
 def test_report_vs_paper_stops_flagging_reference_fp16_runs(tmp_path):
-    assert aggregate.REFERENCE_PRECISION == REFERENCE_FP16
+    assert comparison.REFERENCE_PRECISION == REFERENCE_FP16
     results = tmp_path / "results"
     shutil.copytree(FIXTURE_RESULTS, results)
     args = ["--results-dir", str(results), "--format", "md", "--protocol", "base2novel", "--vs", "paper"]
