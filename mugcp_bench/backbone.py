@@ -177,7 +177,8 @@ class Backbone(nn.Module):
         """The MLP activation the towers were built with, read off the modules: "quickgelu" (OpenAI's CLIP) or
         "gelu" (recorded in every run key)."""
         blocks = [*self.model.visual.transformer.resblocks, *self.text.transformer.resblocks]
-        return "+".join(sorted({type(b.mlp.gelu).__name__.lower() for b in blocks}))
+        acts = {getattr(getattr(b, "mlp", None), "gelu", None) for b in blocks}
+        return "+".join(sorted({type(a).__name__.lower() if a is not None else "unknown" for a in acts}))
 
     @property
     def logit_scale(self) -> torch.Tensor:
