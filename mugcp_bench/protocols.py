@@ -77,17 +77,8 @@ def __getattr__(name: str):
 
 
 def toy_suite() -> Suite:
-    """The toy world's suite (`mugcp_bench.toy.suite.TOY_SUITE`)."""
-    from mugcp_bench.toy.suite import TOY_SUITE
-
-    return Suite(
-        name="toy",
-        base2novel=tuple(TOY_SUITE["base2novel"]),
-        source=TOY_SUITE["source"],
-        cross_dataset_targets=tuple(TOY_SUITE["cross_dataset_targets"]),
-        domain_targets=tuple(TOY_SUITE["domain_targets"]),
-        few_shot=tuple(TOY_SUITE["base2novel"]),
-    )
+    """The toy world's suite (defined by `mugcp_bench.toy.suite.TOY_SUITE`, declared on the toy specs)."""
+    return suite("toy")
 
 
 @dataclass(frozen=True)

@@ -78,13 +78,13 @@ def dataset_display(name: str) -> str:
     return hit[1].label if hit else title_case(name)
 
 
-def dataset_rank(name: str, first_seen: int = 0) -> tuple[int, int]:
-    """Sort key: the specs' table order for datasets that declare one, then the others in order of first
-    appearance."""
+def dataset_rank(name: str, first_seen: int = 0) -> tuple[int, int, str, int]:
+    """Sort key: datasets that declare a table order by suite (the benchmark first) and that order, then the others
+    in order of first appearance."""
     hit = _lookup(name)
     if hit and hit[1].order is not None:
-        return (0, hit[1].order)
-    return (1, first_seen)
+        return (0, int(hit[1].group != "benchmark"), hit[1].group, hit[1].order)
+    return (1, 0, "", first_seen)
 
 
 # ---------------------------------------------------------------------------------------------------------------
