@@ -18,7 +18,7 @@ from mugcp_bench.protocols import PROTOCOL_NAMES, PROTOCOLS
 from mugcp_bench.reference_results import AVERAGE
 from mugcp_bench.registry import suggest
 from mugcp_bench.report_model import Column, Options, Report, Table
-from mugcp_bench.statistics import derive, outlier_seed_notes, seed_cells
+from mugcp_bench.statistics import derive, seed_cells, unusual_seeds
 from mugcp_bench.tidy import Results, dataset_display, dataset_key, dataset_rank
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,6 @@ GROUP_LABELS = {"base": "Base", "novel": "Novel", "hm": "HM", "acc": "Acc"}
 METHOD_ORDER_HEAD = ("zsclip", "coop", "cocoop", "ivlp", "maple", "promptsrc")
 METHOD_ORDER_TAIL = ("dcp", "mugcp")
 SETTING_FIELDS = ("backbone", "pretrained", "recipe", "precision")
-LEAK_TEXT = " of descriptions name the true class"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -104,7 +103,7 @@ def _drop_duplicate_seeds(frame: pd.DataFrame, keys: list[str]) -> tuple[pd.Data
     newest_last = frame.sort_values("mtime", kind="stable")
     dup = newest_last.duplicated([*keys, "seed"], keep="last")
     kept = newest_last[~dup].sort_index()  # back to the file order: output never depends on mtimes otherwise
-    return kept, int(dup.sum())
+    return kept, int(newest_last.loc[dup, "run_id"].nunique())  # runs, not cells (base + novel are one run)
 
 
 def _row_order(frame: pd.DataFrame) -> tuple[list[str], dict[str, str]]:
@@ -188,25 +187,54 @@ def build_table(frame: pd.DataFrame, kind: str, options: Options) -> Table | Non
         group_labels=group_labels,
         seed_values=seed_values,
     )
-    table.footnotes = _footnotes(table, sub, options, n_dup, n_avg, source_name) + outlier_seed_notes(table)
+    _notes(table, sub, options, n_dup, n_avg, source_name)
+    _seed_flag_notes(table)
     return table
 
 
-def seed_notes(table: Table, options: Options) -> list[str]:
+def _seed_flag_notes(table: Table) -> None:
+    """Name the outlier seeds and the near-chance seeds of the table's measured cells (both stay in the mean)."""
+    outliers, near_chance = unusual_seeds(table.seed_values)
+
+    def label(f) -> str:
+        return f"{f.entry} {table.row_labels.get(f.row, f.row)} {table.group_labels.get(f.group, f.group)}"
+
+    if outliers:
+        text = "; ".join(
+            f"{label(f)} seed {f.seed}: {f.value:.2f} (other seeds {', '.join(f'{o:.2f}' for o in f.others)})"
+            for f in outliers
+        )
+        table.note("outliers", f"Outlier seeds (beyond 2σ of the other seeds and beyond noise; kept): {text}.")
+    if near_chance:
+        cells: dict[tuple[str, str, str], list] = {}
+        for f in near_chance:
+            cells.setdefault((f.entry, f.row, f.group), []).append(f)
+        parts = []
+        for flags in cells.values():
+            seeds = ", ".join(str(f.seed) for f in flags)
+            vals = ", ".join(f"{f.value:.2f}" for f in flags)
+            plural = "s" if len(flags) > 1 else ""
+            parts.append(f"{label(flags[0])} seed{plural} {seeds}: {vals} (chance {flags[0].chance:.2f})")
+        table.note("chance", f"Seeds within one standard error of chance (kept): {'; '.join(parts)}.")
+
+
+def _seed_notes(table: Table, options: Options) -> None:
     """Legend lines for missing-seed flags, naming the expected seeds of the entries that have incomplete cells."""
     shown = {(c.entry, c.group) for c in table.columns}
     cells = table.cells[[(e, g) in shown for e, g in zip(table.cells["entry"], table.cells["group"])]]
     incomplete = cells[~cells["complete"].astype(bool)]
     if incomplete.empty:
-        return []
+        return
     entries = list(dict.fromkeys(incomplete["entry"]))
     expected = table.entries.set_index("entry")["expected_seeds"]
     source = "from --seeds" if options.seeds is not None else "the seeds present for the method"
     per = "; ".join(f"{e}: {expected[e]}" for e in entries)
-    notes = [f"(k/n) = seeds present / expected; expected = {source} ({per})."]
+    table.note("seeds", f"(k/n) = seeds present / expected; expected = {source} ({per}).")
     if incomplete["is_average"].astype(bool).any():
-        notes.append("† = average over cells with missing seeds or datasets (not comparable to a complete average).")
-    return notes
+        table.note(
+            "incomplete",
+            "† = average over cells with missing seeds or datasets (not comparable to a complete average).",
+        )
 
 
 def _title(kind: str, entries: pd.DataFrame) -> str:
@@ -221,39 +249,38 @@ def _title(kind: str, entries: pd.DataFrame) -> str:
     return PROTOCOLS[kind].title + (f" — {', '.join(parts)}" if parts else "")
 
 
-def _footnotes(table: Table, sub: pd.DataFrame, options: Options, n_dup: int, n_avg: int, source: str) -> list[str]:
-    notes = []
+def _notes(table: Table, sub: pd.DataFrame, options: Options, n_dup: int, n_avg: int, source: str) -> None:
     if table.kind == "base2novel":
-        notes.append(
+        table.note(
+            "rule",
             "HM = 2·B·N/(B+N) of the seed-mean Base (B) and Novel (N) accuracy; Average = mean B and mean N over "
-            f"the {n_avg} datasets and the HM of those two means (not the mean of per-dataset HMs)."
+            f"the {n_avg} datasets and the HM of those two means (not the mean of per-dataset HMs).",
         )
     elif table.kind == "few_shot":
-        notes.append(f"Accuracy per K shots per class; Average = mean over the {n_avg} datasets for each K.")
+        table.note("rule", f"Accuracy per K shots per class; Average = mean over the {n_avg} datasets for each K.")
     else:
-        notes.append(f"Average = mean over the {n_avg} target datasets; the {source} source row is not averaged.")
+        table.note("rule", f"Average = mean over the {n_avg} target datasets; the {source} source row is not averaged.")
     spread = "95% CI half-width (Student's t, n−1 dof)" if options.ci else "sample std over seeds (ddof=1)"
     value = (
         "per-seed accuracies rounded to 1 decimal (as the reference parser reads them)"
         if options.rounded
         else "full-precision per-seed accuracies"
     )
-    notes.append(f"Values: mean ± {spread} of {value}; – = not defined (one seed).")
+    table.note("values", f"Values: mean ± {spread} of {value}; – = not defined (one seed).")
     if n_dup:
-        notes.append(
-            f"{n_dup} duplicate run(s) of the same seed (different config): the most recently written is used."
+        table.note(
+            "duplicates",
+            f"{n_dup} duplicate run(s) of the same seed (different config): the most recently written is used.",
         )
-    notes.extend(_leakage_lines(table, sub))
-    return notes
+    _leakage_notes(table, sub)
 
 
-def _leakage_lines(table: Table, sub: pd.DataFrame) -> list[str]:
-    lines = []
+def _leakage_notes(table: Table, sub: pd.DataFrame) -> None:
     leaky = sub[sub["leakage"].notna()]
     for entry, esub in leaky.groupby("entry", sort=True):  # stable order, whatever the files' mtimes
         weights = esub["n"].astype(float).fillna(1.0)
         overall = 100 * np.average(esub["leakage"], weights=weights)
-        line = f"{entry}: {overall:.1f}%{LEAK_TEXT}"
+        line = f"{entry}: {overall:.1f}% of descriptions name the true class"
         if table.kind == "base2novel":
             parts = []
             for cls in ("base", "novel"):
@@ -264,8 +291,7 @@ def _leakage_lines(table: Table, sub: pd.DataFrame) -> list[str]:
                     )
             if parts:
                 line += f" ({', '.join(parts)})"
-        lines.append(line + ".")
-    return lines
+        table.note("leakage", line + ".", entry=entry)
 
 
 def ablation_table(table: Table) -> Table | None:
@@ -328,12 +354,12 @@ def ablation_table(table: Table) -> Table | None:
         group_labels=group_labels,
         seed_values=table.seed_values[table.seed_values["entry"].isin(used)],
     )
-    abl.footnotes = [
+    abl.note(
+        "rule",
         f"Δ = variant − full method ({metric}, percentage points); "
         "a variant named method-no-X has component X switched off.",
-        *[n for n in table.footnotes if n.startswith("Values:")],
-        *[n for n in table.footnotes if _is_leak_line(n) and n.split(":")[0] in used],
-    ]
+    )
+    abl.notes += [n for n in table.notes if n.kind == "values" or (n.kind == "leakage" and n.entry in used)]
     return abl
 
 
@@ -351,13 +377,8 @@ def _main_view(table: Table, options: Options) -> Table:
     table.entries = info[info["entry"].isin(keep)].reset_index(drop=True)
     table.cells = table.cells[table.cells["entry"].isin(keep)].reset_index(drop=True)
     table.seed_values = table.seed_values[table.seed_values["entry"].isin(keep)].reset_index(drop=True)
-    kept = set(keep)
-    table.footnotes = [n for n in table.footnotes if not _is_leak_line(n) or n.split(":")[0] in kept]
+    table.notes = [n for n in table.notes if n.entry is None or n.entry in set(keep)]
     return table
-
-
-def _is_leak_line(note: str) -> bool:
-    return LEAK_TEXT in note
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -393,8 +414,7 @@ def build_report(results: Results, protocols: Sequence[str] | None = None, optio
                 f"(present: {', '.join(present) or 'none'})"
             )
     for t in tables:
-        notes = seed_notes(t, options)
-        t.footnotes[2:2] = notes
+        _seed_notes(t, options)
     if not tables:
         raise UserError(f"no complete results to report in '{results.results_dir}' ({_status_line(results)})")
     if options.vs == "paper":
@@ -409,12 +429,12 @@ def build_report(results: Results, protocols: Sequence[str] | None = None, optio
             raise UserError(f"--vs: no method '{options.vs}' in the report.{suggest(options.vs, names)}")
         for t, ok in zip(tables, found):
             if not ok:
-                t.footnotes.append(f"No Δ: {options.vs} has no results in this table.")
+                t.note("no-delta", f"No Δ: {options.vs} has no results in this table.")
     return Report(tables=tables, footer=_footer(results), options=options)
 
 
 def _copy(table: Table) -> Table:
-    return Table(**{**table.__dict__, "columns": list(table.columns), "footnotes": list(table.footnotes)})
+    return Table(**{**table.__dict__, "columns": list(table.columns), "notes": list(table.notes)})
 
 
 def _status_line(results: Results) -> str:

@@ -77,19 +77,24 @@ def attach_paper(table: Table, published: pd.DataFrame | None = None) -> None:
     table.cells = table.cells.assign(ref_value=ref_value, ref_marker=ref_marker)
     table.cells["delta"] = table.cells["mean"] - table.cells["ref_value"]
     if table.cells["delta"].notna().any():
-        table.footnotes.append(
+        table.note(
+            "delta",
             "(±x.xx M) = Δ ours − published (percentage points); M = confidence of the published number: "
-            "✓ verified, T transcribed, L low (results/reference/README.md)."
+            "✓ verified, T transcribed, L low (results/reference/README.md).",
         )
     if (
         table.cells["is_average"].astype(bool).any()
         and not table.cells.loc[table.cells["is_average"], "delta"].notna().any()
     ):
         if table.cells["delta"].notna().any():
-            table.footnotes.append("No Δ on the Average row: it is not over the datasets the published average uses.")
+            table.note(
+                "paper-average", "No Δ on the Average row: it is not over the datasets the published average uses."
+            )
     skipped = sorted(set(info.index) - comparable)
     if skipped:
-        table.footnotes.append(f"No Δ vs paper for {', '.join(skipped)}: the published numbers use ViT-B/16, 16 shots.")
+        table.note(
+            "paper-skipped", f"No Δ vs paper for {', '.join(skipped)}: the published numbers use ViT-B/16, 16 shots."
+        )
     compared = sorted(set(table.cells.loc[table.cells["delta"].notna(), "entry"]))
     by_precision: dict[str, list[str]] = {}
     for e in compared:
@@ -97,9 +102,10 @@ def attach_paper(table: Table, published: pd.DataFrame | None = None) -> None:
             by_precision.setdefault(str(info.loc[e, "precision"]), []).append(e)
     if by_precision:
         ran = "; ".join(f"{', '.join(es)} ran {p}" for p, es in sorted(by_precision.items()))
-        table.footnotes.append(
+        table.note(
+            "precision",
             f"Precision differs from the published numbers' (the reference code's fp16 weights and prompts, "
-            f"protocol.md §4.5): {ran}. Δ includes that difference."
+            f"protocol.md §4.5): {ran}. Δ includes that difference.",
         )
 
 
@@ -120,5 +126,5 @@ def attach_method(table: Table, reference: str) -> bool:
     cells.loc[cells["entry"] == ref, "ref_value"] = np.nan
     cells["delta"] = cells["mean"] - cells["ref_value"]
     table.cells = cells
-    table.footnotes.append(f"(±x.xx) = Δ against {ref} (percentage points).")
+    table.note("delta", f"(±x.xx) = Δ against {ref} (percentage points).")
     return True

@@ -22,6 +22,38 @@ class Options:
         return "accuracy_1dp" if self.rounded else "accuracy"
 
 
+# Footnote kinds in display order. A table collects notes as it is built; they print in this order (insertion order
+# within a kind), so no step has to know where another step's notes went.
+NOTE_KINDS = (
+    "rule",  # how HM / the Average / an ablation Δ is computed
+    "values",  # what the numbers are (mean ± std of which per-seed values)
+    "seeds",  # the (k/n) legend: expected seeds of the entries with missing ones
+    "incomplete",  # the † legend
+    "duplicates",  # several runs of one seed
+    "leakage",  # share of MuGCP descriptions naming the true class, one per entry
+    "outliers",  # outlier seeds
+    "chance",  # seeds near chance
+    "delta",  # legend of the Δ column (vs paper or vs a method)
+    "paper-average",  # why an Average row has no Δ vs paper
+    "paper-skipped",  # entries with no Δ vs paper (other backbone or shots)
+    "precision",  # entries whose precision differs from the published numbers'
+    "no-delta",  # the --vs method has no results in this table
+)
+
+
+@dataclass(frozen=True)
+class Note:
+    """One footnote: its kind (NOTE_KINDS), its text and the entry it is about (None: the whole table)."""
+
+    kind: str
+    text: str
+    entry: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in NOTE_KINDS:
+            raise ValueError(f"unknown note kind {self.kind!r}; add it to NOTE_KINDS")
+
+
 @dataclass
 class Column:
     """One displayed column: an entry (method) and a metric group; `delta` marks an ablation Δ column."""
@@ -45,11 +77,23 @@ class Table:
     entries: pd.DataFrame  # one row per entry: entry, method, variant, method_label, setting + SETTING_FIELDS, shots
     group_labels: dict[str, str]
     seed_values: pd.DataFrame  # per-seed values behind the cells: entry, row, group, seed, value
-    footnotes: list[str] = field(default_factory=list)
+    notes: list[Note] = field(default_factory=list)
 
     @property
     def name(self) -> str:
         return f"ablation_{self.kind}" if self.ablation else self.kind
+
+    def note(self, kind: str, text: str, entry: str | None = None) -> None:
+        """Add a footnote."""
+        self.notes.append(Note(kind, text, entry))
+
+    def notes_of(self, kind: str) -> list[Note]:
+        return [n for n in self.notes if n.kind == kind]
+
+    @property
+    def footnotes(self) -> list[str]:
+        """The footnote texts in display order (NOTE_KINDS, then insertion order)."""
+        return [n.text for n in sorted(self.notes, key=lambda n: NOTE_KINDS.index(n.kind))]
 
     def cell(self, entry: str, row: str, group: str) -> pd.Series | None:
         """The cell for (entry, row, group), or None."""

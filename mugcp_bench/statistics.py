@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
 from mugcp_bench.reference_results import AVERAGE
-from mugcp_bench.report_model import Table
 
 
 def hm(base: float, novel: float) -> float:
@@ -174,35 +174,40 @@ def _binomial_se(p_percent: float, n: float) -> float:
     return 100.0 * math.sqrt(p * (1.0 - p) / float(n))
 
 
-def outlier_seed_notes(table: Table) -> list[str]:
-    """Footnotes naming the outlier seeds and the near-chance seeds of the table's measured cells."""
-    spread, chance = [], []
-    for (entry, row, group), g in table.seed_values.groupby(["entry", "row", "group"], sort=False):
+@dataclass(frozen=True)
+class SeedFlag:
+    """A seed worth naming under a table: an outlier (with the cell's other seeds) or one near chance."""
+
+    entry: str
+    row: str
+    group: str
+    seed: int
+    value: float
+    others: tuple[float, ...] = ()  # outliers: the cell's other seeds
+    chance: float = math.nan  # near chance: the chance level (%)
+
+
+def unusual_seeds(seed_values: pd.DataFrame) -> tuple[list[SeedFlag], list[SeedFlag]]:
+    """(outlier seeds, near-chance seeds) of the measured cells (not HM, not the Average), in cell order.
+
+    `seed_values`: entry, row, group, seed, value, n (test images), n_classes.
+    """
+    outliers, near_chance = [], []
+    for (entry, row, group), g in seed_values.groupby(["entry", "row", "group"], sort=False):
         if row == AVERAGE or group == "hm":
             continue
-        label = f"{entry} {table.row_labels.get(row, row)} {table.group_labels.get(group, group)}"
         g = g.set_index("seed")
         values = g["value"].astype(float)
-        near = []
         for seed, v in values.items():
             n, k = g.at[seed, "n"], g.at[seed, "n_classes"]
             if pd.notna(k) and k > 1:
                 level = 100.0 / float(k)
                 if v <= level + _binomial_se(level, n):
-                    near.append((seed, v, level))
+                    near_chance.append(SeedFlag(entry, row, group, int(seed), float(v), chance=level))
             if len(values) < 3:
                 continue
             others = values.drop(seed)
             gap = abs(v - others.mean())
             if gap > max(OUTLIER_SIGMAS * others.std(ddof=1), OUTLIER_MIN_GAP, 3 * _binomial_se(others.mean(), n)):
-                spread.append(f"{label} seed {seed}: {v:.2f} (other seeds {', '.join(f'{o:.2f}' for o in others)})")
-        if near:
-            seeds = ", ".join(str(x[0]) for x in near)
-            vals = ", ".join(f"{x[1]:.2f}" for x in near)
-            chance.append(f"{label} seed{'s' if len(near) > 1 else ''} {seeds}: {vals} (chance {near[0][2]:.2f})")
-    notes = []
-    if spread:
-        notes.append(f"Outlier seeds (beyond 2σ of the other seeds and beyond noise; kept): {'; '.join(spread)}.")
-    if chance:
-        notes.append(f"Seeds within one standard error of chance (kept): {'; '.join(chance)}.")
-    return notes
+                outliers.append(SeedFlag(entry, row, group, int(seed), float(v), others=tuple(others)))
+    return outliers, near_chance

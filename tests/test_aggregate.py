@@ -202,11 +202,11 @@ def test_outlier_seed_is_named_and_kept_in_the_mean() -> None:
     records = [b2n_record("coop", "dtd", s, 80.0 + 0.3 * s, novel[s]) for s in (1, 2, 3)]
     records += [b2n_record("maple", "dtd", s, 80.0, 70.0 + 3.0 * s) for s in (1, 2, 3)]  # spread, no outlier
     table = b2n_table(records)
-    (note,) = [n for n in table.footnotes if n.startswith("Outlier seeds")]
+    (note,) = [n.text for n in table.notes_of("outliers")]
     assert "coop DTD Novel seed 2: 12.30 (other seeds 61.80, 63.10)" in note
     assert "maple" not in note and "Base" not in note
     assert table.cell("coop", "dtd", "novel")["mean"] == pytest.approx(np.mean(list(novel.values())))
-    assert not [n for n in table.footnotes if "chance" in n]  # no class count recorded: no chance test
+    assert not table.notes_of("chance")  # no class count recorded: no chance test
 
 
 def test_near_chance_seed_is_named() -> None:
@@ -216,7 +216,8 @@ def test_near_chance_seed_is_named() -> None:
         b2n_record("coop", "dtd", 2, 4.5, 5.0, n_classes=24),
     ]
     table = b2n_table(records)
-    (note,) = [n for n in table.footnotes if n.startswith("Seeds within one standard error of chance")]
+    (note,) = [n.text for n in table.notes_of("chance")]
+    assert note.startswith("Seeds within one standard error of chance")
     assert "coop DTD Base seed 2: 4.50 (chance 4.17)" in note and "coop DTD Novel seed 2: 5.00 (chance 4.17)" in note
     assert "seed 1" not in note
 
@@ -250,7 +251,8 @@ def test_one_method_under_two_settings_gets_two_columns_and_paper_delta_only_for
     attach_paper(table)
     assert table.cell("coop (ViT-B-16)", "dtd", "base")["delta"] == pytest.approx(81.0 - 79.44)
     assert math.isnan(table.cell("coop (ViT-B-32)", "dtd", "base")["delta"])
-    assert any("No Δ vs paper for coop (ViT-B-32)" in n for n in table.footnotes)
+    (skipped,) = table.notes_of("paper-skipped")
+    assert "No Δ vs paper for coop (ViT-B-32)" in skipped.text
 
 
 def test_duplicate_runs_of_one_seed_count_once() -> None:
@@ -260,7 +262,8 @@ def test_duplicate_runs_of_one_seed_count_once() -> None:
     table = b2n_table([*records, rerun])
     cell = table.cell("coop", "dtd", "base")
     assert cell["n"] == 2 and cell["seeds"] == (1, 2)
-    assert any("duplicate run" in n for n in table.footnotes)
+    (dup,) = table.notes_of("duplicates")
+    assert "1 duplicate run" in dup.text
 
 
 def test_transfer_tables_name_their_source_dataset() -> None:
@@ -277,5 +280,6 @@ def test_transfer_tables_name_their_source_dataset() -> None:
     _, tidy = records_to_frames([(Path("/nonexistent") / f"xd{s}", xd_record(s)) for s in (1, 2)])
     table = build_table(prepare(tidy, Options()), "cross_dataset", Options())
     assert table.title.startswith("Cross-dataset transfer (source: Toy Objects)")
-    assert any("the Toy Objects source row is not averaged" in n for n in table.footnotes)
+    (rule,) = table.notes_of("rule")
+    assert "the Toy Objects source row is not averaged" in rule.text
     assert table.cell("coop", AVERAGE, "acc")["mean"] == pytest.approx(31.5)  # the source is not averaged
