@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from mugcp_bench import predictions
 from mugcp_bench.atomic import atomic_torch_save
 from mugcp_bench.backbone import TRANSFORM_VERSION, Backbone, load_backbone
 from mugcp_bench.datasets.base import get_spec, prepare
@@ -25,6 +26,7 @@ from mugcp_bench.features import image_features
 from mugcp_bench.methods.base import Method, TrainConfig, apply_overrides, split_overrides
 from mugcp_bench.protocols import EvalTarget, Protocol, Suite, TrainTarget, plan_protocol
 from mugcp_bench.registry import METHODS, suggest
+from mugcp_bench.resources import PeakMemory
 from mugcp_bench.store import RunKey, RunRecord, config_hash
 from mugcp_bench.trainer import (
     backbone_precision,
@@ -56,6 +58,7 @@ class RunOptions:
     resume: bool = True
     workers: int = 0
     fast_eval: bool = True
+    tensorboard: bool = False  # write TensorBoard event files per run (<run dir>/tensorboard/)
 
 
 @dataclass
@@ -212,6 +215,7 @@ def execute(run: PlannedRun, backbone: Backbone, opts: RunOptions, progress=None
         record.data["reconstructed"] = True
     precision = run.key.precision
     timings = record.data.setdefault("timings", {})
+    memory = PeakMemory(device)
     try:
         if run.action in ("train", "resume"):
             if run.action == "train" and record.checkpoint_path.exists():
@@ -242,13 +246,14 @@ def execute(run: PlannedRun, backbone: Backbone, opts: RunOptions, progress=None
                 timings["train_s"] = round(res.train_s, 3)
                 timings["train_images_per_s"] = round(res.images_per_s, 2)
                 record.data["last_loss"] = res.last_loss
+                record.data["history"] = res.history
             atomic_torch_save(method.trainable_state(), record.model_path)
             if record.checkpoint_path.exists():
                 record.checkpoint_path.unlink()
         else:  # evaluate-only: the stored last-epoch model
             method.load_trainable_state(torch.load(record.model_path, map_location="cpu", weights_only=True))
         record.save()
-        t_eval = time.perf_counter()
+        t_eval, n_eval = time.perf_counter(), 0
         for target in run.evals:
             if run.action == "evaluate" and record.has_evaluation(target.protocol, target.dataset, target.classes):
                 continue
@@ -290,11 +295,22 @@ def execute(run: PlannedRun, backbone: Backbone, opts: RunOptions, progress=None
                 **{k: result[k] for k in ("n", "accuracy", "accuracy_1dp")},
                 "leakage": info.get("leakage"),
                 "eval_batch_size": run.train_config.eval_batch_size,
+                "predictions": predictions.write(
+                    record.dir, target.protocol, target.dataset, target.classes, result, split.test, split.classnames
+                ),
             }
+            n_eval += result["n"]
             record.add_evaluation(evaluation)
             log.info("%s -> %s %s: %.2f%%", run.label, target.dataset, target.classes, result["accuracy"])
         previous = timings.get("eval_s", 0.0) if run.action == "evaluate" else 0.0  # evaluate-only adds targets
         timings["eval_s"] = round(previous + time.perf_counter() - t_eval, 3)
+        if n_eval:
+            timings["eval_images_per_s"] = round(n_eval / max(time.perf_counter() - t_eval, 1e-9), 2)
+        _record_resources(record.data, memory.stop(), keep_peak=run.action == "evaluate")
+        if opts.tensorboard:
+            from mugcp_bench.tensorboard_events import write_run_events
+
+            write_run_events(record.dir, record.data)
         record.finish("complete")
     except KeyboardInterrupt:
         record.finish("failed", "interrupted")
@@ -306,6 +322,14 @@ def execute(run: PlannedRun, backbone: Backbone, opts: RunOptions, progress=None
         if isinstance(e, UserError):
             raise
         raise RunFailed(f"{run.label}: {reason}") from e
+
+
+def _record_resources(data: dict[str, Any], measured: dict[str, Any], keep_peak: bool) -> None:
+    """Store the run's device and peak memory; an evaluate-only pass keeps the training's peak if that was higher."""
+    previous = data.get("resources") or {}
+    if keep_peak and previous.get("memory_measure") == measured["memory_measure"]:
+        measured["peak_memory_mb"] = max(measured["peak_memory_mb"], previous.get("peak_memory_mb") or 0.0)
+    data["resources"] = measured
 
 
 _BACKBONES: dict[tuple[str, str, str, str], Backbone] = {}

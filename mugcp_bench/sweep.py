@@ -117,6 +117,7 @@ class SweepOptions:
     precision: str = "auto"
     workers: int | None = None
     no_describe: bool = False
+    tensorboard: bool = False  # TensorBoard event files per run (needs the tensorboard package)
     quick_toy: bool = False
 
 
@@ -251,6 +252,10 @@ def run_sweep(options: SweepOptions | None = None, /, *, reporter: Reporter | No
     precision = resolve_precision(o.precision, torch.device(device))  # reference-fp16 off CUDA: UserError now
     results_dir = Path(o.results_dir)
     check_writable(results_dir)
+    if o.tensorboard:
+        from mugcp_bench.tensorboard_events import require_tensorboard
+
+        require_tensorboard()
     cache_dir = default_cache_dir()
     sel = ",".join(_names(o.datasets)) if o.datasets is not None else None
     use_toy = o.data_root is None and o.backbone is None and os.environ.get("MUGCP_DATA") is None
@@ -293,6 +298,7 @@ def run_sweep(options: SweepOptions | None = None, /, *, reporter: Reporter | No
         force=o.force,
         resume=o.resume,
         workers=o.workers if o.workers is not None else (8 if device.startswith("cuda") else 0),
+        tensorboard=o.tensorboard,
     )
     backbone = get_backbone(backbone_name, pretrained, device, precision)
     runs = plan(opts, backbone, method_names, protocols, suite, datasets, shots, seeds, o.variants)

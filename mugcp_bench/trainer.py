@@ -15,7 +15,7 @@ import random
 import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +147,9 @@ class FitResult:
     train_s: float
     last_loss: float
     images_per_s: float
+    # one dict per epoch (resumed runs include the epochs before the resume): epoch, loss, loss_ce and loss_<part>
+    # for each extra loss, lr, images_per_s, seconds
+    history: list[dict[str, float]] = field(default_factory=list)
 
 
 def _rng_state(loader_gen: torch.Generator) -> dict[str, Any]:
@@ -201,7 +204,7 @@ def fit(
     keys = [d.relpath for d in items]
     opt, sched = make_optimizer(method, cfg)
     scaler = make_scaler(precision, device)
-    start_epoch = 0
+    start_epoch, history = 0, []
     if resume and checkpoint is not None and checkpoint.is_file():
         state = torch.load(checkpoint, map_location="cpu", weights_only=False)
         method.load_trainable_state(state["model"])
@@ -209,12 +212,14 @@ def fit(
         sched.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"], loader_gen)
         start_epoch = state["epoch"] + 1
+        history = list(state.get("history", []))
         log.info("resumed from %s at epoch %d", checkpoint, start_epoch)
     t0, n_images, last_loss = time.perf_counter(), 0, float("nan")
     method.train()
     for epoch in range(start_epoch, cfg.epochs):
         lr = opt.param_groups[0]["lr"]
         opt.zero_grad(set_to_none=True)
+        epoch_t0, epoch_images, loss_sums = time.perf_counter(), 0, {}
         for step, (images, labels, index) in enumerate(loader):
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
@@ -222,9 +227,12 @@ def fit(
                 out = method(images, [keys[i] for i in index.tolist()])
                 # the reference takes the cross-entropy of its fp16 logits as they are
                 logits = out.logits if precision == REFERENCE_FP16 else out.logits.float()
-                loss = F.cross_entropy(logits, labels)
+                ce = F.cross_entropy(logits, labels)
+                loss = ce
                 for extra in out.losses.values():
                     loss = loss + extra.float()
+            for part, value in (("loss", loss), ("loss_ce", ce), *((f"loss_{k}", v) for k, v in out.losses.items())):
+                loss_sums[part] = loss_sums.get(part, 0.0) + value.detach().float()  # summed on the device
             scaled = loss / cfg.accum_steps
             (scaler.scale(scaled) if scaler else scaled).backward()
             if (step + 1) % cfg.accum_steps == 0 or step + 1 == len(loader):
@@ -235,6 +243,7 @@ def fit(
                     opt.step()
                 opt.zero_grad(set_to_none=True)
             n_images += images.shape[0]
+            epoch_images += images.shape[0]
             last_loss = float(loss.detach())
             if progress:
                 rate = n_images / max(time.perf_counter() - t0, 1e-9)
@@ -250,6 +259,12 @@ def fit(
                     }
                 )
         sched.step()
+        epoch_s = time.perf_counter() - epoch_t0
+        steps = max(len(loader), 1)
+        history.append(
+            {"epoch": epoch + 1, **{k: float(v) / steps for k, v in loss_sums.items()}, "lr": lr}
+            | {"images_per_s": epoch_images / epoch_s if epoch_s > 0 else 0.0, "seconds": epoch_s}
+        )
         if checkpoint is not None:
             atomic_torch_save(
                 {
@@ -258,6 +273,7 @@ def fit(
                     "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(),
                     "rng": _rng_state(loader_gen),
+                    "history": history,
                 },
                 checkpoint,
             )
@@ -266,7 +282,8 @@ def fit(
             os.kill(os.getpid(), signal.SIGKILL)
     method.eval()
     elapsed = time.perf_counter() - t0
-    return FitResult(cfg.epochs - start_epoch, elapsed, last_loss, n_images / elapsed if elapsed > 0 else 0.0)
+    rate = n_images / elapsed if elapsed > 0 else 0.0
+    return FitResult(cfg.epochs - start_epoch, elapsed, last_loss, rate, history)
 
 
 def batches(n: int, size: int) -> Iterator[slice]:
@@ -287,7 +304,9 @@ def evaluate(
     workers: int = 0,
     dataset: str = "",
 ) -> dict[str, Any]:
-    """Top-1 accuracy (%) of `method` on `items`, sequential order, fixed batch size, under `precision`'s autocast.
+    """Top-1 accuracy (%) of `method` on `items`, sequential order, fixed batch size, under `precision`'s autocast,
+    and the per-image predictions (`predictions` (N,) the argmax labels, `top5` (N, min(5, C)) the top-k labels,
+    best first; numpy int64).
 
     `image_features` (N, E): precomputed frozen image features (methods with a frozen image path).
     `fast=False` runs the naive path (forward per batch, as the reference code does).
@@ -295,7 +314,7 @@ def evaluate(
     method.eval()
     keys = [d.relpath for d in items]
     labels = torch.tensor([d.label for d in items])
-    correct = 0
+    correct, top1, top = 0, [], []
     if fast:  # the cached class-text pass runs under the same autocast as the per-batch forwards
         with autocast(device, precision):
             method.begin_eval()
@@ -324,10 +343,16 @@ def evaluate(
                     logits = method.predict(images, keys[s], feats)
                 else:
                     logits = method(images, keys[s], feats).logits
-            correct += int((logits.float().argmax(-1).cpu() == labels[s]).sum())
+            pred = logits.float().argmax(-1).cpu()  # (B,)
+            correct += int((pred == labels[s]).sum())
+            top1.append(pred)
+            top.append(logits.float().topk(min(5, logits.shape[-1]), dim=-1).indices.cpu())  # (B, k), best first
     finally:
         if fast:
             method.end_eval()
     n = len(items)
     acc = 100.0 * correct / max(n, 1)
-    return {"n": n, "correct": correct, "accuracy": acc, "accuracy_1dp": round(acc, 1)}
+    out = {"n": n, "correct": correct, "accuracy": acc, "accuracy_1dp": round(acc, 1)}
+    if not top1:
+        return out | {"predictions": np.zeros(0, dtype=np.int64), "top5": np.zeros((0, 1), dtype=np.int64)}
+    return out | {"predictions": torch.cat(top1).numpy(), "top5": torch.cat(top).numpy()}

@@ -48,6 +48,9 @@ def run_options(f):
         ),
         click.option("--workers", default=None, type=int, help="Data loader workers (default: 0 on CPU, 8 on GPU)."),
         click.option("--no-describe", is_flag=True, help="MuGCP: fail if descriptions are missing from the cache."),
+        click.option(
+            "--tensorboard", is_flag=True, help="Also write TensorBoard event files per run (needs tensorboard)."
+        ),
         click.option("--quick-toy", is_flag=True, hidden=True, help="Use the quick toy world (tests)."),
         click.option("--json", "as_json", is_flag=True, help="Print the plan/results summary as JSON on stdout."),
     ]
