@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from mugcp_bench.bootstrap import BootstrapConfig, CorrectnessCache, attach_intervals
 from mugcp_bench.comparison import attach_method, attach_paper
 from mugcp_bench.errors import UserError
 from mugcp_bench.protocols import PROTOCOL_NAMES, PROTOCOLS
@@ -175,6 +176,8 @@ def build_table(frame: pd.DataFrame, kind: str, options: Options) -> Table | Non
     seed_values = sub[["entry", "row", "group", "seed", "value"]].reset_index(drop=True)
     for col in ("n", "n_classes"):
         seed_values[col] = pd.to_numeric(sub[col], errors="coerce").to_numpy() if col in sub else np.nan
+    for col in ("classes", "predictions", "predictions_sha256", "test_sha256"):  # what the bootstrap resamples
+        seed_values[col] = sub[col].to_numpy() if col in sub else None
     table = Table(
         kind=kind,
         ablation=False,
@@ -260,13 +263,15 @@ def _notes(table: Table, sub: pd.DataFrame, options: Options, n_dup: int, n_avg:
         table.note("rule", f"Accuracy per K shots per class; Average = mean over the {n_avg} datasets for each K.")
     else:
         table.note("rule", f"Average = mean over the {n_avg} target datasets; the {source} source row is not averaged.")
-    spread = "95% CI half-width (Student's t, n−1 dof)" if options.ci else "sample std over seeds (ddof=1)"
     value = (
         "per-seed accuracies rounded to 1 decimal (as the reference parser reads them)"
         if options.rounded
         else "full-precision per-seed accuracies"
     )
-    table.note("values", f"Values: mean ± {spread} of {value}; – = not defined (one seed).")
+    if options.ci:
+        table.note("values", f"Values: mean [95% bootstrap interval] of {value}.")
+    else:
+        table.note("values", f"Values: mean ± sample std over seeds (ddof=1) of {value}; – = not defined (one seed).")
     if n_dup:
         table.note(
             "duplicates",
@@ -333,6 +338,7 @@ def ablation_table(table: Table) -> Table | None:
                             "is_average": bool(r["is_average"]),
                             "std": np.nan,
                             "ci95": np.nan,
+                            "full_entry": f.entry,
                         }
                     )
     if not columns:
@@ -430,7 +436,12 @@ def build_report(results: Results, protocols: Sequence[str] | None = None, optio
         for t, ok in zip(tables, found):
             if not ok:
                 t.note("no-delta", f"No Δ: {options.vs} has no results in this table.")
-    return Report(tables=tables, footer=_footer(results), options=options)
+    if options.ci:
+        config = BootstrapConfig(replicates=options.ci_replicates, seed=options.ci_seed)
+        cache = CorrectnessCache()
+        for t in tables:
+            attach_intervals(t, config, cache)
+    return Report(tables=tables, footer=_footer(results), options=options, results=results)
 
 
 def _copy(table: Table) -> Table:

@@ -76,6 +76,7 @@ def attach_paper(table: Table, published: pd.DataFrame | None = None) -> None:
         ref_marker.append(hit[1] if hit else "")
     table.cells = table.cells.assign(ref_value=ref_value, ref_marker=ref_marker)
     table.cells["delta"] = table.cells["mean"] - table.cells["ref_value"]
+    table.delta_against = "paper"
     if table.cells["delta"].notna().any():
         table.note(
             "delta",
@@ -126,5 +127,6 @@ def attach_method(table: Table, reference: str) -> bool:
     cells.loc[cells["entry"] == ref, "ref_value"] = np.nan
     cells["delta"] = cells["mean"] - cells["ref_value"]
     table.cells = cells
+    table.delta_against = ref
     table.note("delta", f"(±x.xx) = Δ against {ref} (percentage points).")
     return True

@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from matplotlib import colors as mcolors
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -20,10 +21,13 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FixedLocator, NullLocator
 
+from mugcp_bench import predictions
 from mugcp_bench.atomic import atomic_path
+from mugcp_bench.errors import UserError
 from mugcp_bench.reference_results import AVERAGE
 from mugcp_bench.report_model import Report, Table
 from mugcp_bench.statistics import seedwise_average
+from mugcp_bench.tidy import dataset_display
 
 log = logging.getLogger(__name__)
 
@@ -326,6 +330,151 @@ def plot_ablation(table: Table) -> Figure:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Training curves (run.json `history`) and confusion matrices (stored per-image predictions)
+# ---------------------------------------------------------------------------------------------------------------
+LOSS_STYLES = ["--", ":", "-.", (0, (5, 1)), (0, (1, 1)), (0, (3, 1, 1, 1))]
+
+
+def _curve_label(row, several_shots: bool) -> str:
+    return f"{row.method_label} ({int(row.shots)}-shot)" if several_shots else str(row.method_label)
+
+
+def plot_training_curves(history: pd.DataFrame, title: str) -> Figure:
+    """Loss (total and each part), learning rate and images/s per epoch; one colour per method, mean over seeds
+    (band: the range over seeds for the total loss)."""
+    several_shots = history["shots"].nunique() > 1
+    history = history.assign(curve=[_curve_label(r, several_shots) for r in history.itertuples(index=False)])
+    parts = sorted(c for c in history.columns if c.startswith("loss_") and history[c].notna().any())
+    fig = _new_figure(11.5, 7.4)
+    (ax_loss, ax_parts), (ax_lr, ax_rate) = fig.subplots(2, 2, squeeze=False)
+    handles = []
+    for curve, g in history.groupby("curve", sort=True):
+        first = g.iloc[0]
+        color = method_color(str(first["method"]), str(first["variant"] or ""))
+        by_epoch = g.groupby("epoch")
+        epochs = np.array(sorted(g["epoch"].unique()), dtype=float)
+        loss = by_epoch["loss"].agg(["mean", "min", "max"]).reindex(epochs)
+        ax_loss.plot(epochs, loss["mean"], color=color, marker="o", markersize=3, linewidth=1.6)
+        if g["seed"].nunique() > 1:
+            ax_loss.fill_between(epochs, loss["min"], loss["max"], color=color, alpha=0.15)
+        for part, style in zip(parts, LOSS_STYLES * 4):
+            if g[part].notna().any():
+                ax_parts.plot(epochs, by_epoch[part].mean().reindex(epochs), color=color, linestyle=style)
+        ax_lr.plot(epochs, by_epoch["lr"].mean().reindex(epochs), color=color, marker="o", markersize=3)
+        ax_rate.plot(epochs, by_epoch["images_per_s"].mean().reindex(epochs), color=color, marker="o", markersize=3)
+        handles.append(Line2D([], [], color=color, label=f"{curve} ({g['seed'].nunique()} seeds)"))
+    for ax, ylabel, name in (
+        (ax_loss, "Loss", "Total training loss (mean over seeds; band: range)"),
+        (ax_parts, "Loss", "Loss parts"),
+        (ax_lr, "Learning rate", "Learning rate"),
+        (ax_rate, "Images / s", "Training throughput"),
+    ):
+        ax.set_xlabel("Epoch")
+        ax.set_ylabel(ylabel)
+        ax.set_title(name, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    part_handles = [
+        Line2D([], [], color="0.3", linestyle=style, label=part.removeprefix("loss_"))
+        for part, style in zip(parts, LOSS_STYLES * 4)
+    ]
+    ax_parts.legend(handles=part_handles, title="Part", fontsize=8, loc="best")
+    fig.legend(handles=handles, title="Method", loc="outside right upper", frameon=False)
+    fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def curve_figures(report: Report) -> dict[str, Figure]:
+    """One training-curve figure per training protocol and dataset of the report's methods."""
+    results = report.results
+    history = getattr(results, "history", None)
+    if history is None or history.empty:
+        log.info("no per-epoch training history in the records: skipping the training curves")
+        return {}
+    labels = {m for t in report.tables for m in t.entries["method_label"]}
+    history = history[history["method_label"].isin(labels)]
+    if report.options.seeds is not None:
+        history = history[history["seed"].isin(list(report.options.seeds))]
+    figures = {}
+    for (protocol, dataset), g in history.groupby(["train_protocol", "train_dataset"], sort=True):
+        title = f"Training curves: {dataset_display(str(dataset))} ({protocol} runs)"
+        figures[f"curves_{protocol}_{dataset}"] = plot_training_curves(g, title)
+    return figures
+
+
+def plot_confusion(pred: np.ndarray, label: np.ndarray, classnames: list[str], title: str) -> Figure:
+    """Row-normalised confusion matrix (% of each true class predicted as each class)."""
+    k = len(classnames)
+    counts = np.zeros((k, k), dtype=np.float64)
+    np.add.at(counts, (label, pred), 1.0)
+    rows = counts.sum(axis=1, keepdims=True)
+    share = 100.0 * counts / np.where(rows > 0, rows, 1.0)
+    size = min(4.0 + 0.28 * k, 16.0)
+    fig = _new_figure(size + 1.4, size)
+    ax = fig.add_subplot()
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=100, interpolation="nearest")
+    fig.colorbar(image, ax=ax, label="% of the true class", shrink=0.8)
+    if k <= 40:
+        ax.set_xticks(np.arange(k), classnames, rotation=60, ha="right", rotation_mode="anchor", fontsize=7)
+        ax.set_yticks(np.arange(k), classnames, fontsize=7)
+    if k <= 15:
+        for i in range(k):
+            for j in range(k):
+                if counts[i, j]:
+                    color = "white" if share[i, j] > 60 else "black"
+                    ax.text(j, i, f"{share[i, j]:.0f}", ha="center", va="center", fontsize=7, color=color)
+    ax.set_xlabel("Predicted class" + ("" if k <= 40 else f" (label order, {k} classes)"))
+    ax.set_ylabel("True class" + ("" if k <= 40 else " (label order)"))
+    ax.set_title(title, fontsize=10)
+    return fig
+
+
+def _find_run(results, run: str) -> pd.Series:
+    runs = results.runs
+    path = Path(run)
+    if path.exists():
+        target = (path / "run.json" if path.is_dir() else path).resolve()
+        hit = runs[[Path(p).resolve() == target for p in runs["path"]]]
+    else:
+        hit = runs[runs["run_id"].astype(str).str.startswith(run.strip().lower())]
+    if len(hit) != 1:
+        found = "no run" if hit.empty else f"{len(hit)} runs"
+        raise UserError(
+            f"--confusion '{run}': {found} with that id in '{results.results_dir}'; pass a run id "
+            "(the 8 characters after seedN- in its folder name) or the run folder"
+        )
+    return hit.iloc[0]
+
+
+def confusion_figures(results, run: str) -> dict[str, Figure]:
+    """One confusion matrix per evaluation of one run (from its stored per-image predictions)."""
+    r = _find_run(results, run)
+    evals = results.tidy[results.tidy["run_id"] == r["run_id"]]
+    figures = {}
+    for e in evals.itertuples(index=False):
+        if not isinstance(e.predictions, str):
+            continue
+        try:
+            p = predictions.read(e.predictions, e.predictions_sha256 if isinstance(e.predictions_sha256, str) else None)
+        except predictions.PredictionsError as err:
+            raise UserError(f"--confusion: {err}") from None
+        title = (
+            f"{r['method_label']} trained on {dataset_display(str(r['train_dataset']))}, seed {r['seed']}\n"
+            f"tested on {dataset_display(str(e.eval_dataset))}, {e.classes} classes ({e.eval_protocol}): "
+            f"accuracy {e.accuracy:.2f}%"
+        )
+        figures[f"confusion_{r['run_id']}_{e.eval_protocol}_{e.eval_dataset}_{e.classes}"] = plot_confusion(
+            p.pred, p.label, p.classnames, title
+        )
+    if not figures:
+        raise UserError(
+            f"--confusion '{run}': the run has no stored per-image predictions (recorded before they were stored); "
+            "rerun it with 'mugcp-bench run --force'"
+        )
+    return figures
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Saving
 # ---------------------------------------------------------------------------------------------------------------
 def save_figure(fig: Figure, out_dir: str | Path, stem: str) -> list[Path]:
@@ -366,6 +515,7 @@ def report_figures(report: Report) -> dict[str, Figure]:
         figures[f"ablation_{t.kind}"] = plot_ablation(t)
     if not ablations:
         log.info("no ablation variants: skipping the ablation Δ bars")
+    figures.update(curve_figures(report))
     return figures
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import pandas as pd
 
@@ -12,7 +13,9 @@ class Options:
     """What the report aggregates and how."""
 
     rounded: bool = False  # per-seed values rounded to 1 decimal (the reference parser) instead of full precision
-    ci: bool = False  # show the 95% Student-t half-width instead of the std
+    ci: bool = False  # 95% bootstrap intervals (seeds and test images resampled) instead of the std
+    ci_seed: int = 0  # the bootstrap's random seed: same seed, same intervals
+    ci_replicates: int = 1000
     seeds: tuple[int, ...] | None = None  # expected seeds (others are dropped); default: those present per method
     methods: tuple[str, ...] | None = None  # method labels (a bare method name also selects its variants)
     vs: str | None = None  # "paper" or a method entry to compute Δ against
@@ -27,6 +30,7 @@ class Options:
 NOTE_KINDS = (
     "rule",  # how HM / the Average / an ablation Δ is computed
     "values",  # what the numbers are (mean ± std of which per-seed values)
+    "ci",  # how the bootstrap intervals were computed, and for which runs they could not pair the images
     "seeds",  # the (k/n) legend: expected seeds of the entries with missing ones
     "incomplete",  # the † legend
     "duplicates",  # several runs of one seed
@@ -34,10 +38,14 @@ NOTE_KINDS = (
     "outliers",  # outlier seeds
     "chance",  # seeds near chance
     "delta",  # legend of the Δ column (vs paper or vs a method)
+    "delta-ci",  # what the interval on a Δ is
     "paper-average",  # why an Average row has no Δ vs paper
     "paper-skipped",  # entries with no Δ vs paper (other backbone or shots)
     "precision",  # entries whose precision differs from the published numbers'
     "no-delta",  # the --vs method has no results in this table
+    "hardest",  # per-class tables: the hardest classes
+    "measure",  # efficiency tables: how a column was measured
+    "missing",  # runs left out of a table for lack of data
 )
 
 
@@ -70,7 +78,9 @@ class Table:
     kind: str  # one of protocols.PROTOCOL_NAMES
     ablation: bool
     title: str
-    cells: pd.DataFrame  # entry, row, group, mean, std, ci95, n, n_expected, complete, is_average, [ref_*, delta]
+    # entry, row, group, mean, std, ci95 (Student t), n, n_expected, complete, is_average, [ref_value, ref_marker,
+    # delta], with --ci [ci_low, ci_high, delta_low, delta_high]; ablation Δ cells name their full_entry
+    cells: pd.DataFrame
     rows: list[str]  # row keys (dataset keys, then AVERAGE)
     row_labels: dict[str, str]
     columns: list[Column]
@@ -78,10 +88,13 @@ class Table:
     group_labels: dict[str, str]
     seed_values: pd.DataFrame  # per-seed values behind the cells: entry, row, group, seed, value
     notes: list[Note] = field(default_factory=list)
+    delta_against: str | None = None  # what the Δ column compares with: "paper", an entry, or None
+    table_name: str = ""  # overrides `name` (per-class tables)
+    row_header: str = "Dataset"  # the first column's heading
 
     @property
     def name(self) -> str:
-        return f"ablation_{self.kind}" if self.ablation else self.kind
+        return self.table_name or (f"ablation_{self.kind}" if self.ablation else self.kind)
 
     def note(self, kind: str, text: str, entry: str | None = None) -> None:
         """Add a footnote."""
@@ -102,9 +115,31 @@ class Table:
 
 
 @dataclass
+class RowTable:
+    """A plain table with one row per item (the efficiency table): display strings plus the numbers for CSV."""
+
+    name: str
+    title: str
+    header: list[str]
+    rows: list[list[str]]
+    align: list[str]  # "l" or "r" per column
+    data: pd.DataFrame  # the numbers behind the rows, for CSV
+    notes: list[Note] = field(default_factory=list)
+
+    def note(self, kind: str, text: str, entry: str | None = None) -> None:
+        self.notes.append(Note(kind, text, entry))
+
+    @property
+    def footnotes(self) -> list[str]:
+        return [n.text for n in sorted(self.notes, key=lambda n: NOTE_KINDS.index(n.kind))]
+
+
+@dataclass
 class Report:
     """All tables of a report and the report-level footer lines."""
 
     tables: list[Table]
     footer: list[str]
     options: Options
+    results: Any = None  # the tidy.Results the report was built from (plots read its training history)
+    row_tables: list[RowTable] = field(default_factory=list)  # printed after the tables (--efficiency)

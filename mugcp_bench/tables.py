@@ -1,8 +1,9 @@
 """Render report tables: rich terminal table, Markdown, LaTeX (booktabs), CSV (tidy long form or pivoted).
 
-Cells read "mean ± spread (k/n) (Δ M)": spread = seed std (or the 95% half-width with --ci), (k/n) = seeds
-present / expected when some are missing, † on an Average that includes incomplete cells, Δ against the
-published number (M = its confidence marker) or another method. The best mean per row and metric is bold.
+Cells read "mean ± spread (k/n) (Δ M)": spread = seed std (with --ci the 95% bootstrap interval "[a, b]", on
+every cell), (k/n) = seeds present / expected when some are missing, † on an Average that includes incomplete
+cells, Δ against the published number (M = its confidence marker) or another method (with --ci followed by its
+interval; * = the interval excludes 0). The best mean per row and metric is bold.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from rich.table import Table as RichTable
 from rich.text import Text
 
 from mugcp_bench.reference_results import AVERAGE
-from mugcp_bench.report_model import Column, Options, Report, Table
+from mugcp_bench.report_model import Column, Options, Report, RowTable, Table
 
 FORMATS = ("table", "md", "latex", "csv")
 SUFFIX_FORMATS = {".md": "md", ".markdown": "md", ".tex": "latex", ".csv": "csv", ".txt": "table"}
@@ -65,6 +66,14 @@ def best_cells(table: Table) -> set[tuple[str, str, str]]:
     return best
 
 
+def _interval(low: float, high: float, signed: bool = False) -> str:
+    return f"[{_fmt(low, signed)}, {_fmt(high, signed)}]"
+
+
+def _excludes_zero(low: float, high: float) -> bool:
+    return (low > 0 and high > 0) or (low < 0 and high < 0)
+
+
 def cell_text(table: Table, col: Column, row: str, options: Options, best: set[tuple[str, str, str]]) -> CellText:
     """Format-neutral text of one cell ("–" when the method has no value there)."""
     c = table.cell(col.entry, row, col.group)
@@ -72,14 +81,22 @@ def cell_text(table: Table, col: Column, row: str, options: Options, best: set[t
         return CellText(mean="–")
     is_avg = bool(c["is_average"])
     text = CellText(mean=_fmt(c["mean"], signed=col.delta), bold=(col.entry, col.group, row) in best)
-    if not is_avg and not col.delta and col.group != "hm":
-        spread = c["ci95"] if options.ci else c["std"]
+    if options.ci and "ci_low" in c.index and pd.notna(c["ci_low"]):
+        text.spread = _interval(c["ci_low"], c["ci_high"], signed=col.delta)
+        if col.delta and _excludes_zero(c["ci_low"], c["ci_high"]):
+            text.spread += "*"
+    elif not is_avg and not col.delta and col.group != "hm":
+        spread = c["std"]
         text.spread = "± " + ("–" if pd.isna(spread) else _fmt(spread))
     if not bool(c["complete"]):
         text.flag = "†" if is_avg else f"({int(c['n'])}/{int(c['n_expected'])})"
     if "delta" in c.index and not pd.isna(c["delta"]):
         marker = c.get("ref_marker", "") or ""
-        text.delta = f"({_fmt(c['delta'], signed=True)}{' ' + marker if marker else ''})"
+        delta = _fmt(c["delta"], signed=True) + (" " + marker if marker else "")
+        low, high = c.get("delta_low", math.nan), c.get("delta_high", math.nan)
+        if pd.notna(low) and pd.notna(high):
+            delta += " " + _interval(low, high, signed=True) + ("*" if _excludes_zero(low, high) else "")
+        text.delta = f"({delta})"
     return text
 
 
@@ -114,7 +131,7 @@ def table_markdown(table: Table, options: Options) -> str:
     """One table as a Markdown section: heading, pipe table, footnote bullets."""
     single = _single_group(table)
     heads = [c.entry if single else f"{c.entry} {table.group_labels[c.group]}" for c in table.columns]
-    lines = [f"### {table.title}", "", "| Dataset | " + " | ".join(heads) + " |"]
+    lines = [f"### {table.title}", "", f"| {table.row_header} | " + " | ".join(heads) + " |"]
     lines.append("|---|" + "---:|" * len(heads))
     for (label, texts), row in zip(_grid(table, options), table.rows):
         cells = []
@@ -128,9 +145,20 @@ def table_markdown(table: Table, options: Options) -> str:
     return "\n".join(lines) + "\n"
 
 
+def row_table_markdown(table: RowTable) -> str:
+    """A plain row table as a Markdown section."""
+    lines = [f"### {table.title}", "", "| " + " | ".join(table.header) + " |"]
+    lines.append("|" + "".join("---|" if a == "l" else "---:|" for a in table.align))
+    lines.extend("| " + " | ".join(row) + " |" for row in table.rows)
+    lines.append("")
+    lines.extend(f"- {note}" for note in table.footnotes)
+    return "\n".join(lines) + "\n"
+
+
 def report_markdown(report: Report) -> str:
     """Every table of the report in Markdown, then the report footer."""
     parts = [table_markdown(t, report.options) for t in report.tables]
+    parts += [row_table_markdown(t) for t in report.row_tables]
     if report.footer:
         parts.append("\n".join(report.footer) + "\n")
     return "\n".join(parts)
@@ -168,7 +196,8 @@ _NEGATIVE = re.compile(r"(?<![\w.])-(?=\d)")
 
 def latex_escape(text: str) -> str:
     """Escape LaTeX specials and map the report's symbols (±, Δ, ✓, †, dashes) to LaTeX."""
-    escaped = "".join(_LATEX_CHARS.get(ch, ch) for ch in text)
+    text = re.sub(r"-(?=-)", "-\x00", text)  # "--ci-seed": two hyphens, not an en dash
+    escaped = "".join(_LATEX_CHARS.get(ch, ch) for ch in text).replace("\x00", "{}")
     return _NEGATIVE.sub(r"$-$", escaped)  # a minus sign, not a hyphen, before a number
 
 
@@ -180,7 +209,7 @@ def table_latex(table: Table, options: Options) -> str:
     out.append(r"\begin{tabular}{l" + "r" * n + "}")
     out.append(r"\toprule")
     if single:
-        out.append("Dataset & " + " & ".join(latex_escape(c.entry) for c in table.columns) + r" \\")
+        out.append(f"{table.row_header} & " + " & ".join(latex_escape(c.entry) for c in table.columns) + r" \\")
     else:
         spans = _header_spans(table)
         top, rules, start = [], [], 2
@@ -190,7 +219,8 @@ def table_latex(table: Table, options: Options) -> str:
             start += width
         out.append(" & " + " & ".join(top) + r" \\")
         out.append(" ".join(rules))
-        out.append("Dataset & " + " & ".join(latex_escape(table.group_labels[c.group]) for c in table.columns) + r" \\")
+        heads = " & ".join(latex_escape(table.group_labels[c.group]) for c in table.columns)
+        out.append(f"{table.row_header} & {heads}" + r" \\")
     out.append(r"\midrule")
     for (label, texts), row in zip(_grid(table, options), table.rows):
         if row == AVERAGE:
@@ -211,9 +241,28 @@ def table_latex(table: Table, options: Options) -> str:
     return "\n".join(out) + "\n"
 
 
+def row_table_latex(table: RowTable) -> str:
+    """A plain row table as a booktabs `table` environment."""
+    out = [r"\begin{table}[t]", r"\centering", r"\small", rf"\caption{{{latex_escape(table.title)}}}"]
+    out.append(r"\begin{tabular}{" + "".join(table.align) + "}")
+    out.append(r"\toprule")
+    out.append(" & ".join(latex_escape(h) for h in table.header) + r" \\")
+    out.append(r"\midrule")
+    out.extend(" & ".join(latex_escape(c) for c in row) + r" \\" for row in table.rows)
+    out.append(r"\bottomrule")
+    out.append(r"\end{tabular}")
+    if table.footnotes:
+        out.append(r"\par\smallskip{\footnotesize")
+        out.append("\\\\\n".join(latex_escape(note) for note in table.footnotes))
+        out.append("}")
+    out.append(r"\end{table}")
+    return "\n".join(out) + "\n"
+
+
 def report_latex(report: Report) -> str:
     """Every table as a LaTeX table environment; the footer as comments."""
     parts = [table_latex(t, report.options) for t in report.tables]
+    parts += [row_table_latex(t) for t in report.row_tables]
     parts.extend(f"% {line}\n" for line in report.footer)
     return "\n".join(parts)
 
@@ -227,7 +276,7 @@ def rich_tables(report: Report) -> list:
     for table in report.tables:
         single = _single_group(table)
         rt = RichTable(header_style="bold")
-        rt.add_column("Dataset", no_wrap=True)
+        rt.add_column(table.row_header, no_wrap=True)
         for c in table.columns:
             head = c.entry if single else f"{c.entry}\n{table.group_labels[c.group]}"
             rt.add_column(head, justify="right", no_wrap=True)
@@ -242,6 +291,15 @@ def rich_tables(report: Report) -> list:
                         cell.append(" " + part, style=style)
                 cells.append(cell)
             rt.add_row(Text(label, style="bold" if row == AVERAGE else ""), *cells)
+        items.extend([Text(table.title, style="bold"), rt])
+        items.extend(Text(note, style="dim") for note in table.footnotes)
+        items.append(Text(""))
+    for table in report.row_tables:
+        rt = RichTable(header_style="bold")
+        for head, align in zip(table.header, table.align):
+            rt.add_column(head, justify="left" if align == "l" else "right", no_wrap=True)
+        for row in table.rows:
+            rt.add_row(*row)
         items.extend([Text(table.title, style="bold"), rt])
         items.extend(Text(note, style="dim") for note in table.footnotes)
         items.append(Text(""))
@@ -296,17 +354,21 @@ def tidy_cells(report: Report) -> pd.DataFrame:
                         "mean": c["mean"],
                         "std": c.get("std"),
                         "ci95": c.get("ci95"),
+                        "ci_low": c.get("ci_low"),
+                        "ci_high": c.get("ci_high"),
                         "n": int(c["n"]),
                         "n_expected": int(c["n_expected"]),
                         "complete": bool(c["complete"]),
                         "ref_value": c.get("ref_value"),
                         "ref_marker": c.get("ref_marker") or "",
                         "delta": c.get("delta"),
+                        "delta_low": c.get("delta_low"),
+                        "delta_high": c.get("delta_high"),
                         "value_type": value_type,
                     }
                 )
     frame = pd.DataFrame(records)
-    for col in ("mean", "std", "ci95", "ref_value", "delta"):
+    for col in ("mean", "std", "ci95", "ci_low", "ci_high", "ref_value", "delta", "delta_low", "delta_high"):
         if col in frame:
             frame[col] = pd.to_numeric(frame[col], errors="coerce").round(6)
     return frame
@@ -348,6 +410,9 @@ def render(report: Report, fmt: str, pivot: bool = False, width: int = 400, colo
         return report_latex(report)
     if fmt == "csv":
         frame = pivot_cells(report) if pivot else tidy_cells(report)
+        if report.row_tables:  # the efficiency numbers as rows of their own (columns the accuracy rows leave empty)
+            extra = [t.data.assign(table=t.name) for t in report.row_tables]
+            frame = pd.concat([frame, *extra], ignore_index=True)
         return frame.to_csv(index=False, lineterminator="\n")
     if fmt == "table":
         return report_text(report, width=width, color=color)

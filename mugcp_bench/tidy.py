@@ -38,9 +38,27 @@ KEY_COLUMNS = [
 ]
 EVAL_COLUMNS = ["eval_protocol", "eval_dataset", "classes", "n", "accuracy", "accuracy_1dp", "leakage"]
 TIDY_COLUMNS = ["run_id", "status", *KEY_COLUMNS, *EVAL_COLUMNS]
-# Not part of the documented tidy schema, kept at the end: needed to resolve duplicate runs of one seed.
-EXTRA_COLUMNS = ["config_hash", "path", "mtime", "n_classes"]
-RUN_COLUMNS = ["run_id", "status", "reason", *KEY_COLUMNS, "config_hash", "path", "mtime"]
+# Not part of the documented tidy schema, kept at the end: needed to resolve duplicate runs of one seed, and the
+# per-image predictions behind an evaluation (absolute path, its SHA-256, the SHA-256 of the test list it scored).
+EXTRA_COLUMNS = ["config_hash", "path", "mtime", "n_classes", "predictions", "predictions_sha256", "test_sha256"]
+# What a run cost (the efficiency table): parameters, timings, throughput, peak memory and device.
+COST_COLUMNS = [
+    "trainable_params",
+    "epochs",
+    "n_train",
+    "train_s",
+    "train_images_per_s",
+    "eval_s",
+    "eval_images_per_s",
+    "n_eval_images",
+    "peak_memory_mb",
+    "memory_measure",
+    "device",
+    "device_name",
+]
+RUN_COLUMNS = ["run_id", "status", "reason", *KEY_COLUMNS, "config_hash", "path", "mtime", *COST_COLUMNS]
+# One row per run x training epoch; loss parts appear as loss_<part> columns after these.
+HISTORY_COLUMNS = ["run_id", *KEY_COLUMNS, "epoch", "loss", "lr", "images_per_s", "seconds"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -98,6 +116,7 @@ class Results:
     runs: pd.DataFrame
     tidy: pd.DataFrame
     unreadable: list[Path] = field(default_factory=list)
+    history: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=HISTORY_COLUMNS))
 
     def status_counts(self) -> dict[str, int]:
         """Number of runs per status ("complete", "running", "failed", ...)."""
@@ -151,9 +170,53 @@ def _float(value: object) -> float:
     return float(value) if value is not None else np.nan
 
 
+def _predictions_fields(path: Path, ev: dict) -> dict:
+    ref = ev.get("predictions") if isinstance(ev.get("predictions"), dict) else {}
+    rel = ref.get("file")
+    file = None
+    if isinstance(rel, str) and rel and not Path(rel).is_absolute() and ".." not in Path(rel).parts:
+        file = str(Path(path).parent / rel)  # beside run.json, never outside its run directory
+    return {"predictions": file, "predictions_sha256": ref.get("sha256"), "test_sha256": ref.get("test_sha256")}
+
+
+def _cost_fields(record: dict) -> dict:
+    timings = record.get("timings") or {}
+    resources = record.get("resources") or {}
+    history = record.get("history") or []
+    epochs = len(history) if history else ((record.get("config") or {}).get("train") or {}).get("epochs")
+    return {
+        "trainable_params": record.get("trainable_params"),
+        "epochs": epochs,
+        "n_train": record.get("n_train"),
+        "train_s": _float(timings.get("train_s")),
+        "train_images_per_s": _float(timings.get("train_images_per_s")),
+        "eval_s": _float(timings.get("eval_s")),
+        "eval_images_per_s": _float(timings.get("eval_images_per_s")),
+        "n_eval_images": sum(int(ev.get("n") or 0) for ev in record.get("evaluations") or []),
+        "peak_memory_mb": _float(resources.get("peak_memory_mb")),
+        "memory_measure": resources.get("memory_measure"),
+        "device": resources.get("device"),
+        "device_name": resources.get("device_name"),
+    }
+
+
+def _history_rows(record: dict, key: dict) -> list[dict]:
+    rows = []
+    for epoch in record.get("history") or []:
+        if isinstance(epoch, dict) and "epoch" in epoch:
+            rows.append({"run_id": record.get("id"), **key, **{k: v for k, v in epoch.items() if k != "run_id"}})
+    return rows
+
+
 def records_to_frames(records: list[tuple[Path, dict]]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(runs, tidy) frames from (path, record) pairs."""
-    run_rows, eval_rows = [], []
+    runs, tidy, _ = records_to_tables(records)
+    return runs, tidy
+
+
+def records_to_tables(records: list[tuple[Path, dict]]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(runs, tidy, history) frames from (path, record) pairs."""
+    run_rows, eval_rows, history_rows = [], [], []
     for path, record in records:
         base = {"run_id": record.get("id"), "status": record.get("status"), **_key_fields(record)}
         extra = {
@@ -161,7 +224,8 @@ def records_to_frames(records: list[tuple[Path, dict]]) -> tuple[pd.DataFrame, p
             "path": str(path),
             "mtime": path.stat().st_mtime if path.exists() else np.nan,
         }
-        run_rows.append({**base, "reason": record.get("reason"), **extra})
+        run_rows.append({**base, "reason": record.get("reason"), **extra, **_cost_fields(record)})
+        history_rows += _history_rows(record, _key_fields(record))
         for ev in record.get("evaluations") or []:
             eval_rows.append(
                 {
@@ -175,17 +239,22 @@ def records_to_frames(records: list[tuple[Path, dict]]) -> tuple[pd.DataFrame, p
                     "leakage": _float(ev.get("leakage")),
                     **extra,
                     "n_classes": ev.get("n_classes"),
+                    **_predictions_fields(path, ev),
                 }
             )
     runs = pd.DataFrame(run_rows, columns=RUN_COLUMNS)
     tidy = pd.DataFrame(eval_rows, columns=TIDY_COLUMNS + EXTRA_COLUMNS)
-    for frame in (runs, tidy):
+    history = pd.DataFrame(history_rows)
+    history = history.reindex(
+        columns=[*HISTORY_COLUMNS, *sorted(c for c in history.columns if c not in HISTORY_COLUMNS)]
+    )
+    for frame in (runs, tidy, history):
         for col in ("shots", "seed"):
             frame[col] = pd.to_numeric(frame[col], errors="coerce").astype("Int64")
     tidy["n"] = pd.to_numeric(tidy["n"], errors="coerce").astype("Int64")
     # accuracy_1dp is what the reference parser reads from the log; fill it from the full value if absent.
     tidy["accuracy_1dp"] = tidy["accuracy_1dp"].fillna(tidy["accuracy"].round(1))
-    return runs, tidy
+    return runs, tidy, history
 
 
 def load_results(results_dir: str | Path) -> Results:
@@ -209,6 +278,6 @@ def load_results(results_dir: str | Path) -> Results:
             records.append((path, record))
     if not records:
         raise UserError(f"no readable run records in '{results_dir}' ({len(unreadable)} unreadable run.json files)")
-    runs, tidy = records_to_frames(records)
+    runs, tidy, history = records_to_tables(records)
     log.info("read %d run records from %s (%d evaluations)", len(runs), results_dir, len(tidy))
-    return Results(results_dir=results_dir, runs=runs, tidy=tidy, unreadable=unreadable)
+    return Results(results_dir=results_dir, runs=runs, tidy=tidy, unreadable=unreadable, history=history)

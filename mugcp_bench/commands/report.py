@@ -11,8 +11,10 @@ import click
 
 from mugcp_bench.aggregate import REPORT_PROTOCOLS, build_report
 from mugcp_bench.atomic import atomic_write_text
+from mugcp_bench.efficiency import efficiency_tables
 from mugcp_bench.errors import UserError
-from mugcp_bench.plots import make_plots
+from mugcp_bench.per_class import per_class_tables
+from mugcp_bench.plots import confusion_figures, make_plots, save_figure
 from mugcp_bench.report_model import Options
 from mugcp_bench.tables import FORMATS, SUFFIX_FORMATS, render
 from mugcp_bench.tidy import load_results
@@ -84,10 +86,33 @@ def _format(fmt: str | None, out: Path | None) -> str:
 )
 @click.option("--vs", default=None, help="Show Δ against 'paper' (the published numbers) or a METHOD of the report.")
 @click.option("--seeds", default=None, help="Expected seeds, e.g. 1,2,3 (others are ignored; missing ones flagged).")
-@click.option("--ci", is_flag=True, help="Show the 95%% Student-t interval half-width instead of the std.")
+@click.option(
+    "--ci",
+    is_flag=True,
+    help="95%% bootstrap intervals (seeds and test images resampled, paired across methods) instead of the std; "
+    "with --vs, the interval of each Δ (* = excludes 0).",
+)
+@click.option("--ci-seed", default=0, show_default=True, type=int, help="Random seed of the bootstrap.")
+@click.option(
+    "--ci-replicates", default=1000, show_default=True, type=click.IntRange(100, 100_000), help="Bootstrap replicates."
+)
 @click.option("--rounded", is_flag=True, help="Average the 1-decimal per-seed values the reference parser reads.")
 @click.option(
     "--methods", default=None, help="Only these methods, e.g. coop,mugcp (a method name includes its variants)."
+)
+@click.option(
+    "--per-class",
+    "per_class",
+    default=None,
+    metavar="DATASET",
+    help="Add per-class accuracy tables (and the hardest classes) for DATASET[,DATASET] or 'all'.",
+)
+@click.option("--efficiency", is_flag=True, help="Add the efficiency table: parameters, time, images/s, memory.")
+@click.option(
+    "--confusion",
+    default=None,
+    metavar="RUN",
+    help="With --plots: confusion matrices of one run (its id, e.g. 36fc4afb, or its folder).",
 )
 def report(
     results_dir: Path,
@@ -99,20 +124,40 @@ def report(
     vs: str | None,
     seeds: str | None,
     ci: bool,
+    ci_seed: int,
+    ci_replicates: int,
     rounded: bool,
     methods: str | None,
+    per_class: str | None,
+    efficiency: bool,
+    confusion: str | None,
 ) -> None:
-    """Aggregate seeds and datasets into paper-style tables, Δ against published numbers, and plots."""
+    """Aggregate seeds and datasets into paper-style tables, Δ against published numbers or a method (with paired
+    bootstrap intervals), per-class accuracy, the efficiency table, and plots."""
     try:
         fmt = _format(fmt, out)
         if pivot and fmt != "csv":
             raise UserError("--pivot only applies to --format csv")
-        options = Options(rounded=rounded, ci=ci, seeds=_seeds(seeds), methods=_split(methods), vs=vs)
+        if confusion and plots_dir is None:
+            raise UserError("--confusion draws plots: pass --plots DIR as well")
+        options = Options(
+            rounded=rounded,
+            ci=ci,
+            ci_seed=ci_seed,
+            ci_replicates=ci_replicates,
+            seeds=_seeds(seeds),
+            methods=_split(methods),
+            vs=vs,
+        )
         results = load_results(results_dir)
         counts = results.status_counts()
         if set(counts) - {"complete"}:
             log.info("runs by status: %s (only complete runs are reported)", counts)
         rep = build_report(results, None if protocol == "all" else [protocol], options)
+        if per_class:
+            rep.tables += per_class_tables(results, _split(per_class) or ("all",), options)
+        if efficiency:
+            rep.row_tables = efficiency_tables(results, options)
         tty = out is None and sys.stdout.isatty()
         width = shutil.get_terminal_size().columns if tty else 400
         text = render(rep, fmt, pivot=pivot, width=width, color=tty and fmt == "table")
@@ -123,5 +168,8 @@ def report(
             click.echo(text, nl=False)
         if plots_dir is not None:
             make_plots(rep, plots_dir)
+            if confusion:
+                for stem, fig in confusion_figures(results, confusion).items():
+                    save_figure(fig, plots_dir, stem)
     except UserError as exc:
         raise _BadInput(str(exc)) from exc
