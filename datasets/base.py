@@ -166,7 +166,7 @@ class DatasetSpec:
     # dataset's parts in that suite's protocols (`mugcp_bench.protocols.ROLES`) and its row in the report tables.
     group: str = "benchmark"
     roles: tuple[str, ...] = ()  # base2novel, source, cross_dataset, domain_generalization, few_shot
-    order: int | None = None  # position in the suite's tables and `--datasets all` (None: after the ordered ones)
+    order: float | None = None  # position in the suite's tables and `--datasets all` (None: after the ordered ones)
 
     @property
     def label(self) -> str:

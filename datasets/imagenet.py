@@ -173,7 +173,7 @@ class ImageNetVariantSpec(ImageFolderSpec):
         homepage: str,
         display_name: str,
         aliases: tuple[str, ...],
-        order: int,
+        order: float,
         label_space: str | None,
         all_wnids_required: bool,
         n_classes_text: str,

@@ -66,7 +66,7 @@ class ZhouJsonSpec(DatasetSpec):
         aliases: Iterable[str] = (),
         group: str = "benchmark",
         roles: Iterable[str] = (),
-        order: int | None = None,
+        order: float | None = None,
         image_dir_comment: str = "images",
         name_from_path: Callable[[str], str] | None = None,
         names_by_label: Callable[[Path], list[str] | None] | None = None,

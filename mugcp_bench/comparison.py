@@ -8,23 +8,23 @@ import numpy as np
 import pandas as pd
 
 from mugcp_bench.protocols import real_suite
-from mugcp_bench.reference_results import CONFIDENCE_MARKERS, load_published, published_method
+from mugcp_bench.reference_results import AVERAGE, CONFIDENCE_MARKERS, load_published, published_method
 from mugcp_bench.report_model import Table
 
 PAPER_BACKBONE = "vitb16"  # the published tables use CLIP ViT-B/16 with 16 shots
 PAPER_SHOTS = 16
 
 
-def paper_average_rows(kind: str) -> frozenset[str] | None:
-    """The datasets behind a published Average (the benchmark suite's roles): a Δ on an Average row needs exactly
-    these rows."""
-    suite = real_suite()
-    rows = {
-        "base2novel": suite.base2novel,
-        "cross_dataset": suite.cross_dataset_targets,
-        "domain_generalization": suite.domain_targets,
-    }
-    return frozenset(rows[kind]) if kind in rows else None
+def paper_average_rows(kind: str, published: pd.DataFrame | None = None) -> frozenset[str] | None:
+    """The datasets behind a published Average: those the published table has per-dataset numbers for (the
+    cross-dataset and DG source excluded). A Δ on an Average row needs exactly these rows. Read off the published
+    numbers themselves, so a dataset added to the benchmark suite never changes what the papers averaged."""
+    published = load_published() if published is None else published
+    rows = published[(published["protocol"] == kind) & (published["dataset_key"] != AVERAGE)]
+    if rows.empty:
+        return None
+    source = real_suite().source if kind != "base2novel" else None
+    return frozenset(set(rows["dataset_key"]) - {source})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -59,7 +59,7 @@ def attach_paper(table: Table, published: pd.DataFrame | None = None) -> None:
     }
     counted = table.cells[table.cells["in_average"].fillna(False).astype(bool) & table.cells["mean"].notna()]
     averaged = {k: frozenset(g["row"]) for k, g in counted.groupby(["entry", "group"])}
-    paper_rows = paper_average_rows(table.kind)
+    paper_rows = paper_average_rows(table.kind, published)
     ref_value, ref_marker = [], []
     for c in table.cells.itertuples(index=False):
         hit = None

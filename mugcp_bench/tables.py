@@ -201,6 +201,13 @@ def latex_escape(text: str) -> str:
     return _NEGATIVE.sub(r"$-$", escaped)  # a minus sign, not a hyphen, before a number
 
 
+def _latex_notes(footnotes: list[str]) -> list[str]:
+    """The footnotes under a LaTeX table, one per line."""
+    if not footnotes:
+        return []
+    return [r"\par\smallskip{\footnotesize", "\\\\\n".join(latex_escape(note) for note in footnotes), "}"]
+
+
 def table_latex(table: Table, options: Options) -> str:
     """One table as a booktabs `table` environment (needs \\usepackage{booktabs, amssymb})."""
     single = _single_group(table)
@@ -233,10 +240,7 @@ def table_latex(table: Table, options: Options) -> str:
         out.append(latex_escape(label) + " & " + " & ".join(cells) + r" \\")
     out.append(r"\bottomrule")
     out.append(r"\end{tabular}")
-    if table.footnotes:
-        out.append(r"\par\smallskip{\footnotesize")
-        out.append("\\\\\n".join(latex_escape(note) for note in table.footnotes))
-        out.append("}")
+    out.extend(_latex_notes(table.footnotes))
     out.append(r"\end{table}")
     return "\n".join(out) + "\n"
 
@@ -251,10 +255,7 @@ def row_table_latex(table: RowTable) -> str:
     out.extend(" & ".join(latex_escape(c) for c in row) + r" \\" for row in table.rows)
     out.append(r"\bottomrule")
     out.append(r"\end{tabular}")
-    if table.footnotes:
-        out.append(r"\par\smallskip{\footnotesize")
-        out.append("\\\\\n".join(latex_escape(note) for note in table.footnotes))
-        out.append("}")
+    out.extend(_latex_notes(table.footnotes))
     out.append(r"\end{table}")
     return "\n".join(out) + "\n"
 

@@ -96,7 +96,7 @@ def dataset_display(name: str) -> str:
     return hit[1].label if hit else title_case(name)
 
 
-def dataset_rank(name: str, first_seen: int = 0) -> tuple[int, int, str, int]:
+def dataset_rank(name: str, first_seen: int = 0) -> tuple[int, int, str, float]:
     """Sort key: datasets that declare a table order by suite (the benchmark first) and that order, then the others
     in order of first appearance."""
     hit = _lookup(name)

@@ -1,0 +1,140 @@
+"""Per-class accuracy, the efficiency table, training curves, confusion matrices; a dataset added in one file
+flows through every name and order of the report."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from mugcp_bench.aggregate import build_report
+from mugcp_bench.commands.report import report
+from mugcp_bench.comparison import paper_average_rows
+from mugcp_bench.datasets.checks import dataset_names
+from mugcp_bench.datasets.zhou_json import ZhouJsonSpec
+from mugcp_bench.plots import confusion_figures, curve_figures
+from mugcp_bench.protocols import real_suite
+from mugcp_bench.registry import DATASETS
+from mugcp_bench.report_model import Options
+from mugcp_bench.tidy import dataset_display, dataset_key, load_results
+from tests.synthetic_results import Split, write_b2n_store
+
+FIXTURES = Path(__file__).parent / "fixtures"
+CI_RESULTS = FIXTURES / "results_ci"
+OLD_RESULTS = FIXTURES / "results"
+
+
+def run(*args: str):
+    return CliRunner().invoke(report, [*args], catch_exceptions=False)
+
+
+def test_per_class_table_and_hardest_classes(tmp_path: Path) -> None:
+    store = write_b2n_store(tmp_path, {"coop": 0.3, "mugcp": 0.5}, {"dtd": (Split(240, 24), Split(230, 23))})
+    results = load_results(store)
+    out = run("--results-dir", str(store), "--format", "csv", "--per-class", "DTD")
+    cells = pd.read_csv(io.StringIO(out.stdout))
+    per_class = cells[cells["table"] == "per_class_dtd_base2novel_base"]
+    assert len(per_class[per_class["entry"] == "coop"]) == 24 + 1  # 24 base classes and the class-balanced mean
+    # a class's accuracy is the share of its test images predicted right, averaged over seeds
+    from mugcp_bench import predictions
+
+    tidy = results.tidy[(results.tidy["method"] == "coop") & (results.tidy["classes"] == "base")]
+    per_seed = []
+    for path in tidy["predictions"]:
+        p = predictions.read(path)
+        per_seed.append(100 * p.correct[p.label == 3].mean())
+    got = per_class[(per_class["entry"] == "coop") & (per_class["dataset"] == "3")]["mean"].item()
+    assert got == pytest.approx(sum(per_seed) / len(per_seed), abs=1e-5)
+    md = run("--results-dir", str(store), "--format", "md", "--per-class", "dtd").stdout
+    assert "### Per-class accuracy: DTD, base classes (base-to-novel)" in md
+    assert "### Per-class accuracy: DTD, novel classes (base-to-novel)" in md
+    (hardest,) = [line for line in md.split("novel classes (base-to-novel)")[0].splitlines() if "Hardest" in line]
+    assert hardest.split(": ", 1)[1].count(" (") == 5  # the five hardest, with their accuracy
+
+
+def test_per_class_errors_name_the_problem() -> None:
+    bad = run("--results-dir", str(CI_RESULTS), "--per-class", "dtdd")
+    assert bad.exit_code == 2 and "no complete runs evaluated on 'dtdd'" in bad.output
+    old = run("--results-dir", str(OLD_RESULTS), "--per-class", "caltech101")
+    assert old.exit_code == 2 and "no per-image predictions" in old.output and "--force" in old.output
+
+
+def test_efficiency_table_and_its_measures() -> None:
+    md = run("--results-dir", str(CI_RESULTS), "--format", "md", "--efficiency").stdout
+    section = md.split("### Efficiency (base-to-novel runs)")[1]
+    assert (
+        "| Method | Trainable params | Train time / run (s) | Train img/s | Eval img/s | Peak memory (MB) |" in section
+    )
+    assert "| coop | 2,048 | 16.0 | 50.0 | 250.0 | 150.0 | Synthetic CPU | fp32 | 4 |" in section
+    assert "Peak memory: peak process RSS above its start (CPU)" in section
+    csv = pd.read_csv(io.StringIO(run("--results-dir", str(CI_RESULTS), "--format", "csv", "--efficiency").stdout))
+    eff = csv[csv["table"] == "efficiency_base2novel"].set_index("entry")
+    assert eff.loc["mugcp", "train_images_per_s"] == 60.0 and eff.loc["mugcp", "runs"] == 4
+    old = run("--results-dir", str(OLD_RESULTS), "--format", "md", "--efficiency").stdout
+    assert "recorded without timings or memory (older records): shown as –" in old
+
+
+def test_training_curves_and_confusion_matrix_figures() -> None:
+    results = load_results(CI_RESULTS)
+    rep = build_report(results, None, Options())
+    curves = curve_figures(rep)
+    assert set(curves) == {"curves_base2novel_caltech101", "curves_base2novel_toy_shapes"}
+    axes = curves["curves_base2novel_toy_shapes"].get_axes()
+    assert [ax.get_title() for ax in axes][:4] == [
+        "Total training loss (mean over seeds; band: range)",
+        "Loss parts",
+        "Learning rate",
+        "Training throughput",
+    ]
+    assert all(ax.get_xlabel() == "Epoch" and ax.lines for ax in axes[:4])
+    parts = {t.get_text() for t in axes[1].get_legend().get_texts()}
+    assert parts == {"ce", "scp"}  # MuGCP's extra loss drawn on its own
+    run_id = results.runs[results.runs["method"] == "mugcp"]["run_id"].iloc[0]
+    confusion = confusion_figures(results, run_id)
+    assert len(confusion) == 2 and all(k.startswith(f"confusion_{run_id}_base2novel_") for k in confusion)
+    ax = next(iter(confusion.values())).get_axes()[0]
+    assert ax.images and ax.get_xlabel().startswith("Predicted class") and "accuracy" in ax.get_title()
+    bad = run("--results-dir", str(CI_RESULTS), "--confusion", run_id)
+    assert bad.exit_code == 2 and "--plots" in bad.output
+    unknown = run("--results-dir", str(CI_RESULTS), "--plots", "/nonexistent", "--confusion", "zzzz")
+    assert unknown.exit_code == 2 and "no run with that id" in unknown.output
+
+
+def test_a_dataset_added_in_one_file_flows_through_names_and_orders(tmp_path: Path, monkeypatch) -> None:
+    """Register a dataset the way its own file would (nothing else edited): the registry, --datasets, the suite,
+    tidy's names and the report's row order and labels all follow its spec."""
+    spec = ZhouJsonSpec(
+        "my_birds",
+        "my-birds",
+        "images",
+        "split_zhou_MyBirds.json",
+        "a photo of a {}, a type of bird.",
+        "https://example.org/birds",
+        display_name="MyBirds",
+        aliases=("birds", "mybirds200"),
+        roles=("base2novel", "cross_dataset", "few_shot"),
+        order=10.5,  # after UCF101 (10), before the ImageNet variants (11-14)
+    )
+    DATASETS.names()  # the built-ins first
+    monkeypatch.setitem(DATASETS._items, spec.name, spec)
+    for alias in spec.aliases:
+        monkeypatch.setitem(DATASETS._aliases, alias, spec.name)
+
+    assert DATASETS.canonical("birds") == "my_birds"
+    assert dataset_names("all").index("my_birds") == dataset_names("all").index("ucf101") + 1
+    assert real_suite().base2novel[-1] == "my_birds" and "my_birds" in real_suite().cross_dataset_targets
+    assert dataset_key("MyBirds200") == "my_birds" and dataset_display("my-birds") == "MyBirds"
+    assert len(paper_average_rows("base2novel")) == 11  # the papers' averages do not change
+    store = write_b2n_store(
+        tmp_path,
+        {"coop": 0.3},
+        {"my_birds": (Split(60, 5), Split(60, 5)), "dtd": (Split(60, 5), Split(60, 5))},
+        seeds=(1,),
+    )
+    table = build_report(load_results(store), ["base2novel"], Options()).tables[0]
+    assert table.rows[:2] == ["dtd", "my_birds"] and table.row_labels["my_birds"] == "MyBirds"
+    csv = pd.read_csv(io.StringIO(run("--results-dir", str(store), "--format", "csv").stdout))
+    assert list(dict.fromkeys(csv["dataset_name"])) == ["DTD", "MyBirds", "Average (2)"]
