@@ -15,7 +15,7 @@ import pandas as pd
 from mugcp_bench.bootstrap import BootstrapConfig, CorrectnessCache, attach_intervals
 from mugcp_bench.comparison import attach_method, attach_paper
 from mugcp_bench.errors import UserError
-from mugcp_bench.protocols import PROTOCOL_NAMES, PROTOCOLS
+from mugcp_bench.protocols import PROTOCOL_NAMES, PROTOCOLS, short_title
 from mugcp_bench.reference_results import AVERAGE
 from mugcp_bench.registry import suggest
 from mugcp_bench.report_model import Column, Options, Report, Table
@@ -351,7 +351,7 @@ def ablation_table(table: Table) -> Table | None:
     abl = Table(
         kind=table.kind,
         ablation=True,
-        title=f"Ablation ({PROTOCOLS[table.kind].title.split(' (')[0].lower()}): full method vs variants, Δ {metric}",
+        title=f"Ablation ({short_title(table.kind)}): full method vs variants, Δ {metric}",
         cells=abl_cells,
         rows=list(table.rows),
         row_labels=dict(table.row_labels),

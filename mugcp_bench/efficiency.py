@@ -13,15 +13,11 @@ import math
 import pandas as pd
 
 from mugcp_bench.aggregate import assign_entries, entry_table
+from mugcp_bench.protocols import TRAIN_PROTOCOLS, train_title
 from mugcp_bench.report_model import Options, RowTable
 from mugcp_bench.resources import MEASURES
 from mugcp_bench.tidy import Results
 
-TRAIN_TITLES = {
-    "base2novel": "base-to-novel",
-    "xd": "cross-dataset / domain-generalization source",
-    "few_shot": "few-shot",
-}
 HEADER = [
     "Method",
     "Trainable params",
@@ -55,11 +51,9 @@ def efficiency_tables(results: Results, options: Options) -> list[RowTable]:
     if options.methods:
         keep = set(options.methods)
         runs = runs[runs["method_label"].isin(keep) | runs["method"].isin(keep)]
-    protocols = sorted(
-        set(runs["train_protocol"].dropna()),
-        key=lambda p: (p not in TRAIN_TITLES, list(TRAIN_TITLES).index(p) if p in TRAIN_TITLES else 0, p),
-    )
-    return [_table(str(p), runs[runs["train_protocol"] == p]) for p in protocols]
+    present = set(runs["train_protocol"].dropna())
+    ordered = [p for p in TRAIN_PROTOCOLS if p in present] + sorted(present - set(TRAIN_PROTOCOLS))
+    return [_table(str(p), runs[runs["train_protocol"] == p]) for p in ordered]
 
 
 def _table(protocol: str, runs: pd.DataFrame) -> RowTable:
@@ -102,7 +96,7 @@ def _table(protocol: str, runs: pd.DataFrame) -> RowTable:
             )
     table = RowTable(
         name=f"efficiency_{protocol}",
-        title=f"Efficiency ({TRAIN_TITLES.get(protocol, protocol)} runs)",
+        title=f"Efficiency ({train_title(protocol)} runs)",
         header=list(HEADER),
         rows=rows,
         align=["l", "r", "r", "r", "r", "r", "l", "l", "r"],

@@ -16,6 +16,7 @@ import pandas as pd
 from mugcp_bench import predictions
 from mugcp_bench.aggregate import GROUP_LABELS, assign_entries, entry_table, prepare
 from mugcp_bench.errors import UserError
+from mugcp_bench.protocols import short_title
 from mugcp_bench.reference_results import AVERAGE
 from mugcp_bench.registry import suggest
 from mugcp_bench.report_model import Column, Options, Table
@@ -26,13 +27,6 @@ log = logging.getLogger(__name__)
 
 N_HARDEST = 5
 _SUBSET_TITLE = {"base": "base classes", "novel": "novel classes", "all": "all classes"}
-_PROTOCOL_TITLE = {
-    "base2novel": "base-to-novel",
-    "source": "source",
-    "cross_dataset": "cross-dataset",
-    "domain_generalization": "domain generalization",
-    "few_shot": "few-shot",
-}
 
 
 def _per_class_values(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[str], int]:
@@ -123,7 +117,7 @@ def _table(part: pd.DataFrame, key: str, protocol: str, classes: str) -> Table |
     row_labels = {str(c): name for c, name in enumerate(classnames)}
     row_labels[AVERAGE] = f"Mean over {len(rows)} classes"
     name = dataset_display(str(part["eval_dataset"].iloc[0]))
-    which = f"{_SUBSET_TITLE.get(classes, classes)} ({_PROTOCOL_TITLE.get(protocol, protocol)})"
+    which = f"{_SUBSET_TITLE.get(classes, classes)} ({short_title(protocol)})"
     table = Table(
         kind=protocol if protocol != "source" else "cross_dataset",
         ablation=False,

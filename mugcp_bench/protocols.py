@@ -122,6 +122,19 @@ PROTOCOLS: dict[str, Protocol] = {
     )
 }
 PROTOCOL_NAMES = tuple(PROTOCOLS)
+
+
+def short_title(name: str) -> str:
+    """ "base-to-novel generalization" for a protocol name; "source" for the source evaluation of an xd run."""
+    return PROTOCOLS[name].title.split(" (")[0].lower() if name in PROTOCOLS else name
+
+
+def train_title(train_protocol: str) -> str:
+    """The protocols a training regime serves: "cross-dataset transfer / domain generalization" for "xd"."""
+    names = [short_title(p.name) for p in PROTOCOLS.values() if p.train_protocol == train_protocol]
+    return " / ".join(names) or train_protocol
+
+
 # Training regimes a recipe can name: the source run ("xd") serves cross-dataset and domain generalization.
 TRAIN_PROTOCOLS = tuple(dict.fromkeys(p.train_protocol for p in PROTOCOLS.values()))
 PROTOCOL_ALIASES = {"b2n": "base2novel", "xd": "cross_dataset", "dg": "domain_generalization", "fewshot": "few_shot"}

@@ -42,7 +42,7 @@ def test_demo_trains_reports_and_plots_then_trains_nothing(tmp_path: Path, capsy
     assert f"{acc:.2f}" in out and f"{acc:.2f}" in report
     # intervals from the stored per-image predictions, and the efficiency table
     assert "[95% bootstrap interval]" in report and "Runs without stored per-image predictions" not in report
-    efficiency = report.split("### Efficiency (base-to-novel runs)")[1]
+    efficiency = report.split("### Efficiency (base-to-novel generalization runs)")[1]
     assert "| coop | 512 |" in efficiency and "| zsclip | 0 | – (no training) |" in efficiency
     assert "peak process RSS above its start (CPU)" in efficiency
     for stem in ("b2n_hm_per_dataset", "b2n_base_vs_novel", "curves_base2novel_toy_shapes"):

@@ -49,9 +49,11 @@ def test_per_class_table_and_hardest_classes(tmp_path: Path) -> None:
     got = per_class[(per_class["entry"] == "coop") & (per_class["dataset"] == "3")]["mean"].item()
     assert got == pytest.approx(sum(per_seed) / len(per_seed), abs=1e-5)
     md = run("--results-dir", str(store), "--format", "md", "--per-class", "dtd").stdout
-    assert "### Per-class accuracy: DTD, base classes (base-to-novel)" in md
-    assert "### Per-class accuracy: DTD, novel classes (base-to-novel)" in md
-    (hardest,) = [line for line in md.split("novel classes (base-to-novel)")[0].splitlines() if "Hardest" in line]
+    assert "### Per-class accuracy: DTD, base classes (base-to-novel generalization)" in md
+    assert "### Per-class accuracy: DTD, novel classes (base-to-novel generalization)" in md
+    (hardest,) = [
+        line for line in md.split("novel classes (base-to-novel generalization)")[0].splitlines() if "Hardest" in line
+    ]
     assert hardest.split(": ", 1)[1].count(" (") == 5  # the five hardest, with their accuracy
 
 
@@ -64,7 +66,7 @@ def test_per_class_errors_name_the_problem() -> None:
 
 def test_efficiency_table_and_its_measures() -> None:
     md = run("--results-dir", str(CI_RESULTS), "--format", "md", "--efficiency").stdout
-    section = md.split("### Efficiency (base-to-novel runs)")[1]
+    section = md.split("### Efficiency (base-to-novel generalization runs)")[1]
     assert (
         "| Method | Trainable params | Train time / run (s) | Train img/s | Eval img/s | Peak memory (MB) |" in section
     )
