@@ -362,7 +362,8 @@ def plot_training_curves(history: pd.DataFrame, title: str) -> Figure:
                 ax_parts.plot(epochs, by_epoch[part].mean().reindex(epochs), color=color, linestyle=style)
         ax_lr.plot(epochs, by_epoch["lr"].mean().reindex(epochs), color=color, marker="o", markersize=3)
         ax_rate.plot(epochs, by_epoch["images_per_s"].mean().reindex(epochs), color=color, marker="o", markersize=3)
-        handles.append(Line2D([], [], color=color, label=f"{curve} ({g['seed'].nunique()} seeds)"))
+        n_seeds = g["seed"].nunique()
+        handles.append(Line2D([], [], color=color, label=f"{curve} ({n_seeds} seed{'s' if n_seeds > 1 else ''})"))
     for ax, ylabel, name in (
         (ax_loss, "Loss", "Total training loss (mean over seeds; band: range)"),
         (ax_parts, "Loss", "Loss parts"),
@@ -374,6 +375,8 @@ def plot_training_curves(history: pd.DataFrame, title: str) -> Figure:
         ax.set_title(name, fontsize=10)
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
+        if ax is not ax_lr:
+            ax.ticklabel_format(axis="y", useOffset=False)  # a flat loss: plain values, no "1e-5+1.3863" offset
     part_handles = [
         Line2D([], [], color="0.3", linestyle=style, label=part.removeprefix("loss_"))
         for part, style in zip(parts, LOSS_STYLES * 4)
