@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -115,4 +116,7 @@ def test_trainer_evaluate_fast_equals_naive(name, backbones, data, tmp_path):
     )
     a = evaluate(fast, items, fast_bb.test_transform, cpu, "fp32", 2, image_features=feats, fast=True)
     b = evaluate(naive, items, naive_bb.test_transform, cpu, "fp32", 2, fast=False)
-    assert a == b
+    per_image = ("predictions", "top5")
+    assert {k: v for k, v in a.items() if k not in per_image} == {k: v for k, v in b.items() if k not in per_image}
+    for key in per_image:  # the same prediction for every image, not only the same count
+        np.testing.assert_array_equal(a[key], b[key])
