@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mugcp_bench.errors import RunFailed, UserError
+from mugcp_bench.world import resolve_world
 
 log = logging.getLogger(__name__)
 
@@ -231,9 +232,9 @@ def run_sweep(options: SweepOptions | None = None, /, *, reporter: Reporter | No
     """
     import torch
 
-    from mugcp_bench.datapaths import default_cache_dir, resolve_data_root
-    from mugcp_bench.datasets.checks import dataset_names, require_datasets
-    from mugcp_bench.protocols import REAL_SUITE, get_protocol, toy_suite
+    from mugcp_bench.datapaths import default_cache_dir
+    from mugcp_bench.datasets.checks import require_datasets
+    from mugcp_bench.protocols import get_protocol
     from mugcp_bench.runner import RunOptions, execute, get_backbone, plan, resolve_methods, summarize
     from mugcp_bench.trainer import resolve_precision
 
@@ -257,28 +258,10 @@ def run_sweep(options: SweepOptions | None = None, /, *, reporter: Reporter | No
 
         require_tensorboard()
     cache_dir = default_cache_dir()
-    sel = ",".join(_names(o.datasets)) if o.datasets is not None else None
-    use_toy = o.data_root is None and o.backbone is None and os.environ.get("MUGCP_DATA") is None
-    if sel and all(d.strip().lower().startswith("toy_") for d in sel.split(",")):
-        use_toy = o.backbone is None and o.data_root is None
-    if use_toy:
-        from mugcp_bench.toy.world import ensure_toy_world
-
-        suite = toy_suite()
-        datasets = tuple(dataset_names(sel, group="toy")) if sel else None
-        if datasets:
-            unknown = [d for d in datasets if d not in suite.all_datasets()]
-            if unknown:
-                raise UserError(f"{', '.join(unknown)} not in the toy world; pass --data-root for real datasets")
-        world = ensure_toy_world(cache_dir, quick=o.quick_toy)
-        data_root, backbone_name, pretrained = world.data_root, world.backbone_name, str(world.checkpoint)
-        recipe = o.recipe or "toy"
-    else:
-        suite = REAL_SUITE
-        datasets = tuple(dataset_names(sel)) if sel and sel != "all" else None
-        data_root = resolve_data_root(o.data_root)
-        backbone_name, pretrained = o.backbone or "ViT-B-16", o.pretrained or "openai"
-        recipe = o.recipe or "paper"
+    world = resolve_world(o.datasets, o.data_root, o.backbone, o.pretrained, o.quick_toy, cache_dir)
+    suite, datasets, data_root = world.suite, world.datasets, world.data_root
+    backbone_name, pretrained = world.backbone, world.pretrained
+    recipe = o.recipe or world.default_recipe
     if o.no_describe:
         from mugcp_bench.registry import METHODS
 

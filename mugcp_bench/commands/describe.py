@@ -9,7 +9,6 @@ describes the toy world, like `run`.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -79,14 +78,15 @@ def describe(
     quick_toy: bool,
 ) -> None:
     """Describe every image a protocol uses and store the texts in the shared description cache (resumable)."""
-    from mugcp_bench.datapaths import default_cache_dir, resolve_data_root
-    from mugcp_bench.datasets.checks import dataset_names, require_datasets
+    from mugcp_bench.datapaths import default_cache_dir
+    from mugcp_bench.datasets.checks import require_datasets
     from mugcp_bench.describers import AUTO, DescriberOptions, build_describer, describe_items, describer_groups
     from mugcp_bench.description_cache import DescriptionCache
     from mugcp_bench.leakage import leakage_fraction
     from mugcp_bench.registry import DESCRIBERS
     from mugcp_bench.sweep import parse_ints
     from mugcp_bench.sweep import resolve_device as _device
+    from mugcp_bench.world import resolve_world
 
     name = AUTO if describer_name.strip().lower() == AUTO else DESCRIBERS.canonical(describer_name)
     if shots < 1:
@@ -94,17 +94,8 @@ def describe(
     seed_list = parse_ints(seeds, "seeds") or (1,)
     dev = _device(device)
     cache_dir = default_cache_dir()
-    use_toy = data_root is None and backbone is None and os.environ.get("MUGCP_DATA") is None
-    if use_toy:
-        from mugcp_bench.toy.world import ensure_toy_world
-
-        world = ensure_toy_world(cache_dir, quick=quick_toy)
-        root, backbone_name, weights = world.data_root, world.backbone_name, str(world.checkpoint)
-        names = dataset_names(datasets or "all", group="toy")
-    else:
-        root = resolve_data_root(data_root)
-        backbone_name, weights = backbone or "ViT-B-16", pretrained or "openai"
-        names = dataset_names(datasets or "all")
+    world = resolve_world(datasets or "all", data_root, backbone, pretrained, quick_toy, cache_dir)
+    root, backbone_name, weights, names = world.data_root, world.backbone, world.pretrained, world.dataset_list()
     require_datasets(root, names)
 
     loaded: dict[str, Any] = {}
