@@ -1,4 +1,6 @@
 # `make demo` and `make test` create .venv on first use and are quiet afterwards.
+# `make test` skips the tests marked slow (end-to-end runs; MUGCP_TEST_SLOW=1 includes them); `make test-all` and
+# CI (.ci/run) run everything.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -6,7 +8,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test lint format clean-venv
+.PHONY: demo test test-all lint format clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -20,7 +22,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	@$(VENV)/bin/ruff check .
 	@$(VENV)/bin/ruff format --check .
-	@$(PY) -m pytest
+	@$(PY) -m pytest $(if $(filter 1,$(MUGCP_TEST_SLOW)),,-m "not slow")
+
+test-all:
+	@$(MAKE) --no-print-directory test MUGCP_TEST_SLOW=1
 
 lint: $(STAMP)
 	@$(VENV)/bin/ruff check --fix .

@@ -393,6 +393,12 @@ def subsample_classes(data: SplitData, subset: str) -> SplitData:
     )
 
 
+def register_dataset(spec: DatasetSpec) -> DatasetSpec:
+    """Register a spec under its own name and aliases (the spec is the one place a dataset's names live)."""
+    DATASETS.add(spec.name, spec, aliases=spec.aliases)
+    return spec
+
+
 def get_spec(name: str) -> DatasetSpec:
     """The registered spec for a dataset name (UserError with a did-you-mean for unknown names)."""
     return DATASETS.get(name)

@@ -15,10 +15,10 @@ from mugcp_bench.datasets.base import (
     SplitData,
     classnames_by_label,
     make_datum,
+    register_dataset,
     rel_to_root,
 )
 from mugcp_bench.datasets.zhou_json import COOP_DATASETS_MD, REHOSTED
-from mugcp_bench.registry import DATASETS
 
 SPLIT_FILES = {part: f"images_variant_{part}.txt" for part in ("train", "val", "test")}
 
@@ -85,4 +85,4 @@ class FGVCAircraftSpec(DatasetSpec):
 
 
 FGVC_AIRCRAFT = FGVCAircraftSpec()
-DATASETS.add(FGVC_AIRCRAFT.name, FGVC_AIRCRAFT, aliases=FGVC_AIRCRAFT.aliases)
+register_dataset(FGVC_AIRCRAFT)

@@ -19,10 +19,10 @@ from mugcp_bench.datasets.base import (
     SplitData,
     classnames_by_label,
     make_datum,
+    register_dataset,
     rel_to_root,
 )
 from mugcp_bench.datasets.zhou_json import COOP_DATASETS_MD
-from mugcp_bench.registry import DATASETS
 
 CLASSNAMES_FILE = "classnames.txt"
 CLASSNAMES_SOURCE = (
@@ -293,4 +293,4 @@ IMAGENET_R = ImageNetVariantSpec(
 )
 
 for _spec in (IMAGENET, IMAGENET_V2, IMAGENET_SKETCH, IMAGENET_A, IMAGENET_R):
-    DATASETS.add(_spec.name, _spec, aliases=_spec.aliases)
+    register_dataset(_spec)

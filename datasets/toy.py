@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
+from mugcp_bench.datasets.base import register_dataset
 from mugcp_bench.datasets.zhou_json import ZhouJsonSpec
-from mugcp_bench.registry import DATASETS
 from mugcp_bench.toy.suite import DATASETS as TOY_DATASETS
 from mugcp_bench.toy.suite import IMAGE_DIR, METADATA_FILE, TOY_SUITE
 
@@ -53,4 +53,4 @@ def _toy_spec(name: str) -> ZhouJsonSpec:
 SPECS = [_toy_spec(name) for name in TOY_DATASETS]
 
 for _spec in SPECS:
-    DATASETS.add(_spec.name, _spec)
+    register_dataset(_spec)

@@ -20,9 +20,9 @@ from mugcp_bench.datasets.base import (
     SplitData,
     classnames_by_label,
     make_datum,
+    register_dataset,
     rel_to_root,
 )
-from mugcp_bench.registry import DATASETS
 
 log = logging.getLogger(__name__)
 
@@ -408,4 +408,4 @@ SPECS = [
 ]
 
 for _spec in SPECS:
-    DATASETS.add(_spec.name, _spec, aliases=_spec.aliases)
+    register_dataset(_spec)

@@ -57,6 +57,15 @@ class Registry(Generic[T]):
         for alias in aliases:
             self._aliases[alias] = name
 
+    def unregister(self, name: str) -> T:
+        """Remove `name` and its aliases and return what was registered (for tests that register their own)."""
+        self._load_builtins()
+        if name not in self._items:
+            raise KeyError(f"{self.kind} '{name}' is not registered")
+        for alias in [a for a, target in self._aliases.items() if target == name]:
+            del self._aliases[alias]
+        return self._items.pop(name)
+
     def canonical(self, name: str) -> str:
         """The registered name for `name` or an alias of it; UserError with a did-you-mean otherwise."""
         self._load_builtins()

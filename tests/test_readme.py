@@ -31,7 +31,7 @@ def test_readme_method_example_works(tiny_backbone):
         m.set_classnames(["a", "b"])
         assert m(torch.randn(1, 3, 32, 32)).logits.shape == (1, 2)
     finally:
-        METHODS._items.pop("mine", None)
+        METHODS.unregister("mine")
 
 
 def test_readme_dataset_example_registers():
@@ -42,8 +42,9 @@ def test_readme_dataset_example_registers():
     try:
         spec = DATASETS.get("my_birds")
         assert spec.folder == "my-birds" and "{}" in spec.template
+        assert DATASETS.canonical("birds") == "my_birds"
     finally:
-        DATASETS._items.pop("my_birds", None)
+        DATASETS.unregister("my_birds")
 
 
 def test_readme_toy_table_matches_the_suite():

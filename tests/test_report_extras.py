@@ -14,7 +14,6 @@ from mugcp_bench.aggregate import build_report
 from mugcp_bench.commands.report import report
 from mugcp_bench.comparison import paper_average_rows
 from mugcp_bench.datasets.checks import dataset_names
-from mugcp_bench.datasets.zhou_json import ZhouJsonSpec
 from mugcp_bench.plots import confusion_figures, curve_figures
 from mugcp_bench.protocols import real_suite
 from mugcp_bench.registry import DATASETS
@@ -105,10 +104,12 @@ def test_training_curves_and_confusion_matrix_figures() -> None:
     assert unknown.exit_code == 2 and "no run with that id" in unknown.output
 
 
-def test_a_dataset_added_in_one_file_flows_through_names_and_orders(tmp_path: Path, monkeypatch) -> None:
-    """Register a dataset the way its own file would (nothing else edited): the registry, --datasets, the suite,
-    tidy's names and the report's row order and labels all follow its spec."""
-    spec = ZhouJsonSpec(
+MY_BIRDS = """
+from mugcp_bench.datasets.base import register_dataset
+from mugcp_bench.datasets.zhou_json import ZhouJsonSpec
+
+register_dataset(
+    ZhouJsonSpec(
         "my_birds",
         "my-birds",
         "images",
@@ -116,15 +117,35 @@ def test_a_dataset_added_in_one_file_flows_through_names_and_orders(tmp_path: Pa
         "a photo of a {}, a type of bird.",
         "https://example.org/birds",
         display_name="MyBirds",
-        aliases=("birds", "mybirds200"),
         roles=("base2novel", "cross_dataset", "few_shot"),
+        aliases=("birds", "mybirds200"),
         order=10.5,  # after UCF101 (10), before the ImageNet variants (11-14)
     )
-    DATASETS.names()  # the built-ins first
-    monkeypatch.setitem(DATASETS._items, spec.name, spec)
-    for alias in spec.aliases:
-        monkeypatch.setitem(DATASETS._aliases, alias, spec.name)
+)
+"""
 
+
+@pytest.fixture
+def my_birds_file(tmp_path: Path, monkeypatch):
+    """`my_birds.py` dropped into the datasets package (a temporary folder on its search path), nothing else."""
+    import sys
+
+    import mugcp_bench.datasets as package
+
+    folder = tmp_path / "plugin"
+    folder.mkdir()
+    (folder / "my_birds.py").write_text(MY_BIRDS)
+    DATASETS.names()  # the built-ins first
+    monkeypatch.setattr(package, "__path__", [*package.__path__, str(folder)])
+    assert "my_birds" in package.import_dataset_modules()
+    yield DATASETS.get("my_birds")
+    DATASETS.unregister("my_birds")
+    sys.modules.pop("mugcp_bench.datasets.my_birds", None)
+
+
+def test_a_dataset_added_in_one_file_flows_through_names_and_orders(tmp_path: Path, my_birds_file) -> None:
+    """A dataset file in the package (nothing else edited): the registry, --datasets, the suite, tidy's names and
+    the report's row order and labels all follow its spec."""
     assert DATASETS.canonical("birds") == "my_birds"
     assert dataset_names("all").index("my_birds") == dataset_names("all").index("ucf101") + 1
     assert real_suite().base2novel[-1] == "my_birds" and "my_birds" in real_suite().cross_dataset_targets
