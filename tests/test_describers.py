@@ -14,6 +14,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+from mugcp_bench import describers
 from mugcp_bench.datasets.base import Datum, prepare
 from mugcp_bench.describers import (
     PHRASE_BANK,
@@ -286,6 +287,7 @@ def test_scene_describer_reads_metadata_with_seeded_noise(toy_root, tmp_path):
         record = meta["/".join(d.relpath.split("/")[1:])]
         assert record["color"] in text and record["shape"] in text and text.startswith("a photo of")
         assert d.classname in text  # toy_colors: the colour is the class, named when nothing is dropped
+        assert text == record["caption"].replace(",", "")  # the renderer's own sentence (no comma before the place)
     noisy = SceneDescriber()
     assert noisy.id == "scene-v1-drop0.2-swap0.1" and exact.id == "scene-v1-drop0-swap0"
     assert noisy.describe(items) == noisy.describe(items)  # seeded by the image hash
@@ -334,6 +336,31 @@ def test_cache_hit_on_second_run_calls_no_describer(tmp_path):
     assert path == tmp_path / "cache" / "counting-v1" / "count_v1.jsonl"
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert {"image_sha1", "text", "n_tokens", "wall_s", "checksum"} <= set(records[0])
+
+
+def test_describe_groups_auto_items_counts_them_and_releases(toy_root, tmp_path):
+    """The one entry point of the command and MuGCP: auto = scene for toy images, the other describer for the rest."""
+    toy = prepare("toy_colors", toy_root, None, 1).train[:3]
+    other = write_images(tmp_path / "data", 2)
+    twin = tmp_path / "data" / "x" / "images" / "copy.png"  # the same bytes under another path
+    shutil.copy(other[0].impath, twin)
+    items = [*toy, *other, Datum(str(twin), 0, "red circle", "x/images/copy.png")]
+    built: dict[str, Describer] = {}
+
+    def make(name: str) -> Describer:
+        built[name] = SceneDescriber() if name == "scene" else CountingDescriber()
+        built[name].release = lambda n=name: built.setdefault(f"released {n}", built[n])
+        return built[name]
+
+    seen: list[int] = []
+    cache = DescriptionCache(tmp_path / "cache")
+    done = describers.describe("auto", items, make, cache, progress=seen.append, release=True)
+    assert done.describer == "scene-v1-drop0.2-swap0.1+counting-v1" and set(done.texts) == {d.relpath for d in items}
+    assert (done.n_images, done.n_cached, done.n_generated) == (5, 0, 5) and sum(seen) == len(items)
+    assert built["interrogator"].calls == 2 and {"released scene", "released interrogator"} <= set(built)
+    again = describers.describe("auto", items, make, cache, generate=False)
+    assert (again.n_cached, again.n_generated) == (5, 0) and again.texts == done.texts
+    assert built["interrogator"].calls == 0  # a fresh one, never called: everything came from the cache
 
 
 def test_corrupted_cache_lines_are_reported_and_regenerated(tmp_path, caplog):

@@ -78,9 +78,10 @@ def describe(
     quick_toy: bool,
 ) -> None:
     """Describe every image a protocol uses and store the texts in the shared description cache (resumable)."""
+    from mugcp_bench import describers
     from mugcp_bench.datapaths import default_cache_dir
     from mugcp_bench.datasets.checks import require_datasets
-    from mugcp_bench.describers import AUTO, DescriberOptions, build_describer, describe_items, describer_groups
+    from mugcp_bench.describers import AUTO, DescriberOptions, build_describer
     from mugcp_bench.description_cache import DescriptionCache
     from mugcp_bench.leakage import leakage_fraction
     from mugcp_bench.registry import DESCRIBERS
@@ -126,7 +127,6 @@ def describe(
         return loaded[n]
 
     items_by_dataset = {n: protocol_items(n, root, shots, seed_list, cache_dir) for n in names}
-    plan = {n: describer_groups(name, items, make) for n, items in items_by_dataset.items()}
     cache = DescriptionCache()
     err = Console(stderr=True, highlight=False)
     rows = []
@@ -140,29 +140,19 @@ def describe(
         console=err,
     ) as progress:
         task = progress.add_task("describing", total=total)
-        for n, groups in plan.items():
+        for n, items in items_by_dataset.items():
             progress.update(task, description=f"describing {n}")
-            texts: dict[str, str] = {}
-            ids, n_images, n_cached, n_generated = [], 0, 0, 0
-            for describer, group in groups:
-                outcome = describe_items(
-                    group,
-                    describer,
-                    cache,
-                    progress=lambda k: progress.advance(task, k),
-                    batch_size=batch_size,
-                    datasets_hint=n,
-                )
-                # Several items can share one image (same content): advance by items, not distinct images.
-                progress.advance(task, len(group) - outcome.n_images)
-                texts.update(outcome.texts)
-                ids.append(describer.id)
-                n_images += outcome.n_images
-                n_cached += outcome.n_cached
-                n_generated += outcome.n_generated
-            items = items_by_dataset[n]
-            leak = leakage_fraction(texts, items)
-            rows.append((n, "+".join(ids), len(items), n_generated, n_cached, leak))
+            done = describers.describe(
+                name,
+                items,
+                make,
+                cache,
+                progress=lambda k: progress.advance(task, k),
+                batch_size=batch_size,
+                datasets_hint=n,
+            )
+            leak = leakage_fraction(done.texts, items)
+            rows.append((n, done.describer, len(items), done.n_generated, done.n_cached, leak))
     table = Table(title=f"descriptions in {cache.root}", title_justify="left")
     for col, justify in [("dataset", "left"), ("describer", "left"), ("images", "right"), ("described", "right"),
                          ("cached", "right"), ("leakage", "right")]:  # fmt: skip

@@ -10,7 +10,9 @@ methods.md §7.3 (A) (our design). Every describer is deterministic, registered 
 - ``scene`` (`.scene`): toy world only, a documented STAND-IN for an MLLM (the rendered scene's metadata + noise).
 - ``interrogator`` (`.interrogator`): CLIP retrieval over a fixed phrase bank with the run's backbone.
 
-`.base` holds the base class, the options and the factory; `.cached` describes through the cache.
+`.base` holds the base class, the options and the factory; `.cached` describes through the cache, and its
+`describe` (group items by describer -> describe through the cache -> count) is the one entry point that
+`mugcp-bench describe` and MuGCP share.
 Importing this package registers the four built-ins.
 """
 
@@ -18,6 +20,8 @@ from mugcp_bench.describers.base import Describer, DescriberOptions, build_descr
 from mugcp_bench.describers.cached import (
     AUTO,
     DescribeOutcome,
+    DescribeSummary,
+    describe,
     describe_command_hint,
     describe_items,
     describer_groups,
@@ -33,6 +37,7 @@ __all__ = [
     "PHRASE_BANK",
     "PROMPTS",
     "DescribeOutcome",
+    "DescribeSummary",
     "Describer",
     "DescriberOptions",
     "FileDescriber",
@@ -41,6 +46,7 @@ __all__ = [
     "SceneDescriber",
     "build_describer",
     "check_tokenizer",
+    "describe",
     "describe_command_hint",
     "describe_items",
     "describer_groups",

@@ -107,6 +107,61 @@ def describe_items(
     return DescribeOutcome(texts, len(first), n_cached, len(missing), n_corrupted)
 
 
+@dataclass
+class DescribeSummary:
+    """Descriptions of a list of items, possibly from several describers (``auto``), and how they were obtained."""
+
+    texts: dict[str, str]  # item key (relpath) -> description
+    describer_ids: list[str]  # one per describer used, in order
+    prompt_ids: list[str]
+    n_images: int  # distinct images (by content), summed over the describers
+    n_cached: int
+    n_generated: int
+
+    @property
+    def describer(self) -> str:
+        return "+".join(self.describer_ids)
+
+    @property
+    def prompt_id(self) -> str:
+        return "+".join(self.prompt_ids)
+
+
+def describe(
+    name: str,
+    items: Sequence[Any],
+    make: Callable[[str], Describer],
+    cache: DescriptionCache | None = None,
+    generate: bool = True,
+    progress: Callable[[int], None] | None = None,
+    batch_size: int | None = None,
+    datasets_hint: str = "...",
+    release: bool = False,
+) -> DescribeSummary:
+    """The one entry point `mugcp-bench describe` and MuGCP share: group the items by describer (`describer_groups`:
+    one describer, or for ``auto`` scene + interrogator), describe each group through the cache (`describe_items`),
+    and count. progress(n) is called with the number of ITEMS handled (items sharing an image count each);
+    release=True frees each describer's model after its group (an MLLM must not hold GPU memory while a method
+    trains)."""
+    cache = cache or DescriptionCache()
+    summary = DescribeSummary({}, [], [], 0, 0, 0)
+    for describer, group in describer_groups(name, items, make):
+        outcome = describe_items(
+            group, describer, cache, generate, progress, batch_size=batch_size, datasets_hint=datasets_hint
+        )
+        if progress:
+            progress(len(group) - outcome.n_images)  # describe_items counts distinct images
+        summary.texts.update(outcome.texts)
+        summary.describer_ids.append(describer.id)
+        summary.prompt_ids.append(describer.prompt_id)
+        summary.n_images += outcome.n_images
+        summary.n_cached += outcome.n_cached
+        summary.n_generated += outcome.n_generated
+        if release:
+            describer.release()
+    return summary
+
+
 def ensure_descriptions(
     items: Sequence[Any],
     describer: Describer,

@@ -76,18 +76,10 @@ class SceneDescriber(Describer):
         return value
 
     def sentence(self, meta: dict, seed: int) -> str:
-        """One sentence from a scene record; the noise is drawn from `seed` (the image hash)."""
-        from mugcp_bench.toy.render import (
-            BACKGROUNDS,
-            COLORS,
-            COUNT_WORDS,
-            PATTERNS,
-            POSITIONS,
-            SHAPES,
-            SIZES,
-            article,
-            plural,
-        )
+        """One sentence from a scene record, built by the renderer's own sentence builder; the noise (attributes
+        dropped or swapped) is drawn from `seed` (the image hash)."""
+        from mugcp_bench.toy.render import BACKGROUNDS, COLORS, COUNT_WORDS, PATTERNS, POSITIONS, SHAPES, SIZES
+        from mugcp_bench.toy.render import sentence as scene_sentence
 
         rng = random.Random(seed)
         style = meta.get("style", "photo")
@@ -102,26 +94,9 @@ class SceneDescriber(Describer):
         position = self._noisy(rng, meta.get("position"), POSITIONS) if meta.get("position") else None
         if style in ("sketch", "cartoon"):
             pattern = None  # those styles draw no surface pattern
+        adjectives = [w for w in (size, pattern, color) if w]
         many = (n if n is not None else count) > 1
-        noun = shape or "object"
-        phrase = " ".join([w for w in (size, pattern, color) if w] + [plural(noun) if many else noun])
-        if not many:
-            det = article(phrase)
-        else:
-            det = COUNT_WORDS[n - 1] if n is not None else "several"
-        prefix = {"sketch": "a sketch of", "cartoon": "a cartoon of", "noisy": "a noisy photo of"}.get(
-            style, "a photo of"
-        )
-        text = f"{prefix} {det} {phrase}"
-        if style == "textured":
-            text += " on a colorful patterned background"
-        elif style in ("photo", "noisy") and background:
-            text += f" on a {background} background"
-        if position and not many:
-            text += {"center": " in the center", "top": " at the top", "bottom": " at the bottom"}.get(
-                position, f" on the {position}"
-            )
-        return text + "."
+        return scene_sentence(style, shape or "object", adjectives, many, n, background, position, position_sep=" ")
 
     def describe(self, items: Sequence[Any]) -> list[str]:
         out = []

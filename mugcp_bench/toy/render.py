@@ -8,6 +8,7 @@ Images are drawn at `RENDER_SIZE` px and box-filtered down to `IMAGE_SIZE` px (a
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -548,30 +549,45 @@ def caption(scene: Scene, rng: np.random.Generator, must: frozenset[str] | set[s
     return " ".join(p for p in parts if p) + "."
 
 
+_DESCRIBE_PREFIXES = {
+    "photo": "a photo of",
+    "sketch": "a sketch of",
+    "noisy": "a noisy photo of",
+    "textured": "a photo of",
+    "cartoon": "a cartoon of",
+}
+
+
+def sentence(
+    style: str,
+    noun: str,
+    adjectives: Sequence[str],
+    many: bool,
+    count: int | None = None,
+    background: str | None = None,
+    position: str | None = None,
+    position_sep: str = ", ",
+) -> str:
+    """The fixed-order sentence that names a scene: "<style prefix> <det> <adjectives> <noun> [on a <background>
+    background][<sep><position phrase>]." With `many`, the noun is plural and the determiner is the count word
+    ("several" when `count` is None); background and position are named only where the style and count show them."""
+    phrase = " ".join([*adjectives, plural(noun) if many else noun])
+    det = (COUNT_WORDS[count - 1] if count else "several") if many else article(phrase)
+    text = f"{_DESCRIBE_PREFIXES.get(style, 'a photo of')} {det} {phrase}"
+    if style == "textured":
+        text += " on a colorful patterned background"
+    elif style in ("photo", "noisy") and background:
+        text += f" on a {background} background"
+    if position and not many:
+        text += position_sep + _POSITION_PHRASES[position]
+    return text + "."
+
+
 def describe(scene: Scene) -> str:
     """A deterministic caption naming every attribute of the scene (for metadata and describers)."""
     n = scene.count
-    words = [scene.size]
-    if scene.style not in ("sketch", "cartoon"):
-        words.append(scene.pattern)
-    words += [scene.color, scene.shape if n == 1 else plural(scene.shape)]
-    phrase = " ".join(words)
-    det = article(phrase) if n == 1 else COUNT_WORDS[n - 1]
-    prefix = {
-        "photo": "a photo of",
-        "sketch": "a sketch of",
-        "noisy": "a noisy photo of",
-        "textured": "a photo of",
-        "cartoon": "a cartoon of",
-    }[scene.style]
-    text = f"{prefix} {det} {phrase}"
-    if scene.style == "textured":
-        text += " on a colorful patterned background"
-    elif scene.style in ("photo", "noisy"):
-        text += f" on a {scene.background} background"
-    if n == 1:
-        text += f", {_POSITION_PHRASES[scene.position]}"
-    return text + "."
+    adjectives = [scene.size] + ([scene.pattern] if scene.style not in ("sketch", "cartoon") else []) + [scene.color]
+    return sentence(scene.style, scene.shape, adjectives, n > 1, n, scene.background, scene.position)
 
 
 __all__ = [
@@ -592,6 +608,7 @@ __all__ = [
     "render",
     "render_pil",
     "sample_scene",
+    "sentence",
     "shape_mask",
     "with_attributes",
 ]
