@@ -31,7 +31,7 @@ GROUP_LABELS = {"base": "Base", "novel": "Novel", "hm": "HM", "acc": "Acc"}
 # Columns of the paper tables in their usual order; unknown methods go between them and the proposed ones.
 METHOD_ORDER_HEAD = ("zsclip", "coop", "cocoop", "ivlp", "maple", "promptsrc")
 METHOD_ORDER_TAIL = ("dcp", "mugcp")
-SETTING_FIELDS = ("backbone", "pretrained", "recipe", "precision")
+SETTING_FIELDS = ("backbone", "pretrained", "activation", "recipe", "precision")
 
 
 # ---------------------------------------------------------------------------------------------------------------

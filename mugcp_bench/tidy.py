@@ -31,6 +31,7 @@ KEY_COLUMNS = [
     "recipe",
     "backbone",
     "pretrained",
+    "activation",
     "train_dataset",
     "shots",
     "seed",
@@ -159,6 +160,9 @@ def _key_fields(record: dict) -> dict:
         "recipe": key.get("recipe"),
         "backbone": key.get("backbone"),
         "pretrained": key.get("pretrained"),
+        # Omitted from keys built with GELU (and from records older than the field): the same weights under QuickGELU
+        # are another setting, never averaged with a GELU run.
+        "activation": key.get("activation") or "gelu",
         "train_dataset": key.get("train_dataset"),
         "shots": key.get("shots"),
         "seed": key.get("seed"),

@@ -51,3 +51,23 @@ def test_dataset_names() -> None:
     assert dataset_display("imagenet-sketch") == "-Sketch" and dataset_display("fgvc_aircraft") == "FGVCAircraft"
     assert dataset_display("toy_shapes") == "Toy Shapes"  # unknown (toy) datasets: title case
     assert dataset_rank("imagenet") < dataset_rank("caltech101") < dataset_rank("toy_shapes", 0)
+
+
+def test_quickgelu_and_gelu_runs_are_separate_entries(tmp_path: Path) -> None:
+    """The same weights built with another activation are another setting: never averaged into one entry."""
+    from mugcp_bench.aggregate import assign_entries
+    from tests.synthetic_results import Split, write_run
+
+    split = Split(n=20, n_classes=4)
+    gelu = write_run(tmp_path, "coop", "dtd", 1, {"base": (split, None, 60.0), "novel": (split, None, 50.0)})
+    quick = gelu.with_name(gelu.name[:-8] + "0000beef")
+    quick.mkdir()
+    record = json.loads((gelu / "run.json").read_text())
+    record["key"]["activation"] = "quickgelu"
+    record["id"] = "0000beef"
+    (quick / "run.json").write_text(json.dumps(record))
+
+    tidy = load_results(tmp_path).tidy
+    assert sorted(tidy["activation"].unique()) == ["gelu", "quickgelu"]  # a record without the field is GELU
+    entries = assign_entries(tidy, with_shots=False)
+    assert sorted(entries["entry"].unique()) == ["coop (gelu)", "coop (quickgelu)"]
