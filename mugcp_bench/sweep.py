@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mugcp_bench.errors import RunFailed, UserError
+from mugcp_bench.errors import UserError
 from mugcp_bench.world import resolve_world
 
 log = logging.getLogger(__name__)
@@ -120,6 +120,12 @@ class SweepOptions:
     no_describe: bool = False
     tensorboard: bool = False  # TensorBoard event files per run (needs the tensorboard package)
     quick_toy: bool = False
+    executor: str = "local"  # local | gpus | ray (mugcp_bench.executors)
+    gpus: str | None = None  # gpus: "0,1,3" or "cpu:2" (default: every visible CUDA device)
+    ray_address: str | None = None  # ray: "auto" or HOST:PORT (default: a local Ray instance)
+    ray_gpus_per_run: float | None = None  # ray: GPUs per run task (default 1 on CUDA, 0 on the CPU)
+    ray_cpus_per_run: float = 1.0
+    claim_timeout: float = 120.0  # seconds without a heartbeat after which another process takes a run over
 
 
 @dataclass
@@ -132,6 +138,7 @@ class SweepPlan:
     device: str
     results_dir: Path
     labels: list[str]
+    executor: str = "local"
 
 
 @dataclass
@@ -141,7 +148,7 @@ class RunOutcome:
     label: str
     id: str
     path: Path
-    action: str
+    action: str  # skip | train | resume | evaluate, or claimed (another process held a live claim on it)
     status: str
     reason: str | None = None
 
@@ -168,7 +175,13 @@ class SweepResult:
 
     @property
     def trained(self) -> list[RunOutcome]:
-        return [r for r in self.runs if r.action != "skip"]
+        """Runs this sweep trained, resumed or evaluated."""
+        return [r for r in self.runs if r.action in ("train", "resume", "evaluate")]
+
+    @property
+    def claimed(self) -> list[RunOutcome]:
+        """Runs left to another process that held a live claim on them."""
+        return [r for r in self.runs if r.action == "claimed"]
 
     def records(self) -> list[dict[str, Any]]:
         """The run.json of every run of this sweep that has one."""
@@ -217,7 +230,8 @@ class Reporter:
         """A training step of run `label` (epoch, epochs, step, steps, loss, lr, images_per_s)."""
 
     def run_finished(self, label: str, status: str, reason: str | None) -> None:
-        """Run `label` ended with `status` (complete / failed) and the failure's `reason`."""
+        """Run `label` ended with `status` (complete / failed, or running: claimed by another process) and the
+        `reason` (the failure's, or who holds the claim)."""
 
     def close(self) -> None:
         """Execution ended (normally or not)."""
@@ -227,15 +241,18 @@ class Reporter:
 def run_sweep(options: SweepOptions | None = None, /, *, reporter: Reporter | None = None, **kw: Any) -> SweepResult:
     """Validate everything, plan, then execute. Every check happens before the first run starts.
 
-    Pass a `SweepOptions` or its fields as keywords. Raises `UserError` on bad input; without `keep_going` the first
-    failed run stops the sweep (`RunFailed`, or `UserError` for bad data found while running).
+    Pass a `SweepOptions` or its fields as keywords. Raises `UserError` on bad input. Under the local executor
+    without `keep_going` the first failed run stops the sweep (`RunFailed`, or `UserError` for bad data found while
+    running); under `gpus` and `ray` a failed run never stops the others (see `SweepResult.failed`).
     """
     import torch
 
     from mugcp_bench.datapaths import default_cache_dir
     from mugcp_bench.datasets.checks import require_datasets
+    from mugcp_bench.executors import build_executor
+    from mugcp_bench.executors.work import RunTask, WorkContext
     from mugcp_bench.protocols import get_protocol
-    from mugcp_bench.runner import RunOptions, execute, get_backbone, plan, resolve_methods, summarize
+    from mugcp_bench.runner import RunOptions, get_backbone, plan, resolve_methods, summarize
     from mugcp_bench.trainer import resolve_precision
 
     o = options if options is not None else SweepOptions(**kw)
@@ -249,7 +266,10 @@ def run_sweep(options: SweepOptions | None = None, /, *, reporter: Reporter | No
         raise UserError(f"--shots {o.shots}: shots must be positive")
     seeds = parse_ints(o.seeds, "seeds") or (1,)
     overrides = parse_sets(o.sets)
-    device = resolve_device(o.device)
+    if not o.claim_timeout > 0:
+        raise UserError(f"--claim-timeout {o.claim_timeout}: must be a positive number of seconds")
+    executor = build_executor(o.executor, o.gpus, o.ray_address, o.ray_gpus_per_run, o.ray_cpus_per_run)
+    device = executor.device(o.device)
     precision = resolve_precision(o.precision, torch.device(device))  # reference-fp16 off CUDA: UserError now
     results_dir = Path(o.results_dir)
     check_writable(results_dir)
@@ -288,32 +308,28 @@ def run_sweep(options: SweepOptions | None = None, /, *, reporter: Reporter | No
     needed = sorted({r.train.dataset for r in runs} | {e.dataset for r in runs for e in r.evals})
     if any(r.action != "skip" for r in runs):
         require_datasets(opts.data_root, needed)  # every dataset, before the first run starts
-    sweep_plan = SweepPlan(summarize(runs), backbone_name, recipe, device, results_dir, [r.label for r in runs])
+    labels = [r.label for r in runs]
+    sweep_plan = SweepPlan(summarize(runs), backbone_name, recipe, device, results_dir, labels, executor.describe())
     reporter.planned(sweep_plan)
     result = SweepResult(sweep_plan, dry_run=o.dry_run)
     if o.dry_run:
         result.runs = [RunOutcome(r.label, r.key.id, r.record.path, r.action, r.record.status) for r in runs]
         return result
-    todo = [r for r in runs if r.action != "skip"]
-    outcomes: dict[str, RunOutcome] = {}
-    reporter.start(len(todo))
+    tasks = [RunTask(r) for r in runs if r.action != "skip"]
+    ctx = WorkContext.capture(opts, backbone_name, pretrained, precision, o.claim_timeout)
+    reporter.start(len(tasks))
     try:
-        for run in todo:
-            reporter.run_started(run.label)
-            try:
-                execute(run, backbone, opts, progress=lambda s, label=run.label: reporter.step(label, s))
-            except (RunFailed, UserError) as e:
-                outcomes[run.key.id] = RunOutcome(run.label, run.key.id, run.record.path, run.action, "failed", str(e))
-                reporter.run_finished(run.label, "failed", str(e))
-                if not o.keep_going:
-                    raise
-                log.error("run failed: %s", e)
-                continue
-            reporter.run_finished(run.label, run.record.status, None)
+        done = {t.id: t for t in executor.run(tasks, ctx, reporter, o.keep_going)}
     finally:
         reporter.close()
+    for r in done.values():
+        if r.failed:
+            log.error("run failed: %s: %s", r.label, r.reason)
     result.runs = [
-        outcomes.get(r.key.id) or RunOutcome(r.label, r.key.id, r.record.path, r.action, r.record.status) for r in runs
+        RunOutcome(r.label, r.key.id, r.record.path, t.action, t.status, t.reason)
+        if (t := done.get(r.key.id))
+        else RunOutcome(r.label, r.key.id, r.record.path, r.action, r.record.status)
+        for r in runs
     ]
     return result
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -51,6 +52,25 @@ def run_options(f):
         click.option(
             "--tensorboard", is_flag=True, help="Also write TensorBoard event files per run (needs tensorboard)."
         ),
+        click.option(
+            "--executor",
+            default="local",
+            show_default=True,
+            help="local (this process), gpus (a worker per device) or ray (a Ray task per run).",
+        ),
+        click.option("--gpus", default=None, help="gpus: device indices, e.g. 0,1,3 (default: all), or cpu:N."),
+        click.option("--ray-address", default=None, help="ray: auto or HOST:PORT (default: start a local Ray)."),
+        click.option(
+            "--ray-gpus-per-run", default=None, type=float, help="ray: GPUs per run (default 1 on CUDA, 0 on CPU)."
+        ),
+        click.option("--ray-cpus-per-run", default=1.0, show_default=True, type=float, help="ray: CPUs per run."),
+        click.option(
+            "--claim-timeout",
+            default=120.0,
+            show_default=True,
+            type=float,
+            help="Seconds without a heartbeat after which a run claimed by another process is taken over.",
+        ),
         click.option("--quick-toy", is_flag=True, hidden=True, help="Use the quick toy world (tests)."),
         click.option("--json", "as_json", is_flag=True, help="Print the plan/results summary as JSON on stdout."),
     ]
@@ -58,19 +78,30 @@ def run_options(f):
 
 
 class ConsoleReporter(Reporter):
-    """The plan line and a progress bar of the runs on stderr."""
+    """The plan line and a progress bar of the runs on stderr: done / running / failed across all workers."""
 
     def __init__(self, console: Console) -> None:
         self.console = console
         self.progress: Progress | None = None
         self.task = None
+        self.running: set[str] = set()
+        self.failed = 0
+        self.claimed = 0
+
+    def _counts(self) -> str:
+        parts = [f"{len(self.running)} running"]
+        if self.failed:
+            parts.append(f"[red]{self.failed} failed[/]")
+        if self.claimed:
+            parts.append(f"{self.claimed} claimed elsewhere")
+        return ", ".join(parts)
 
     def planned(self, plan: SweepPlan) -> None:
         c = plan.counts
         self.console.print(
             f"[bold]{c['runs']}[/] runs: {c.get('skip', 0)} done, {c.get('train', 0)} to train, "
             f"{c.get('resume', 0)} to resume, {c.get('evaluate', 0)} to evaluate "
-            f"({plan.backbone}, recipe {plan.recipe}, {plan.device}, results in {plan.results_dir})"
+            f"({plan.backbone}, recipe {plan.recipe}, {plan.device}, {plan.executor}, results in {plan.results_dir})"
         )
 
     def start(self, total: int) -> None:
@@ -78,16 +109,18 @@ class ConsoleReporter(Reporter):
             TextColumn("{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
+            TextColumn("{task.fields[counts]}"),
             TextColumn("{task.fields[status]}"),
             TimeElapsedColumn(),
             console=self.console,
             transient=False,
         )
         self.progress.start()
-        self.task = self.progress.add_task("runs", total=total, status="")
+        self.task = self.progress.add_task("runs", total=total, status="", counts=self._counts())
 
     def run_started(self, label: str) -> None:
-        self.progress.update(self.task, description=label, status="")
+        self.running.add(label)
+        self.progress.update(self.task, description=label, status="", counts=self._counts())
 
     def step(self, label: str, s: dict[str, Any]) -> None:
         self.progress.update(
@@ -97,7 +130,12 @@ class ConsoleReporter(Reporter):
         )
 
     def run_finished(self, label: str, status: str, reason: str | None) -> None:
-        self.progress.advance(self.task)
+        self.running.discard(label)
+        self.failed += status == "failed"
+        self.claimed += status == "running"
+        self.progress.update(self.task, advance=1, counts=self._counts())
+        if status == "failed":
+            self.progress.console.print(f"[red]failed[/] {escape(label)}: {escape(reason or '')}", highlight=False)
 
     def close(self) -> None:
         if self.progress is not None:
@@ -114,7 +152,9 @@ def sweep(methods: str, variants: dict[str, list[str]] | None, as_json: bool = F
         return
     failures = result.failed
     if as_json:
-        click.echo(json.dumps({**result.counts, "failed": len(failures)}))
+        click.echo(json.dumps({**result.counts, "failed": len(failures), "claimed": len(result.claimed)}))
+    if result.claimed:
+        console.print(f"{len(result.claimed)} runs were claimed by another process and left to it")
     if failures:
         table = Table(title="failed runs", header_style="bold red")
         table.add_column("run")

@@ -1,0 +1,32 @@
+"""`--executor local` (the default): every run in the sweep's own process, one after the other."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from mugcp_bench.executors.base import Executor, SafeReporter
+from mugcp_bench.executors.work import RunTask, TaskResult, WorkContext, perform
+
+if TYPE_CHECKING:
+    from mugcp_bench.sweep import Reporter
+
+
+class LocalExecutor(Executor):
+    """Runs in order in this process; without `keep_going` the first failed run stops the sweep (its error)."""
+
+    name = "local"
+
+    def run(self, tasks: Sequence[RunTask], ctx: WorkContext, reporter: Reporter, keep_going: bool) -> list[TaskResult]:
+        report = SafeReporter(reporter)
+        results = []
+        for task in tasks:
+            report.run_started(task.label)
+            result = perform(task, ctx, progress=lambda s, label=task.label: report.step(label, s), keep_error=True)
+            results.append(result)
+            report.run_finished(result)
+            if result.failed and not keep_going and result.error is not None:
+                raise result.error
+        for r in results:
+            r.error = None
+        return results

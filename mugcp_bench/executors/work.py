@@ -1,0 +1,133 @@
+"""The unit every executor runs: claim a planned run, re-read its record, train / resume / evaluate it, release.
+
+`perform` is the same code in the sweep's own process (local), in a worker process per device (gpus) and in a Ray
+task (ray); everything it needs travels in a picklable `RunTask` and `WorkContext`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from mugcp_bench.claims import DEFAULT_TIMEOUT_S, Claim, new_token
+from mugcp_bench.errors import RunFailed, UserError
+from mugcp_bench.runner import PlannedRun, RunOptions
+from mugcp_bench.store import RunRecord
+
+log = logging.getLogger(__name__)
+
+# Environment a worker takes from the sweep's process (caches, offline switches), whatever started the worker.
+FORWARDED_ENV = ("MUGCP_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HF_HUB_CACHE")
+
+
+@dataclass
+class WorkContext:
+    """What every run of a sweep shares: run options, the backbone to load and the claim timeout."""
+
+    opts: RunOptions
+    backbone: str
+    pretrained: str | None
+    precision: str
+    claim_timeout: float = DEFAULT_TIMEOUT_S
+    env: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def capture(cls, opts: RunOptions, backbone: str, pretrained: str | None, precision: str, claim_timeout: float):
+        env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+        return cls(opts, backbone, pretrained, precision, claim_timeout, env)
+
+
+@dataclass
+class RunTask:
+    """One planned run and the claim token of this task (kept by retries of the task)."""
+
+    run: PlannedRun
+    token: str = field(default_factory=new_token)
+
+    @property
+    def id(self) -> str:
+        return self.run.key.id
+
+    @property
+    def label(self) -> str:
+        return self.run.label
+
+
+@dataclass
+class TaskResult:
+    """What became of a task. `action` is what was done (train / resume / evaluate), or `skip` (complete by the
+    time the claim was taken) or `claimed` (someone else holds a live claim); `status` is the record's."""
+
+    id: str
+    label: str
+    action: str
+    status: str
+    reason: str | None = None
+    host: str = ""
+    pid: int = 0
+    user_error: bool = False  # the failure is bad input found while running (exit 2 under the local executor)
+    error: BaseException | None = field(default=None, repr=False)  # local executor only: the exception to re-raise
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "failed"
+
+
+def next_action(run: PlannedRun, opts: RunOptions) -> str:
+    """The action for a run whose claim we hold: a record left `running` has no live owner, so it is picked up."""
+    from mugcp_bench.runner import _action
+
+    action = _action(run, opts)
+    if action == "skip" and run.record.status in ("running", "stale"):
+        return "resume" if opts.resume and run.record.checkpoint_path.is_file() else "train"
+    return action
+
+
+def perform(
+    task: RunTask,
+    ctx: WorkContext,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    keep_error: bool = False,
+) -> TaskResult:
+    """Claim, (re)decide, execute and release one run; never raises for a failed run (see `TaskResult`)."""
+    from mugcp_bench.runner import execute, get_backbone
+
+    for k, v in ctx.env.items():
+        os.environ.setdefault(k, v)
+    run = task.run
+    base = {"id": task.id, "label": task.label, "host": socket.gethostname(), "pid": os.getpid()}
+    claim = Claim(RunRecord(ctx.opts.results_dir, run.key).dir, task.token, ctx.claim_timeout)
+    if not claim.acquire():
+        holder = claim.previous
+        who = holder.describe() if holder else "another process"
+        return TaskResult(**base, action="claimed", status="running", reason=f"claimed by {who}")
+    try:
+        run.record = RunRecord(ctx.opts.results_dir, run.key)  # as it is now, not as it was when planned
+        run.action = next_action(run, ctx.opts)
+        if run.action == "skip":
+            return TaskResult(**base, action="skip", status=run.record.status)
+        attempts = run.record.data.setdefault("attempts", [])
+        attempts.append({"action": run.action, "host": base["host"], "pid": base["pid"], "time": time.time()})
+        backbone = get_backbone(ctx.backbone, ctx.pretrained, ctx.opts.device, ctx.precision)
+        try:
+            execute(run, backbone, ctx.opts, progress=progress)
+        except (RunFailed, UserError) as e:
+            return TaskResult(
+                **base,
+                action=run.action,
+                status="failed",
+                reason=run.record.data.get("reason") or str(e),
+                user_error=isinstance(e, UserError),
+                error=e if keep_error else None,
+            )
+        return TaskResult(**base, action=run.action, status=run.record.status)
+    finally:
+        claim.release()
+
+
+__all__ = ["FORWARDED_ENV", "RunTask", "TaskResult", "WorkContext", "next_action", "perform"]
