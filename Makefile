@@ -13,7 +13,7 @@ export TRANSFORMERS_OFFLINE := 1
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@$(PY) -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
-	@$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
+	@$(PY) -m pip install -q --disable-pip-version-check -e ".[dev,ray]"
 	@touch $(STAMP)
 
 demo: $(STAMP)

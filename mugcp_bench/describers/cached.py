@@ -9,6 +9,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from filelock import FileLock
+
 from mugcp_bench.describers.base import Describer
 from mugcp_bench.describers.scene import scene_metadata
 from mugcp_bench.description_cache import DescriptionCache, Entry
@@ -82,6 +84,46 @@ def describe_items(
             "or run without --no-describe"
         )
     new: dict[str, Entry] = {}
+    if missing:
+        # Workers of one sweep that miss the same descriptions describe them once: the fill runs under a lock,
+        # and whoever waited reads what the first one appended.
+        lock_path = cache.path(did, pid)
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fill_lock = FileLock(str(lock_path) + ".fill.lock")
+        fill_lock.acquire()
+        known = cache.load(did, pid)
+        found = [sha for sha in missing if sha in known]
+        if found:
+            missing = [sha for sha in missing if sha not in known]
+            n_cached += len(found)
+            if progress:
+                progress(len(found))
+    else:
+        fill_lock = None
+    try:
+        _generate(missing, first, describer, cache, new, batch_size, progress)
+    finally:
+        if fill_lock is not None:
+            fill_lock.release()
+    if n_corrupted and generate:  # drop the broken lines so they are reported once
+        dropped = cache.compact(did, pid)
+        log.info("rewrote %s without %d broken or superseded lines", cache.path(did, pid), dropped)
+    table = {**known, **new}
+    texts = {item_key(item): table[sha].text for sha, item in zip(shas, items)}
+    return DescribeOutcome(texts, len(first), n_cached, len(missing), n_corrupted)
+
+
+def _generate(
+    missing: list[str],
+    first: dict[str, Any],
+    describer: Describer,
+    cache: DescriptionCache,
+    new: dict[str, Entry],
+    batch_size: int | None,
+    progress: Callable[[int], None] | None,
+) -> None:
+    """Describe the `missing` images (by content hash) in batches, appending each batch to the cache and `new`."""
+    did, pid = describer.id, describer.prompt_id
     size = max(1, batch_size or describer.batch_size)
     for start in range(0, len(missing), size):
         chunk = missing[start : start + size]
@@ -99,12 +141,6 @@ def describe_items(
         new.update((e.image_sha1, e) for e in batch)
         if progress:
             progress(len(batch))
-    if n_corrupted and generate:  # drop the broken lines so they are reported once
-        dropped = cache.compact(did, pid)
-        log.info("rewrote %s without %d broken or superseded lines", cache.path(did, pid), dropped)
-    table = {**known, **new}
-    texts = {item_key(item): table[sha].text for sha, item in zip(shas, items)}
-    return DescribeOutcome(texts, len(first), n_cached, len(missing), n_corrupted)
 
 
 @dataclass

@@ -1,0 +1,283 @@
+"""Executors (local, gpus with CPU workers, ray on a loopback cluster) and run claims, end to end on the tiny
+backbone: the same numbers under every executor, every run trained once, a killed worker's run resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mugcp_bench import run_sweep
+from mugcp_bench.claims import CLAIM_FILE, read_holder
+from mugcp_bench.store import iter_run_files
+from tests.miniature import build_miniature
+
+TINY = {"backbone": "tiny", "pretrained": "random", "recipe": "toy"}
+SWEEP = {"methods": "zsclip,coop,maple", "datasets": "dtd,eurosat", "seeds": "1,2", "sets": {"epochs": 1}, **TINY}
+CLI_TINY = ["--backbone", "tiny", "--pretrained", "random", "--recipe", "toy"]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return build_miniature(tmp_path_factory.mktemp("data"), ["dtd", "eurosat"])
+
+
+def records(results: Path) -> dict[str, dict]:
+    return {(r := json.loads(p.read_text()))["id"]: r for p in iter_run_files(results)}
+
+
+def comparable(rec: dict) -> dict:
+    """What must not depend on the executor: key, config, status, losses and every evaluation's numbers."""
+    evals = sorted(
+        (e["protocol"], e["dataset"], e["classes"], e["n"], e["accuracy"], e["accuracy_1dp"])
+        for e in rec["evaluations"]
+    )
+    losses = [{k: v for k, v in h.items() if k.startswith("loss")} for h in rec.get("history", [])]
+    return {
+        "key": rec["key"],
+        "config": rec["config"],
+        "status": rec["status"],
+        "trainable_params": rec["trainable_params"],
+        "last_loss": rec.get("last_loss"),
+        "losses": losses,
+        "evaluations": evals,
+    }
+
+
+@pytest.fixture(scope="module")
+def local_results(data_root, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("local")
+    result = run_sweep(data_root=data_root, results_dir=out, **SWEEP)
+    assert not result.failed and len(result.trained) == 12
+    return out
+
+
+@pytest.mark.slow
+def test_gpu_workers_on_the_cpu_give_the_local_numbers_bit_for_bit(data_root, local_results, tmp_path):
+    result = run_sweep(data_root=data_root, results_dir=tmp_path, executor="gpus", gpus="cpu:2", **SWEEP)
+    assert not result.failed and len(result.trained) == 12
+    got, want = records(tmp_path), records(local_results)
+    assert got.keys() == want.keys()
+    for rid, rec in want.items():
+        assert comparable(got[rid]) == comparable(rec), rec["method_label"]
+    pids = {a["pid"] for r in got.values() for a in r["attempts"]}
+    assert len(pids) == 2 and os.getpid() not in pids  # two worker processes did the runs
+    assert result.table().equals(run_sweep(data_root=data_root, results_dir=tmp_path, **SWEEP).table())
+
+
+@pytest.mark.slow
+def test_ray_tasks_on_a_loopback_cluster_give_the_local_numbers_bit_for_bit(data_root, local_results, tmp_path):
+    ray = pytest.importorskip("ray", reason="the ray extra is installed by `make test`")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    try:
+        result = run_sweep(data_root=data_root, results_dir=tmp_path, executor="ray", **SWEEP)
+    finally:
+        ray.shutdown()
+    assert not result.failed and len(result.trained) == 12
+    got, want = records(tmp_path), records(local_results)
+    assert got.keys() == want.keys()
+    for rid, rec in want.items():
+        assert comparable(got[rid]) == comparable(rec), rec["method_label"]
+    assert all(a["pid"] != os.getpid() for r in got.values() for a in r["attempts"])
+
+
+def test_without_ray_the_ray_executor_exits_2_with_the_install_line(data_root, tmp_path, monkeypatch, capsys):
+    from mugcp_bench.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    argv = ["run", "--methods", "coop", "--datasets", "dtd", "--data-root", str(data_root), *CLI_TINY]
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--results-dir", str(tmp_path), "--executor", "ray"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "pip install 'mugcp-bench[ray]'" in err, err
+    assert not iter_run_files(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--executor", "rya"], "unknown executor 'rya'. Did you mean 'ray'?"),
+        (["--executor", "gpus", "--gpus", "0"], "--gpus 0: device 0 does not exist"),
+        (["--executor", "gpus", "--gpus", "cpu:0"], "expected cpu:N with N >= 1"),
+        (["--gpus", "cpu:2"], "--gpus is an option of --executor gpus"),
+        (["--ray-address", "auto"], "--ray-* options need --executor ray"),
+        (["--claim-timeout", "0"], "--claim-timeout 0.0: must be a positive number of seconds"),
+    ],
+)
+def test_bad_executor_options_one_line_exit_2(extra, message, data_root, tmp_path, capsys):
+    from mugcp_bench.cli import main
+
+    if "--gpus" in extra and extra[-1] == "0" and torch.cuda.is_available():
+        extra = [*extra[:-1], str(torch.cuda.device_count())]
+        message = message.replace("0", extra[-1])
+    argv = ["run", "--methods", "coop", "--datasets", "dtd", "--data-root", str(data_root), *CLI_TINY, *extra]
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--results-dir", str(tmp_path)])
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert exc.value.code == 2 and len(lines) == 1 and message in lines[0], lines
+    assert not iter_run_files(tmp_path)
+
+
+def test_two_run_commands_at_once_train_every_run_exactly_once(data_root, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    argv = [sys.executable, "-m", "mugcp_bench.cli", "run", "--methods", "coop", "--datasets", "dtd,eurosat"]
+    argv += ["--seeds", "1,2", "--data-root", str(data_root), *CLI_TINY, "--set", "epochs=2", "--json"]
+    argv += ["--results-dir", str(tmp_path)]
+    procs = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in "ab"]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outs]
+    recs = records(tmp_path)
+    assert len(recs) == 4 and all(r["status"] == "complete" for r in recs.values())
+    assert [len(r["attempts"]) for r in recs.values()] == [1, 1, 1, 1]  # one training start per run, in total
+    assert all(r["attempts"][0]["action"] == "train" for r in recs.values())
+    summaries = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    assert all(s["failed"] == 0 for s in summaries)
+    assert not list(tmp_path.glob(f"runs/**/{CLAIM_FILE}"))  # every claim released
+
+
+def _kill_first_worker_after_its_first_epoch(results: Path, killed: dict, stop: threading.Event) -> None:
+    """Watch the results for a checkpoint (epoch 1 done) and SIGKILL the worker named in that run's claim."""
+    while not stop.is_set():
+        for ckpt in results.glob("runs/**/checkpoint.pt"):
+            holder = read_holder(ckpt.parent)
+            if holder is not None:
+                os.kill(holder.pid, signal.SIGKILL)
+                killed.update(pid=holder.pid, run_dir=ckpt.parent)
+                return
+        time.sleep(0.01)
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_run_is_replaced_and_the_run_resumes_to_the_uninterrupted_numbers(data_root, tmp_path):
+    kw = {**TINY, "methods": "coop", "datasets": "dtd,eurosat", "seeds": "1"}
+    kw["sets"] = {"epochs": 4, "batch_size": 2}
+    killed: dict = {}
+    stop = threading.Event()
+    watcher = threading.Thread(target=_kill_first_worker_after_its_first_epoch, args=(tmp_path / "a", killed, stop))
+    watcher.start()
+    try:
+        result = run_sweep(data_root=data_root, results_dir=tmp_path / "a", executor="gpus", gpus="cpu:2", **kw)
+    finally:
+        stop.set()
+        watcher.join()
+    assert killed, "no worker was killed (the runs finished before the first checkpoint was seen)"
+    assert not result.failed and len(result.trained) == 2
+    interrupted = json.loads((killed["run_dir"] / "run.json").read_text())
+    assert [a["action"] for a in interrupted["attempts"]] == ["train", "resume"]
+    assert interrupted["attempts"][0]["pid"] == killed["pid"] != interrupted["attempts"][1]["pid"]
+    run_sweep(data_root=data_root, results_dir=tmp_path / "b", **kw)  # uninterrupted, in this process
+    got, want = records(tmp_path / "a"), records(tmp_path / "b")
+    for rid, rec in want.items():
+        assert comparable(got[rid]) == comparable(rec)
+    rel = killed["run_dir"].relative_to(tmp_path / "a")
+    sa = torch.load(killed["run_dir"] / "model.pt")
+    sb = torch.load(tmp_path / "b" / rel / "model.pt")
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_a_run_claimed_elsewhere_is_left_to_its_owner_then_taken_over_once_stale(data_root, tmp_path, capsys):
+    from mugcp_bench.cli import main
+
+    kw = {**TINY, "methods": "coop", "datasets": "dtd", "seeds": "1,2", "sets": {"epochs": 1}}
+    plan = run_sweep(data_root=data_root, results_dir=tmp_path, dry_run=True, **kw)
+    busy = plan.runs[0].path.parent
+    busy.mkdir(parents=True)
+    body = {"host": "other-node", "pid": 1, "token": "x", "started": time.time(), "heartbeat": time.time()}
+    (busy / CLAIM_FILE).write_text(json.dumps(body))
+    argv = ["run", "--methods", "coop", "--datasets", "dtd", "--seeds", "1,2", "--data-root", str(data_root)]
+    argv += [*CLI_TINY, "--set", "epochs=1", "--results-dir", str(tmp_path), "--claim-timeout", "1.5", "--json"]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    out = capsys.readouterr()
+    assert exc.value.code == 0, out.err
+    summary = json.loads(out.out.strip().splitlines()[-1])
+    assert summary["claimed"] == 1 and "claimed by another process" in out.err
+    assert not (busy / "run.json").exists()  # someone is on it: not touched
+    time.sleep(1.6)  # the other node's heartbeat is now older than --claim-timeout
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    out = capsys.readouterr()
+    assert exc.value.code == 0, out.err
+    assert json.loads(out.out.strip().splitlines()[-1])["claimed"] == 0
+    rec = json.loads((busy / "run.json").read_text())
+    assert rec["status"] == "complete" and len(rec["attempts"]) == 1
+    assert not (busy / CLAIM_FILE).exists()
+
+
+@pytest.mark.slow
+def test_a_failed_run_is_recorded_with_its_reason_the_others_complete_exit_1(data_root, tmp_path, capsys):
+    from mugcp_bench.cli import main
+
+    broken = build_miniature(tmp_path / "broken", ["dtd", "eurosat"])
+    test_list = json.loads((broken / "eurosat" / "split_zhou_EuroSAT.json").read_text())["test"]
+    victim = broken / "eurosat" / "2750" / test_list[0][0]
+    victim.write_bytes(b"corrupt")
+    argv = ["run", "--methods", "zsclip,coop", "--datasets", "dtd,eurosat", "--seeds", "1", "--set", "epochs=1"]
+    argv += ["--data-root", str(broken), *CLI_TINY, "--results-dir", str(tmp_path / "r"), "--json"]
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--executor", "gpus", "--gpus", "cpu:2"])  # no --keep-going: workers always go on
+    out = capsys.readouterr()
+    assert exc.value.code == 1 and "failed runs" in out.err
+    recs = list(records(tmp_path / "r").values())
+    by_status = {s: [r for r in recs if r["status"] == s] for s in ("complete", "failed")}
+    assert {r["key"]["train_dataset"] for r in by_status["complete"]} == {"dtd"} and len(by_status["complete"]) == 2
+    assert len(by_status["failed"]) == 2 and all(str(victim) in r["reason"] for r in by_status["failed"])
+    assert json.loads(out.out.strip().splitlines()[-1])["failed"] == 2
+
+
+FEATURES = """
+import sys, time
+from pathlib import Path
+import torch
+from mugcp_bench.backbone import load_backbone
+from mugcp_bench.datasets.base import prepare
+from mugcp_bench.features import image_features
+
+root, cache, log, start = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), float(sys.argv[4])
+torch.manual_seed(0)
+backbone = load_backbone("tiny")
+encode = backbone.encode_image
+def counting(images, *a, **k):
+    with open(log, "a") as f:
+        f.write(f"{images.shape[0]}\\n")
+    time.sleep(0.2)  # a slow build, so that the second process arrives while the first computes
+    return encode(images, *a, **k)
+backbone.encode_image = counting
+items = prepare("dtd", root, None, 1, "all", cache).test
+while time.time() < start:
+    time.sleep(0.001)
+feats = image_features(backbone, items, backbone.test_transform, torch.device("cpu"), "fp32", cache, 4, "dtd")
+torch.save(feats, sys.argv[5])
+"""
+
+
+def test_two_processes_needing_the_same_image_features_build_them_once(data_root, tmp_path):
+    from mugcp_bench.datasets.base import prepare
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    log, start = tmp_path / "encode_calls.txt", time.time() + 8.0
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", FEATURES, str(data_root), str(tmp_path / "cache"), str(log), str(start)]
+            + [str(tmp_path / f"feats{i}.pt")],
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    n_test = len(prepare("dtd", data_root, None, 1, "all").test)
+    assert sum(int(x) for x in log.read_text().split()) == n_test  # every image encoded once, by one process
+    a, b = torch.load(tmp_path / "feats0.pt"), torch.load(tmp_path / "feats1.pt")
+    assert a.shape[0] == n_test and torch.equal(a, b)
+    assert len(list((tmp_path / "cache" / "features").glob("*.pt"))) == 1
