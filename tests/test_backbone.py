@@ -125,6 +125,7 @@ def _openai_state_dict(model) -> dict:
     return sd
 
 
+@pytest.mark.slow
 def test_openai_format_file_loads_with_quickgelu(tmp_path):
     torch.manual_seed(1)
     src = open_clip.create_model("ViT-B-16-quickgelu").eval()

@@ -19,6 +19,7 @@ def cli(argv: list[str], capsys) -> tuple[int, str, str]:
     return exc.value.code, out.out, out.err
 
 
+@pytest.mark.slow
 def test_demo_trains_reports_and_plots_then_trains_nothing(tmp_path: Path, capsys) -> None:
     args = ["demo", "--quick-toy", "--methods", "zsclip,coop", "--seeds", "1", "--datasets", "toy_shapes,toy_colors"]
     args += ["--results-dir", str(tmp_path)]

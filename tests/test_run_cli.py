@@ -37,6 +37,7 @@ def records(results: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in iter_run_files(results)]
 
 
+@pytest.mark.slow
 def test_base2novel_sweep_of_every_method_then_nothing_to_train(data_root, tmp_path, capsys):
     methods = ",".join(METHODS.names())
     args = ["run", "--methods", methods, "--datasets", "caltech101", "--seeds", "1,2", "--data-root", str(data_root)]
@@ -56,6 +57,7 @@ def test_base2novel_sweep_of_every_method_then_nothing_to_train(data_root, tmp_p
     assert summary.get("skip") == len(recs) and "train" not in summary
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted(data_root, tmp_path, capsys):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
     args = ["run", "--methods", "coop", "--datasets", "dtd", "--seeds", "1", "--data-root", str(data_root), *BASE]
@@ -130,6 +132,7 @@ def test_cached_evaluation_equals_naive(data_root, tmp_path, method):
     assert accs[0] == accs[1]
 
 
+@pytest.mark.slow
 def test_ablate_runs_full_method_and_variant(data_root, tmp_path, capsys):
     cls = METHODS.get("mugcp")
     drop = next(iter(cls.ablations))

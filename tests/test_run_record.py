@@ -67,6 +67,7 @@ def test_run_records_predictions_history_costs_and_tensorboard(data_root, tmp_pa
     assert "accuracy/base2novel/dtd/base" in tags
 
 
+@pytest.mark.slow
 def test_history_survives_a_resume(tmp_path) -> None:
     backbone = shared_tiny_backbone()
     items = write_items(tmp_path, CLASSNAMES, 10)
