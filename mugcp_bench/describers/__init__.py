@@ -13,8 +13,12 @@ methods.md §7.3 (A) (our design). Every describer is deterministic, registered 
 `.base` holds the base class, the options and the factory; `.cached` describes through the cache, and its
 `describe` (group items by describer -> describe through the cache -> count) is the one entry point that
 `mugcp-bench describe` and MuGCP share.
-Importing this package registers the four built-ins.
+Importing this package imports every module in it, so a new describer is one new file here that registers itself
+(see CONTRIBUTING.md).
 """
+
+import importlib
+import pkgutil
 
 from mugcp_bench.describers.base import Describer, DescriberOptions, build_describer
 from mugcp_bench.describers.cached import (
@@ -31,6 +35,10 @@ from mugcp_bench.describers.file import FileDescriber
 from mugcp_bench.describers.interrogator import PHRASE_BANK, InterrogatorDescriber
 from mugcp_bench.describers.mllm import PROMPTS, MLLMDescriber, check_tokenizer
 from mugcp_bench.describers.scene import SceneDescriber, scene_metadata
+
+for _module in pkgutil.iter_modules(__path__):
+    if not _module.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "AUTO",
