@@ -2,9 +2,6 @@
 base/novel split and checks. Importing this package imports every module in it, so a new dataset is one new file
 here that registers its spec (see CONTRIBUTING.md)."""
 
-import importlib
-import pkgutil
-
 from mugcp_bench.datasets.base import (
     CheckResult,
     DatasetProblem,
@@ -20,14 +17,12 @@ from mugcp_bench.datasets.base import (
 )
 from mugcp_bench.datasets.checks import check_datasets, dataset_names, require_datasets
 from mugcp_bench.datasets.zhou_json import ZhouJsonSpec
+from mugcp_bench.registry import import_submodules
 
 
 def import_dataset_modules() -> list[str]:
     """Import every module of this package (each registers the specs it defines); the names imported."""
-    names = sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
-    for name in names:
-        importlib.import_module(f"{__name__}.{name}")
-    return names
+    return import_submodules(__name__, __path__)
 
 
 import_dataset_modules()

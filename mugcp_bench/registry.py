@@ -6,6 +6,7 @@ import difflib
 import fnmatch
 import importlib
 import logging
+import pkgutil
 from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar
 
@@ -19,6 +20,14 @@ def suggest(name: str, choices: Iterable[str]) -> str:
     """' Did you mean X?' for the closest choice, or an empty string."""
     close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
     return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def import_submodules(package: str, path: Iterable[str]) -> list[str]:
+    """Import every module of a package (each registers what it defines), so a plugin is one file; the names."""
+    names = sorted(m.name for m in pkgutil.iter_modules(list(path)) if not m.name.startswith("_"))
+    for name in names:
+        importlib.import_module(f"{package}.{name}")
+    return names
 
 
 class Registry(Generic[T]):

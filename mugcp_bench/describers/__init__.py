@@ -17,9 +17,6 @@ Importing this package imports every module in it, so a new describer is one new
 (see CONTRIBUTING.md).
 """
 
-import importlib
-import pkgutil
-
 from mugcp_bench.describers.base import Describer, DescriberOptions, build_describer
 from mugcp_bench.describers.cached import (
     AUTO,
@@ -35,10 +32,9 @@ from mugcp_bench.describers.file import FileDescriber
 from mugcp_bench.describers.interrogator import PHRASE_BANK, InterrogatorDescriber
 from mugcp_bench.describers.mllm import PROMPTS, MLLMDescriber, check_tokenizer
 from mugcp_bench.describers.scene import SceneDescriber, scene_metadata
+from mugcp_bench.registry import import_submodules  # noqa: E402
 
-for _module in pkgutil.iter_modules(__path__):
-    if not _module.name.startswith("_"):
-        importlib.import_module(f"{__name__}.{_module.name}")
+import_submodules(__name__, __path__)
 
 __all__ = [
     "AUTO",
