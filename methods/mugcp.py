@@ -1,32 +1,37 @@
 """MuGCP (reconstructed): multi-modal mutual-guidance conditional prompt learning.
 
-The paper (arXiv 2507.08410) has no public code; only its abstract is known. Everything here follows the
-reconstruction of methods.md §7.3 (B)–(G), and every architectural choice is OUR DESIGN, so results are labelled
-"MuGCP (reconstructed)":
+The paper (arXiv 2507.08410) has no public code; only its abstract is known. Every architectural choice here is OUR
+DESIGN, so results are labelled "MuGCP (reconstructed)". docs/methods/mugcp.md states, component by component, what
+the paper says, what it leaves open, what we chose and why (this is the second reconstruction; the first one, of
+methods.md §7.3, had four design faults listed there).
 
 - SCP (semantic conditional prompts): a per-image description (a describer, cached by
-  `mugcp_bench.description_cache`) encoded once by the frozen text encoder: s (E,) the normalised EOT feature and
-  S (L, Dt) the final-layer token states after ln_final (padding-masked). MetaNet_s(s) -> M_t text tokens;
-  S~ = W_s->v S are the semantic tokens AMG attends to.
+  `mugcp_bench.description_cache`) encoded once by the frozen text encoder (`Backbone.encode_text_states`): s (E,)
+  the normalised EOT feature and S (L, Dt) the final-layer token states after ln_final. A meta-net (shared hidden
+  layer, one output layer per prompted text layer) maps s to M_t text tokens P_scp,l(x) for every text layer l.
 - AMG (attention mutual guidance) at vision layers l = 1 … J−1: queries Q_l = E_l + W_q s attend (pre-LN MHA + MLP,
   ratio 2, shared across layers, per-layer LayerScale) over [X_l ; S~] and produce the visual conditional prompts
-  VCP_l, which replace the M_v appended vision prompt slots; S~ is refined from X_l (the mutual direction).
-  VCP_0 = E_0 + W_q s at the input.
-- MPF (multi-prompt fusion): text prompt P_ctx + α ⊙ P_scp(x) + β ⊙ W_v->t pool(VCP_{J−1}) (gates start at 0), or
-  concat / scp_only / vcp_only / ctx_only; optional IVLP-style deep text prompts.
-- Losses (the trainer adds CE): 0.5 · L_align (in-batch InfoNCE at τ = 0.07 between W_v->t pool(VCP_l) and s,
-  averaged over the AMG layers); optional PromptSRC / KgCoOp regulariser (off by default).
+  VCP_l, which replace the M_v appended vision prompt slots; S~ = W_s->v S is refined from X_l (the mutual
+  direction). VCP_0 = E_0 + W_q s at the input. The same queries also read out the image tokens X_l alone: that
+  read-out r_l (no query residual, no semantic tokens) is the visual evidence L_align acts on.
+- VCP off (`vcp: false`): the vision prompts are the learned deep prompts E_l (VPT-deep / IVLP), no AMG anywhere.
+- MPF (multi-prompt fusion) at EVERY prompted text layer l = 0 … text_depth−1: prompt_l = D_l + α_l ⊙ P_scp,l(x)
+  + β_l ⊙ W_v->t pool(VCP_v(l)), with D_0 = P_ctx, D_l the learned deep text prompts, v(l) = min(l, J−1) the
+  vision layer paired with text layer l, gates α_l, β_l (M_t,) starting at 0; or concat / scp_only / vcp_only /
+  ctx_only (no instance tokens in the text).
+- Losses (the trainer adds CE): 0.5 · L_align, InfoNCE at τ = 0.07 of z_l = W_v->t pool(r_l) against the bank of
+  training-description features s (every description of the training split, plus the batch's own), averaged over
+  the AMG layers; optional PromptSRC / KgCoOp regulariser (off by default).
 
-Choices of ours beyond §7.3, stated here: (1) on backbones whose text width differs from the embedding width (the toy
-and test CLIPs; not ViT-B/16) L_align maps W_v->t pool(VCP_l) through the frozen text projection; (2) L_align treats
-images with identical descriptions as positives of each other and is symmetric (image->text and text->image);
-(3) the last layer of MetaNet_s starts small (N(0, 0.02²) weights, zero bias) rather than exactly zero, since α = 0
-and a zero output would leave both without a gradient; (4) `scp` off also drops L_align (its target s would be 0:
-the loss is then a constant); (5) depths larger than the backbone are clipped to its number of layers;
-(6) `scp_only` / `vcp_only` are gated_sum without the other instance term; (7) with `describer: auto` (default)
-toy-world images get the `scene` describer and every other image the `interrogator` (offline, any backbone), so the
-method runs offline anywhere; the `paper` recipe uses the `mllm` describer (Qwen2-VL-7B-Instruct, a guess: the
-paper's MLLM is unknown).
+Further choices of ours: (1) on backbones whose text width differs from the embedding width (the toy and test
+CLIPs; not ViT-B/16) z_l goes through the frozen text projection; (2) identical descriptions are one bank entry;
+(3) each meta-net output layer starts small (N(0, 0.02²), zero bias) rather than zero, since the gates start at 0 and
+a zero output would leave both without a gradient; (4) `scp` off also drops L_align (its target s would be 0);
+without AMG attention (`amg` or `vcp` off) the evidence r_l is the plain mean of the image tokens X_l;
+(5) depths larger than the backbone are clipped to its number of layers; (6) `scp_only` / `vcp_only` are gated_sum
+without the other instance term; (7) with `describer: auto` (default) toy-world images get the `scene` describer
+and every other image the `interrogator` (offline, any backbone); the `paper` recipe uses the `mllm` describer
+(Qwen2-VL-7B-Instruct, a guess: the paper's MLLM is unknown).
 """
 
 from __future__ import annotations
@@ -58,28 +63,30 @@ REGULARISERS = ("none", "promptsrc", "kgcoop")
 
 @dataclass
 class MuGCPConfig:
-    """Every MuGCP (reconstructed) hyperparameter; defaults are methods.md §7.3 (F) (our design)."""
+    """Every MuGCP (reconstructed) hyperparameter (our design; docs/methods/mugcp.md)."""
 
     # text side: context and multi-prompt fusion (MPF)
     n_ctx: int = 4  # M_t
     ctx_init: str = "a photo of a"
     mpf: str = "gated_sum"  # gated_sum | concat | scp_only | vcp_only | ctx_only
-    text_depth: int = 9  # learnable deep text prompts in text layers 1 … text_depth−1 (1 = none), as IVLP
+    text_depth: int = 9  # prompted text layers 0 … text_depth−1 (deep prompts + instance terms at each)
     # vision side: attention mutual guidance (AMG) -> visual conditional prompts (VCP)
     n_vctx: int = 4  # M_v
     depth: int = 9  # J: VCP_0 at the input, AMG at vision layers 1 … J−1
     scp: bool = True  # semantic conditional prompts from descriptions; off: s := 0, S := ∅
+    vcp: bool = True  # visual conditional prompts; off: vision prompts are the learned deep prompts E_l, no AMG
     amg: bool = True  # off: VCP_l = E_l + W_q s without attention
     mutual: bool = True  # visual -> semantic refinement of S~
     amg_heads: int = 8
     amg_mlp_ratio: float = 2.0
     amg_share: bool = True  # one attention / MLP block for all AMG layers
     layer_scale: float = 0.1  # initial per-layer LayerScale γ_l of the AMG branches; 0 = no LayerScale
-    meta_ratio: int = 16  # MetaNet_s hidden width = E / meta_ratio (CoCoOp's ratio)
+    meta_ratio: int = 16  # meta-net hidden width = E / meta_ratio (CoCoOp's ratio)
     # losses
     align: bool = True  # intermediate alignment L_align
     align_weight: float = 0.5
     align_temperature: float = 0.07
+    align_bank: bool = True  # negatives: every training description (false: the batch's descriptions only)
     reg: str = "none"  # none | promptsrc | kgcoop
     scl_text_weight: float = 25.0  # PromptSRC's L_SCL weights
     scl_image_weight: float = 10.0
@@ -125,7 +132,8 @@ class AMGBlock(nn.Module):
 
 
 class AMG(nn.Module):
-    """Attention mutual guidance: per-layer queries E_l (+ W_q s) -> VCP_l; optional refinement of S~."""
+    """Attention mutual guidance: per-layer queries E_l (+ W_q s) -> VCP_l and the evidence read-out r_l; optional
+    refinement of S~. With `conditional` and `attention` off it only holds the learned deep vision prompts E_l."""
 
     def __init__(
         self,
@@ -136,8 +144,9 @@ class AMG(nn.Module):
         depth: int,
         heads: int,
         mlp_ratio: float,
-        scp: bool,
+        conditional: bool,
         attention: bool,
+        semantic: bool,
         mutual: bool,
         share: bool,
         layer_scale: float,
@@ -145,11 +154,11 @@ class AMG(nn.Module):
         super().__init__()
         self.depth = depth
         self.attention = attention and depth > 1
-        self.mutual = self.attention and mutual and scp
+        self.mutual = self.attention and mutual and semantic
         self.queries = nn.Parameter(torch.empty(depth, n_prompts, width))  # E_0 … E_{J−1}
         nn.init.normal_(self.queries, std=0.02)  # MaPLe / VPT-deep prompt init
-        self.w_q = nn.Linear(embed_dim, width) if scp else None  # s -> query offset
-        self.w_sv = nn.Linear(text_width, width) if (scp and self.attention) else None  # W_s->v
+        self.w_q = nn.Linear(embed_dim, width) if conditional else None  # s -> query offset
+        self.w_sv = nn.Linear(text_width, width) if (semantic and self.attention) else None  # W_s->v
         if self.attention:
             n_blocks = 1 if share else depth - 1
             self.blocks = nn.ModuleList(AMGBlock(width, heads, mlp_ratio, self.mutual) for _ in range(n_blocks))
@@ -179,25 +188,33 @@ class AMG(nn.Module):
         s: torch.Tensor | None,
         s_tilde: torch.Tensor | None,
         pad: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """VCP_l from the vision tokens X_l (B, 1+P, Dv) and S~ (B, L, Dv); returns (VCP_l, refined S~)."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """From the vision tokens X_l (B, 1+P, Dv) and S~ (B, L, Dv): (VCP_l (B, M_v, Dv), the evidence read-out
+        pooled over the queries (B, Dv), refined S~)."""
         q = self.query(layer, s, x.shape[0])  # (B, M_v, Dv)
         if not self.attention:
-            return q, s_tilde
+            return q, x.mean(dim=1), s_tilde  # no learned read-out: the plain mean of the image tokens
         block = self.blocks[0 if len(self.blocks) == 1 else layer - 1]
-        kv = x if s_tilde is None else torch.cat([x, s_tilde], dim=1)  # (B, 1+P+L, Dv)
-        mask = None
-        if s_tilde is not None and pad is not None:
-            mask = torch.cat([torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device), pad], dim=1)  # (B, 1+P+L)
-        kv = block.ln_kv(kv)
-        attended = block.attn(block.ln_q(q), kv, kv, key_padding_mask=mask, need_weights=False)[0]  # (B, M_v, Dv)
+        hq = block.ln_q(q)
+        hx = block.ln_kv(x)  # (B, 1+P, Dv)
+        # r_l: the queries' read-out of the image tokens alone; its values carry only visual evidence, so aligning it
+        # with s cannot be solved by the query residual W_q s (docs/methods/mugcp.md, L_align).
+        readout = block.attn(hq, hx, hx, need_weights=False)[0]  # (B, M_v, Dv)
+        if s_tilde is None:
+            attended = readout
+        else:
+            kv = torch.cat([hx, block.ln_kv(s_tilde)], dim=1)  # (B, 1+P+L, Dv)
+            mask = None
+            if pad is not None:
+                mask = torch.cat([torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device), pad], dim=1)
+            attended = block.attn(hq, kv, kv, key_padding_mask=mask, need_weights=False)[0]  # (B, M_v, Dv)
         vcp = q + self._scale(layer, 0) * attended
         vcp = vcp + self._scale(layer, 1) * block.mlp(block.ln_mlp(vcp))  # (B, M_v, Dv)
         if self.mutual and s_tilde is not None:
-            hx = block.ln_x(x)
-            refined = block.attn_s(block.ln_s(s_tilde), hx, hx, need_weights=False)[0]  # (B, L, Dv)
+            hxs = block.ln_x(x)
+            refined = block.attn_s(block.ln_s(s_tilde), hxs, hxs, need_weights=False)[0]  # (B, L, Dv)
             s_tilde = s_tilde + self._scale(layer, 2) * refined
-        return vcp, s_tilde
+        return vcp, readout.mean(dim=1), s_tilde
 
 
 @dataclass
@@ -206,17 +223,19 @@ class _Pass:
 
     logits: torch.Tensor  # (B, C)
     image_features: torch.Tensor  # (B, E)
-    text_features: torch.Tensor  # (B, C, E) or (C, E) for ctx_only
-    text_prompts: torch.Tensor  # (B | 1, n_slots, Dt)
+    text_features: torch.Tensor  # (B, C, E) or (C, E) when the text is not instance-conditional
+    text_prompts: torch.Tensor  # (text_depth, B | 1, n_slots, Dt): layer 0 = input prompts, then deep prompts
     vcps: list[torch.Tensor]  # VCP_0 … VCP_{J−1}, each (B, M_v, Dv)
+    evidence: list[torch.Tensor]  # pooled read-out r_l of each AMG layer l = 1 … J−1, each (B, Dv)
     s_tildes: list[torch.Tensor]  # S~ entering each AMG layer (empty without semantic tokens)
     s: torch.Tensor | None  # (B, E)
-    ids: torch.Tensor | None  # (B,) description ids (equal descriptions share one)
+    texts: list[str] | None  # the description of each image
 
 
 @METHODS.register("mugcp")
 class MuGCP(Method):
-    """MuGCP (reconstructed): SCP from per-image descriptions, AMG -> VCP, MPF, intermediate alignment."""
+    """MuGCP (reconstructed): SCP from per-image descriptions, AMG -> VCP, MPF at every text layer, alignment on the
+    visual evidence against a bank of training descriptions."""
 
     name = "mugcp"
     Config = MuGCPConfig
@@ -225,27 +244,47 @@ class MuGCP(Method):
     # on the frozen fp16 CLIP's outputs; only the prompts it writes into the CLIP are cast to the CLIP's dtype.
     reference_fp32 = ("*",)
     recipes = {
-        # methods.md §7.3 (F) / §8 (our design): MaPLe's schedule, PromptSRC's few-shot length.
+        # Our design (docs/methods/mugcp.md, recipes): MaPLe's schedule, PromptSRC's few-shot length; ImageNet at
+        # batch 1 × accumulation 4 in every protocol (see `recipe`).
         "paper": {
             "base2novel": {"epochs": 5, "lr": 0.0035, "batch_size": 4, "describer": "mllm", "depth": 9},
             "xd": {"epochs": 2, "lr": 0.0026, "batch_size": 1, "accum_steps": 4, "describer": "mllm", "depth": 9},
             "few_shot": {"epochs": 50, "lr": 0.0035, "batch_size": 4, "describer": "mllm", "depth": 9},
         },
-        # Toy world (4-layer CLIP): depth 3, descriptions from the rendered scenes (interrogator elsewhere).
+        # Toy world (4-layer CLIP): depth 3, descriptions from the rendered scenes. The source (the ImageNet role)
+        # trains at batch 1 × accumulation 4 as in the paper recipe, so the toy run exercises that regime.
         "toy": {
             "base2novel": {**TOY_TRAIN, "epochs": 5, "lr": 0.0035, "batch_size": 4, "depth": 3, "text_depth": 3},
-            "xd": {**TOY_TRAIN, "epochs": 2, "lr": 0.0026, "batch_size": 4, "depth": 3, "text_depth": 3},
+            "xd": {
+                **TOY_TRAIN,
+                "epochs": 2,
+                "lr": 0.0026,
+                "batch_size": 1,
+                "accum_steps": 4,
+                "depth": 3,
+                "text_depth": 3,
+            },
             "few_shot": {**TOY_TRAIN, "epochs": 5, "lr": 0.0035, "batch_size": 4, "depth": 3, "text_depth": 3},
         },
     }
-    # methods.md §7.3 (G): `ablate --drop X` -> variant no-X.
+    # `ablate --drop X` -> variant no-X (docs/methods/mugcp.md, ablation switches).
     ablations = {
         "scp": {"scp": False},
         "amg": {"amg": False},
+        "vcp": {"vcp": False},
         "mpf": {"mpf": "ctx_only"},
         "align": {"align": False},
         "mutual": {"mutual": False},
     }
+
+    @classmethod
+    def recipe(cls, recipe: str, train_protocol: str, shots: int, dataset: str) -> dict[str, Any]:
+        """ImageNet trains at batch 1 × accumulation 4 in every paper protocol (B × C text passes: 4 × 1000 prompted
+        class sequences per step do not fit; the cross-dataset source recipe already says so)."""
+        out = super().recipe(recipe, train_protocol, shots, dataset)
+        if recipe == "paper" and dataset == "imagenet":
+            out.update(batch_size=1, accum_steps=4)
+        return out
 
     def __init__(
         self,
@@ -267,31 +306,29 @@ class MuGCP(Method):
             log.info("mugcp: depth %d clipped to the backbone's %d vision layers", cfg.depth, b.vision_layers)
         mode, m_t = cfg.mpf, cfg.n_ctx
         self.use_scp_text = cfg.scp and mode in ("gated_sum", "concat", "scp_only")
-        self.use_vcp_text = mode in ("gated_sum", "concat", "vcp_only")
-        self.use_align = cfg.align and cfg.scp
+        self.use_vcp_text = cfg.vcp and mode in ("gated_sum", "concat", "vcp_only")
+        self.use_align = cfg.align and cfg.scp and self.depth > 1
         self.n_slots = m_t * (1 + int(self.use_scp_text) + int(self.use_vcp_text)) if mode == "concat" else m_t
 
         # P_ctx from "a photo of a" (CoOp / MaPLe init); concat mode adds placeholder slots before the init words.
         ctx, prefix = init_context(b, m_t, cfg.ctx_init)
-        self.ctx = nn.Parameter(ctx)  # (M_t, Dt)
+        self.ctx = nn.Parameter(ctx)  # (M_t, Dt) = D_0
         self._prefix = " ".join(["X"] * (self.n_slots - m_t) + [prefix])
         self.prompts = ClassPrompts(b, self.classnames, self.n_slots, self._prefix)
-        if self.text_depth > 1:  # IVLP deep text prompts (not instance-conditional)
-            self.text_deep = nn.Parameter(torch.empty(self.text_depth - 1, self.n_slots, dt))
+        if self.text_depth > 1:  # learned deep text prompts D_1 … D_{text_depth−1} (IVLP)
+            self.text_deep = nn.Parameter(torch.empty(self.text_depth - 1, m_t, dt))
             nn.init.normal_(self.text_deep, std=0.02)
-        if self.use_scp_text:  # MetaNet_s: E -> E/16 -> M_t · Dt (CoCoOp meta-net shape, trainers/cocoop.py)
+        if self.use_scp_text:  # meta-net: E -> E/16 (shared, CoCoOp's trainers/cocoop.py shape) -> M_t · Dt per layer
             hidden = max(1, e // cfg.meta_ratio)
-            self.meta_net = nn.Sequential(
-                OrderedDict(
-                    linear1=nn.Linear(e, hidden), relu=nn.ReLU(inplace=True), linear2=nn.Linear(hidden, m_t * dt)
-                )
-            )
-            nn.init.normal_(self.meta_net.linear2.weight, std=0.02)
-            nn.init.zeros_(self.meta_net.linear2.bias)
+            self.meta_net = nn.Sequential(OrderedDict(linear1=nn.Linear(e, hidden), relu=nn.ReLU(inplace=True)))
+            self.meta_heads = nn.ModuleList(nn.Linear(hidden, m_t * dt) for _ in range(self.text_depth))
+            for head in self.meta_heads:
+                nn.init.normal_(head.weight, std=0.02)
+                nn.init.zeros_(head.bias)
         if mode in ("gated_sum", "scp_only") and self.use_scp_text:
-            self.alpha = nn.Parameter(torch.zeros(m_t))
-        if mode in ("gated_sum", "vcp_only"):
-            self.beta = nn.Parameter(torch.zeros(m_t))
+            self.alpha = nn.Parameter(torch.zeros(self.text_depth, m_t))  # α_l per prompted text layer
+        if mode in ("gated_sum", "vcp_only") and self.use_vcp_text:
+            self.beta = nn.Parameter(torch.zeros(self.text_depth, m_t))  # β_l
         if self.use_vcp_text or self.use_align:
             self.w_vt = nn.Linear(dv, dt)  # W_v->t
         self.amg = AMG(
@@ -302,11 +339,12 @@ class MuGCP(Method):
             self.depth,
             cfg.amg_heads,
             cfg.amg_mlp_ratio,
-            cfg.scp,
-            cfg.amg,
-            cfg.mutual,
-            cfg.amg_share,
-            cfg.layer_scale,
+            conditional=cfg.scp and cfg.vcp,
+            attention=cfg.amg and cfg.vcp,
+            semantic=cfg.scp,
+            mutual=cfg.mutual,
+            share=cfg.amg_share,
+            layer_scale=cfg.layer_scale,
         )
         # Frozen targets of the optional regulariser (class-dependent, not persistent).
         self.register_buffer("zs_text", self._zero_shot_text(), persistent=False)
@@ -317,6 +355,9 @@ class MuGCP(Method):
         self._known_names: set[str] = set(self.classnames)
         self._describers: dict[str, Any] = {}
         self._eval_text: torch.Tensor | None = None
+        # L_align's bank: the image keys of the training split; their descriptions' s, stacked on first use.
+        self._bank_keys: dict[str, None] = {}
+        self._bank: tuple[list[str], torch.Tensor] | None = None
 
     # --- configuration ------------------------------------------------------------------------------------------
     @staticmethod
@@ -332,7 +373,8 @@ class MuGCP(Method):
 
     @property
     def instance_conditional(self) -> bool:
-        return self.cfg.mpf != "ctx_only"
+        """Whether the text prompts carry an instance term (otherwise class text features are computed once)."""
+        return self.use_scp_text or self.use_vcp_text
 
     def set_classnames(self, classnames, template=None, dataset=None) -> None:
         super().set_classnames(classnames, template, dataset)
@@ -381,6 +423,7 @@ class MuGCP(Method):
     def _remask(self) -> None:
         self._texts = {k: self._used_text(t) for k, t in self._raw.items()}
         self._encode_missing(set(self._texts.values()))
+        self._bank = None  # the bank's texts changed
 
     @torch.no_grad()
     def _encode_missing(self, texts: set[str], chunk: int = 256) -> None:
@@ -390,11 +433,8 @@ class MuGCP(Method):
         for start in range(0, len(todo), chunk):
             part = todo[start : start + chunk]
             tokens = b.tokenize(part)  # (N, ctx) — truncated by the tokenizer with EOT kept last
-            x, mask, eot = b.text_embed(b.embed_tokens(tokens), tokens)  # (N, T, Dt)
-            for i in range(b.text_layers):
-                x = b.text_block(i, x, mask)
-            states = b.text.ln_final(x).float()  # (N, T, Dt)
-            s = F.normalize(b.text_head(x, eot).float(), dim=-1)  # (N, E)
+            feats, states, eot = b.encode_text_states(tokens)  # (N, E), (N, T, Dt), (N,)
+            s = F.normalize(feats.float(), dim=-1)  # (N, E)
             for j, text in enumerate(part):
                 n = int(eot[j]) + 1
                 self._features[text] = (s[j].cpu(), states[j, :n].to(torch.float16).cpu())
@@ -427,6 +467,9 @@ class MuGCP(Method):
             self._texts.update({k: self._used_text(t) for k, t in raw.items()})
             self._encode_missing({self._texts[k] for k in raw})
         keys = [item_key(d) for d in items]
+        if split == "train":  # L_align contrasts against every training description (never a test one)
+            self._bank_keys.update(dict.fromkeys(keys))
+            self._bank = None
         info: dict[str, Any] = {
             "leakage": leakage_fraction([self._texts[k] for k in keys], items)
             if hasattr(items[0], "classname")
@@ -453,7 +496,7 @@ class MuGCP(Method):
         return self._texts[key]
 
     def _scp_batch(self, keys: Sequence[str] | None, device: torch.device):
-        """s (B, E), S (B, L, Dt), padding mask (B, L) (True = padding) and description ids (B,)."""
+        """s (B, E), S (B, L, Dt), padding mask (B, L) (True = padding) and the description texts (B,)."""
         if not self.cfg.scp:
             return None, None, None, None
         if keys is None:
@@ -473,19 +516,19 @@ class MuGCP(Method):
         for i, (_, states) in enumerate(feats):
             big_s[i, : states.shape[0]] = states.to(device=device, dtype=big_s.dtype)
             pad[i, : states.shape[0]] = False
-        index = {t: i for i, t in enumerate(dict.fromkeys(texts))}
-        ids = torch.tensor([index[t] for t in texts], device=device)  # (B,)
-        return s, big_s, pad, ids
+        return s, big_s, pad, texts
 
     # --- forward ------------------------------------------------------------------------------------------------
-    def _image_pass(self, images, s, big_s, pad) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-        """Image features (B, E) with VCPs in the vision prompt slots; returns VCP_0 … VCP_{J−1} and the S~s."""
+    def _image_pass(self, images, s, big_s, pad):
+        """Image features (B, E) with VCPs in the vision prompt slots; returns VCP_0 … VCP_{J−1}, the evidence
+        read-outs of the AMG layers and the S~s entering them."""
         b, amg, m_v = self.backbone, self.amg, self.cfg.n_vctx
         batch = images.shape[0]
         s32 = None if s is None else s.float()
         vcps = [amg.query(0, s32, batch)]  # VCP_0 = E_0 + W_q s: (B, M_v, Dv)
         s_tilde = amg.semantic_tokens(None if big_s is None else big_s.float())  # (B, L, Dv)
         s_tildes: list[torch.Tensor] = []
+        evidence: list[torch.Tensor] = []
 
         def layer_fn(i: int, x: torch.Tensor) -> torch.Tensor:
             nonlocal s_tilde
@@ -494,80 +537,89 @@ class MuGCP(Method):
             tokens = x[:, :-m_v]  # (B, 1+P, Dv): X_l
             if s_tilde is not None:
                 s_tildes.append(s_tilde)
-            vcp, s_tilde = amg.step(i, tokens.float(), s32, s_tilde, pad)  # (B, M_v, Dv)
+            vcp, read, s_tilde = amg.step(i, tokens.float(), s32, s_tilde, pad)  # (B, M_v, Dv), (B, Dv)
             vcps.append(vcp)
+            evidence.append(read)
             return torch.cat([tokens, vcp.to(x.dtype)], dim=1)  # (B, 1+P+M_v, Dv)
 
         feats = b.encode_image(images, prompts=vcps[0], layer_fn=layer_fn)  # (B, E)
-        return feats, vcps, s_tildes
+        return feats, vcps, evidence, s_tildes
 
-    def _text_prompts(self, s: torch.Tensor | None, vcp_last: torch.Tensor, batch: int) -> torch.Tensor:
-        """MPF: the learnable text prompt tokens, (B, n_slots, Dt) (or (1, M_t, Dt) for ctx_only)."""
+    def _text_prompts(self, s: torch.Tensor | None, vcps: list[torch.Tensor], batch: int) -> torch.Tensor:
+        """MPF at every prompted text layer: (text_depth, B, n_slots, Dt), or (text_depth, 1, M_t, Dt) when the text
+        has no instance term. Layer l: D_l + α_l ⊙ P_scp,l(x) + β_l ⊙ W_v->t pool(VCP_v(l)), v(l) = min(l, J−1)."""
         mode, m_t = self.cfg.mpf, self.cfg.n_ctx
-        ctx = self.ctx.unsqueeze(0)  # (1, M_t, Dt)
-        if mode == "ctx_only":
-            return ctx
-        dt = ctx.shape[-1]
-        p_scp = self.meta_net(s.float()).view(batch, m_t, dt) if self.use_scp_text else None  # (B, M_t, Dt)
-        p_vcp = None
+        base = self.ctx.unsqueeze(0)  # (1, M_t, Dt)
+        if self.text_depth > 1:
+            base = torch.cat([base, self.text_deep], dim=0)  # (L_t, M_t, Dt): D_0 … D_{L_t−1}
+        base = base.unsqueeze(1)  # (L_t, 1, M_t, Dt)
+        if not self.instance_conditional:
+            return base
+        n_layers, dt = base.shape[0], base.shape[-1]
+        parts_scp = parts_vcp = None
+        if self.use_scp_text:
+            hidden = self.meta_net(s.float())  # (B, E/16)
+            parts_scp = torch.stack(
+                [head(hidden).view(batch, m_t, dt) for head in self.meta_heads]
+            )  # (L_t, B, M_t, Dt)
         if self.use_vcp_text:
-            p_vcp = self.w_vt(vcp_last.float().mean(dim=1)).unsqueeze(1).expand(-1, m_t, -1)  # (B, M_t, Dt)
+            pooled = torch.stack([vcps[min(i, len(vcps) - 1)].float().mean(dim=1) for i in range(n_layers)])
+            parts_vcp = self.w_vt(pooled).unsqueeze(2).expand(-1, -1, m_t, -1)  # (L_t, B, M_t, Dt)
+        base = base.expand(-1, batch, -1, -1)  # (L_t, B, M_t, Dt)
         if mode == "concat":
-            parts = [ctx.expand(batch, -1, -1)] + [p for p in (p_scp, p_vcp) if p is not None]
-            return torch.cat(parts, dim=1)  # (B, n_slots, Dt)
-        out = ctx.expand(batch, -1, -1)  # (B, M_t, Dt)
-        if p_scp is not None:
-            out = out + self.alpha.view(1, m_t, 1) * p_scp
-        if p_vcp is not None:
-            out = out + self.beta.view(1, m_t, 1) * p_vcp
-        return out
+            return torch.cat([base] + [p for p in (parts_scp, parts_vcp) if p is not None], dim=2)  # (L_t, B, n, Dt)
+        out = base
+        if parts_scp is not None:
+            out = out + self.alpha.view(n_layers, 1, m_t, 1) * parts_scp
+        if parts_vcp is not None:
+            out = out + self.beta.view(n_layers, 1, m_t, 1) * parts_vcp
+        return out  # (L_t, B, M_t, Dt)
 
-    def _text_layer_fn(self):
-        if self.text_depth <= 1:
-            return None
+    def _encode_rows(self, embeds: torch.Tensor, tokens: torch.Tensor, deep: torch.Tensor | None) -> torch.Tensor:
+        """Text features (r, E) of prompted rows; `deep` (L_t−1, r | 1, n_slots, Dt) fills the prompt slots before
+        text blocks 1 … L_t−1."""
         n = self.n_slots
 
         def layer_fn(i: int, x: torch.Tensor) -> torch.Tensor:
-            if not 1 <= i < self.text_depth:
+            if deep is None or not 1 <= i < self.text_depth:
                 return x
-            deep = self.text_deep[i - 1].to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)  # (N, n_slots, Dt)
-            return torch.cat([x[:, :1], deep, x[:, 1 + n :]], dim=1)
+            slots = deep[i - 1].to(x.dtype).expand(x.shape[0], -1, -1)  # (r, n_slots, Dt)
+            return torch.cat([x[:, :1], slots, x[:, 1 + n :]], dim=1)
 
-        return layer_fn
+        return self.backbone.encode_text(embeds, tokens, layer_fn)
 
     def _text_features(self, prompts: torch.Tensor) -> torch.Tensor:
-        """(1, n, Dt) -> (C, E); (B, n, Dt) -> (B, C, E)."""
-        b, cp = self.backbone, self.prompts
-        if prompts.shape[0] == 1 and self.cfg.mpf == "ctx_only":
-            embeds = cp.build(prompts[0])  # (C, T, Dt)
-            return b.encode_text_chunked(embeds, cp.tokens, self.cfg.text_chunk, self._text_layer_fn())  # (C, E)
-        batch, n_cls = prompts.shape[0], cp.n_cls
+        """(L_t, 1, n, Dt) -> (C, E) shared class features; (L_t, B, n, Dt) -> (B, C, E)."""
+        cp = self.prompts
+        shared = not self.instance_conditional
+        batch, n_cls = prompts.shape[1], cp.n_cls
         rows = batch * n_cls  # row r = (image r // C, class r % C)
         chunk = self.cfg.text_chunk if self.cfg.text_chunk > 0 else rows
-        layer_fn = self._text_layer_fn()
         prompts = prompts.to(cp.token_suffix.dtype)
         feats = []
         for start in range(0, rows, chunk):  # embeddings built per chunk: memory bounded by the chunk, not B x C
             idx = torch.arange(start, min(start + chunk, rows), device=prompts.device)
             img, cls = idx // n_cls, idx % n_cls
-            embeds = torch.cat([cp.token_prefix[cls], prompts[img], cp.token_suffix[cls]], dim=1)  # (r, T, Dt)
+            embeds = torch.cat([cp.token_prefix[cls], prompts[0, img], cp.token_suffix[cls]], dim=1)  # (r, T, Dt)
+            deep = prompts[1:, img] if self.text_depth > 1 else None  # (L_t−1, r, n, Dt)
             if torch.is_grad_enabled() and rows > chunk:  # training: recompute each chunk in the backward pass
-                out = checkpoint(b.encode_text, embeds, cp.tokens[cls], layer_fn, use_reentrant=False)
+                out = checkpoint(self._encode_rows, embeds, cp.tokens[cls], deep, use_reentrant=False)
             else:
-                out = b.encode_text(embeds, cp.tokens[cls], layer_fn)
+                out = self._encode_rows(embeds, cp.tokens[cls], deep)
             feats.append(out)  # (r, E)
-        return torch.cat(feats).view(batch, n_cls, -1)  # (B, C, E)
+        out = torch.cat(feats).view(batch, n_cls, -1)  # (B, C, E)
+        return out[0] if shared else out
 
     def _run(self, images: torch.Tensor, keys: Sequence[str] | None, use_cache: bool = False) -> _Pass:
-        s, big_s, pad, ids = self._scp_batch(keys, images.device)
-        image_f, vcps, s_tildes = self._image_pass(images, s, big_s, pad)  # (B, E)
-        prompts = self._text_prompts(s, vcps[-1], images.shape[0])  # (B | 1, n_slots, Dt)
+        s, big_s, pad, texts = self._scp_batch(keys, images.device)
+        image_f, vcps, evidence, s_tildes = self._image_pass(images, s, big_s, pad)  # (B, E)
+        prompts = self._text_prompts(s, vcps, images.shape[0])  # (L_t, B | 1, n_slots, Dt)
         if use_cache and self._eval_text is not None:
             text_f = self._eval_text
         else:
             text_f = self._text_features(prompts)  # (B, C, E) or (C, E)
         logits = cosine_logits(self.backbone.logit_scale, image_f, text_f)  # (B, C)
-        return _Pass(logits, image_f, text_f, prompts, vcps, s_tildes, s, ids)
+        return _Pass(logits, image_f, text_f, prompts, vcps, evidence, s_tildes, s, texts)
 
     def _embed_space(self, x: torch.Tensor) -> torch.Tensor:
         """Text-width vectors in the joint space: identity where Dt = E (ViT-B/16), else the frozen projection."""
@@ -575,20 +627,40 @@ class MuGCP(Method):
             return x
         return _apply_linear(self.backbone.text.text_projection, x)
 
+    def _align_bank(self, texts: Sequence[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The contrast set (N, E) — every training description, plus the batch's own not among them — and the index
+        of each image's own description in it (B,). `align_bank: false`: the batch's descriptions only."""
+        if self.cfg.align_bank:
+            if self._bank is None:
+                bank_texts = list(dict.fromkeys(self._texts[k] for k in self._bank_keys if k in self._texts))
+                stack = torch.stack([self._features[t][0] for t in bank_texts]) if bank_texts else None
+                self._bank = (bank_texts, stack)
+            bank_texts, stack = self._bank
+            if stack is not None and stack.device != device:  # kept on the training device after first use
+                stack = stack.to(device=device, dtype=torch.float32)
+                self._bank = (bank_texts, stack)
+        else:
+            bank_texts, stack = [], None
+        index = {t: i for i, t in enumerate(bank_texts)}
+        extra = [t for t in dict.fromkeys(texts) if t not in index]
+        index.update({t: len(bank_texts) + i for i, t in enumerate(extra)})
+        rows = [stack] if stack is not None else []
+        if extra:
+            rows.append(torch.stack([self._features[t][0] for t in extra]))
+        bank = torch.cat(rows).to(device=device, dtype=torch.float32)  # (N, E)
+        target = torch.tensor([index[t] for t in texts], device=device)  # (B,)
+        return bank, target
+
     def align_loss(self, out: _Pass) -> torch.Tensor:
-        """In-batch InfoNCE between W_v->t pool(VCP_l) and s, averaged over the AMG layers (symmetric)."""
-        layers = list(range(1, len(out.vcps))) or [0]
-        s = out.s.float()  # (B, E)
-        same = (out.ids.unsqueeze(0) == out.ids.unsqueeze(1)).float()  # (B, B) equal descriptions are positives
-        target = same / same.sum(dim=1, keepdim=True)
+        """InfoNCE of z_l = W_v->t r_l (the visual evidence of AMG layer l) against the description bank, averaged
+        over the AMG layers."""
+        bank, target = self._align_bank(out.texts, out.s.device)  # (N, E), (B,)
         total = 0.0
-        for layer in layers:
-            z = F.normalize(self._embed_space(self.w_vt(out.vcps[layer].float().mean(dim=1))), dim=-1)  # (B, E)
-            sim = z @ s.t() / self.cfg.align_temperature  # (B, B)
-            loss_i = -(target * sim.log_softmax(dim=1)).sum(dim=1).mean()
-            loss_t = -(target * sim.t().log_softmax(dim=1)).sum(dim=1).mean()
-            total = total + 0.5 * (loss_i + loss_t)
-        return total / len(layers)
+        for read in out.evidence:  # (B, Dv) per AMG layer
+            z = F.normalize(self._embed_space(self.w_vt(read.float())), dim=-1)  # (B, E)
+            sim = z @ bank.t() / self.cfg.align_temperature  # (B, N)
+            total = total + F.cross_entropy(sim, target)
+        return total / len(out.evidence)
 
     def _regulariser(self, images: torch.Tensor, out: _Pass) -> dict[str, torch.Tensor]:
         zs_text = self.zs_text.to(out.image_features.device)  # (C, E)
@@ -621,11 +693,11 @@ class MuGCP(Method):
         return MethodOutput(out.logits, losses)
 
     def begin_eval(self) -> None:
-        """ctx_only: the text features do not depend on the image and are computed once."""
+        """No instance term in the text (ctx_only, or no SCP and no VCP): class text features computed once."""
         self._eval_text = None
-        if self.cfg.mpf == "ctx_only":
+        if not self.instance_conditional:
             with torch.no_grad():
-                self._eval_text = self._text_features(self.ctx.unsqueeze(0))  # (C, E)
+                self._eval_text = self._text_features(self._text_prompts(None, [], 1))  # (C, E)
 
     def end_eval(self) -> None:
         self._eval_text = None
@@ -635,5 +707,5 @@ class MuGCP(Method):
         return self._run(images, keys, use_cache=True).logits
 
     def forward_details(self, images: torch.Tensor, keys: Sequence[str] | None = None) -> _Pass:
-        """Everything one forward computes (VCPs, S~s, text prompts and features) — for tests and analysis."""
+        """Everything one forward computes (VCPs, evidence, S~s, text prompts and features) — for tests and analysis."""
         return self._run(images, keys)

@@ -306,6 +306,17 @@ class Backbone(nn.Module):
         ]
         return torch.cat(outs)
 
+    @torch.no_grad()
+    def encode_text_states(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Frozen text pass over token ids (N, L): features (N, E) unnormalised, the final-layer token states after
+        the final LayerNorm (N, T, Dt; T = longest EOT + 1 under EOT truncation) and the EOT positions (N,).
+
+        The per-token states are what MuGCP's semantic tokens S are built from (docs/methods/mugcp.md)."""
+        x, mask, eot = self.text_embed(self.embed_tokens(tokens), tokens)  # (N, T, Dt)
+        for i in range(self.text_layers):
+            x = self.text_block(i, x, mask)
+        return self.text_head(x, eot), self.text.ln_final(x), eot
+
     # --- both towers ---------------------------------------------------------------------------------------------
     def encode_joint(
         self,

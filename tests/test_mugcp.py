@@ -13,7 +13,15 @@ from mugcp_bench.description_cache import DescriptionCache
 from mugcp_bench.errors import UserError
 from mugcp_bench.methods.base import split_overrides
 from mugcp_bench.registry import METHODS
-from tests.method_harness import CLASSNAMES, build_method, make_batch, prepare, shared_tiny_backbone
+from tests.method_harness import (
+    CLASSNAMES,
+    build_method,
+    make_batch,
+    prepare,
+    shared_tiny_backbone,
+    total_loss,
+    vit_b16_backbone,
+)
 from tests.test_describers import build_tiny_llava
 
 MuGCP = METHODS.get("mugcp")
@@ -63,17 +71,26 @@ def test_identity_recipes_and_ablations():
         "accum_steps": 4,
     }
     assert paper["few_shot"]["epochs"] == 50 and all(r["describer"] == "mllm" for r in paper.values())
-    assert all(r["depth"] <= 3 for r in MuGCP.recipes["toy"].values())
-    assert set(MuGCP.ablations) == {"scp", "amg", "mpf", "align", "mutual"}
-    assert MuGCP.ablations["mpf"] == {"mpf": "ctx_only"}
+    # ImageNet trains at batch 1 x accumulation 4 in every paper protocol (docs/methods/mugcp.md, recipes)
+    for protocol in ("base2novel", "few_shot", "xd"):
+        on_imagenet = MuGCP.recipe("paper", protocol, 16, "imagenet")
+        assert (on_imagenet["batch_size"], on_imagenet["accum_steps"]) == (1, 4), protocol
+    assert MuGCP.recipe("paper", "base2novel", 16, "dtd")["batch_size"] == 4
+    assert "accum_steps" not in MuGCP.recipe("paper", "few_shot", 16, "dtd")
+    toy = MuGCP.recipes["toy"]
+    assert all(r["depth"] <= 3 for r in toy.values())
+    assert (toy["xd"]["batch_size"], toy["xd"]["accum_steps"]) == (1, 4)  # the toy source mirrors the paper regime
+    assert set(MuGCP.ablations) == {"scp", "amg", "vcp", "mpf", "align", "mutual"}
+    assert MuGCP.ablations["mpf"] == {"mpf": "ctx_only"} and MuGCP.ablations["vcp"] == {"vcp": False}
     cfg = MuGCP.Config()
-    assert (cfg.n_ctx, cfg.n_vctx, cfg.depth, cfg.text_depth, cfg.mpf, cfg.align_weight) == (
+    assert (cfg.n_ctx, cfg.n_vctx, cfg.depth, cfg.text_depth, cfg.mpf, cfg.align_weight, cfg.align_bank) == (
         4,
         4,
         9,
         9,
         "gated_sum",
         0.5,
+        True,
     )
     with pytest.raises(UserError, match="Did you mean 'concat'"):
         build_method("mugcp", mpf="concatt")
@@ -81,30 +98,73 @@ def test_identity_recipes_and_ablations():
         build_method("mugcp", describer="sene")
 
 
+def test_trainable_parameters_on_vit_b16_stay_below_11m():
+    method = build_method("mugcp", backbone=vit_b16_backbone(), recipe="paper", describer="scene")
+    n = sum(p.numel() for p in method.parameters() if p.requires_grad)
+    assert 8_000_000 < n <= 11_000_000  # 8,964,968 with the defaults (docs/methods/mugcp.md)
+    assert method.depth == 9 and method.text_depth == 9 and method.alpha.shape == (9, 4)
+
+
 # --- ablation switches change exactly what they say ------------------------------------------------------------------
 def test_ablation_parameter_sets(batch):
     full = shapes(mugcp(batch))
     names = set(full)
     mutual = with_prefix(names, "amg.blocks.0.ln_s", "amg.blocks.0.ln_x", "amg.blocks.0.attn_s")
-    assert mutual and with_prefix(names, "meta_net.", "amg.w_q.", "amg.w_sv.", "w_vt.") and {"alpha", "beta"} <= names
-    dv = shared_tiny_backbone().vision_width
+    scp_text = with_prefix(names, "meta_net.", "meta_heads.") | {"alpha"}
+    assert mutual and scp_text and with_prefix(names, "amg.w_q.", "amg.w_sv.", "w_vt.") and {"beta"} <= names
+    dv, dt = shared_tiny_backbone().vision_width, shared_tiny_backbone().text_width
     assert full["amg.gamma"] == (2, 3, dv) and full["amg.queries"] == (3, 4, dv)  # toy depth 3: AMG at layers 1, 2
+    assert full["alpha"] == full["beta"] == (3, 4) and full["text_deep"] == (2, 4, dt)  # gates at text layers 0 … 2
+    assert len(with_prefix(names, "meta_heads.")) == 6  # one output layer (weight, bias) per prompted text layer
 
     no_scp = shapes(mugcp(batch, ablation="scp"))
-    assert names - set(no_scp) == with_prefix(names, "meta_net.", "amg.w_q.", "amg.w_sv.") | {"alpha"} | mutual
+    assert names - set(no_scp) == with_prefix(names, "amg.w_q.", "amg.w_sv.") | scp_text | mutual
     assert set(no_scp) <= names and no_scp["amg.gamma"] == (2, 2, dv)
 
     no_amg = shapes(mugcp(batch, ablation="amg"))
     assert names - set(no_amg) == with_prefix(names, "amg.blocks.", "amg.w_sv.", "amg.gamma")
     assert set(no_amg) <= names
 
+    no_vcp = shapes(mugcp(batch, ablation="vcp"))  # only the learned deep vision prompts E_l remain of AMG
+    assert names - set(no_vcp) == with_prefix(names, "amg.blocks.", "amg.w_sv.", "amg.gamma", "amg.w_q.") | {"beta"}
+    assert "w_vt.weight" in no_vcp  # still maps the visual evidence for L_align
+
     no_mutual = shapes(mugcp(batch, ablation="mutual"))
     assert names - set(no_mutual) == mutual and set(no_mutual) <= names and no_mutual["amg.gamma"] == (2, 2, dv)
 
     ctx_only = shapes(mugcp(batch, ablation="mpf"))
-    assert names - set(ctx_only) == with_prefix(names, "meta_net.") | {"alpha", "beta"} and set(ctx_only) <= names
+    assert names - set(ctx_only) == scp_text | {"beta"} and set(ctx_only) <= names
 
     assert shapes(mugcp(batch, ablation="align")) == full
+
+
+def perturbed(method, seed=0):
+    """Noise on every trainable tensor, so zero-initialised gates take part (the same noise for every variant)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(method.named_parameters()):
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    return method
+
+
+@pytest.mark.parametrize("name", sorted(MuGCP.ablations))
+def test_every_ablation_is_a_real_switch(name, batch):
+    """Same inputs, same weights for every parameter both share: dropping the component changes logits or loss."""
+    full = perturbed(mugcp(batch, seed=7))
+    variant = mugcp(batch, seed=7, ablation=name)
+    shared = dict(variant.named_parameters())
+    with torch.no_grad():
+        for key, value in full.trainable_state().items():
+            if key in shared:  # the overlapping part (AMG's LayerScale has a third branch only with mutual)
+                shared[key].copy_(value[tuple(slice(0, n) for n in shared[key].shape)])
+    logits, loss = total_loss(full, batch)
+    logits_v, loss_v = total_loss(variant, batch)
+    if name == "align":  # the loss alone: logits equal, the alignment term gone
+        assert torch.equal(logits, logits_v) and "align" not in variant(batch.images, keys=batch.keys).losses
+        assert loss - loss_v > 1e-3
+    else:
+        assert (logits - logits_v).abs().max() > 1e-3, f"dropping {name} left the logits unchanged"
 
 
 def test_no_align_drops_only_the_loss(batch):
@@ -114,6 +174,61 @@ def test_no_align_drops_only_the_loss(batch):
     assert set(out.losses) == {"align"} and out.losses["align"] > 0 and out_na.losses == {}
 
 
+# --- L_align: visual evidence, a bank of descriptions, every batch size ----------------------------------------------
+@pytest.mark.parametrize("size", [1, 4])
+def test_align_loss_positive_with_gradient_to_amg_at_batch_1_and_4(size, tmp_path):
+    data = make_batch(tmp_path, n=4)
+    method = mugcp(data, seed=8)  # prepared on the 4 training images: the bank holds their 4 descriptions
+    method.train()
+    out = method(data.images[:size], keys=data.keys[:size])
+    assert out.losses["align"] > 0.05
+    out.losses["align"].backward()
+    for name in (
+        "amg.blocks.0.attn.in_proj_weight",
+        "amg.blocks.0.attn.out_proj.weight",
+        "amg.queries",
+        "amg.w_q.weight",
+    ):
+        grad = dict(method.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, f"no gradient of L_align reaches {name} at batch {size}"
+
+
+def test_in_batch_only_alignment_is_zero_at_batch_1(tmp_path):
+    """The first reconstruction's in-batch InfoNCE (`align_bank: false`) has nothing to contrast at batch 1."""
+    data = make_batch(tmp_path, n=4)
+    in_batch = mugcp(data, seed=8, align_bank=False)
+    assert in_batch(data.images[:1], keys=data.keys[:1]).losses["align"].abs() < 1e-6
+    assert in_batch(data.images, keys=data.keys).losses["align"] > 0.05
+
+
+def test_align_bank_holds_training_descriptions_only(tmp_path):
+    train, test = make_batch(tmp_path / "train", n=4), make_batch(tmp_path / "test", n=3, seed=9)
+    method = prepare(mugcp(seed=8), train)
+    method.prepare_images(test.items, "test")
+    bank, target = method._align_bank([method.description(test.keys[0])], torch.device("cpu"))
+    train_texts = list(dict.fromkeys(method.description(k) for k in train.keys))
+    assert bank.shape[0] == len(train_texts) + int(method.description(test.keys[0]) not in train_texts)
+    torch.testing.assert_close(bank[: len(train_texts)], torch.stack([method._features[t][0] for t in train_texts]))
+
+
+def test_alignment_evidence_is_the_image_read_out_without_query_residual(batch):
+    method = perturbed(mugcp(batch, seed=9))
+    with torch.no_grad():
+        out = method.forward_details(batch.images, batch.keys)
+        assert len(out.evidence) == 2 and out.evidence[0].shape == (3, shared_tiny_backbone().vision_width)
+        method.amg.w_sv.weight.mul_(5.0)  # other semantic tokens S~: the VCPs change, the read-out of X_1 does not
+        other = method.forward_details(batch.images, batch.keys)
+        assert not torch.allclose(other.vcps[1], out.vcps[1])
+        torch.testing.assert_close(other.evidence[0], out.evidence[0])
+        attn = method.amg.blocks[0].attn.out_proj
+        attn.weight.zero_()
+        attn.bias.zero_()  # no attention output: the evidence is zero whatever W_q s is (no residual to copy)
+        silent = method.forward_details(batch.images, batch.keys)
+        assert all(torch.equal(e, torch.zeros_like(e)) for e in silent.evidence)
+        assert not torch.equal(silent.vcps[1], torch.zeros_like(silent.vcps[1]))  # VCP_l = Q_l + MLP(...) remains
+
+
+# --- AMG, VCP, mutual guidance --------------------------------------------------------------------------------------
 def test_amg_attention_and_its_ablation(batch):
     full, no_amg = mugcp(batch, seed=1), mugcp(batch, seed=1, ablation="amg")
     for method, attends in ((full, True), (no_amg, False)):
@@ -124,6 +239,16 @@ def test_amg_attention_and_its_ablation(batch):
                 query = method.amg.queries[layer] + method.amg.w_q(out.s).unsqueeze(1)  # E_l + W_q s
                 same = torch.allclose(vcp, query, atol=1e-6)
                 assert same if (layer == 0 or not attends) else not same
+
+
+def test_no_vcp_uses_the_learned_deep_vision_prompts(batch):
+    method = perturbed(mugcp(batch, seed=2, ablation="vcp"))
+    assert not hasattr(method.amg, "blocks") and method.amg.w_q is None and not hasattr(method, "beta")
+    with torch.no_grad():
+        out = method.forward_details(batch.images, batch.keys)
+    for layer, vcp in enumerate(out.vcps):  # the image's prompts are E_l at every layer: no AMG output anywhere
+        assert torch.equal(vcp, method.amg.queries[layer].expand_as(vcp))
+    assert method.instance_conditional  # SCP still conditions the text
 
 
 def test_mutual_refines_the_semantic_tokens(batch):
@@ -152,33 +277,59 @@ def test_no_scp_uses_no_descriptions(batch, monkeypatch):
             assert torch.equal(vcp, method.amg.queries[0].expand_as(vcp))
 
 
+# --- MPF at every prompted text layer --------------------------------------------------------------------------------
+def test_instance_terms_reach_every_prompted_text_layer(batch):
+    method = mugcp(batch, seed=4)
+    with torch.no_grad():
+        start = method.forward_details(batch.images, batch.keys)
+        assert start.text_prompts.shape == (3, 3, 4, shared_tiny_backbone().text_width)  # (L_t, B, M_t, Dt)
+        # gates start at 0: every layer's prompt is D_l for every image (IVLP / MaPLe-like start)
+        assert all(torch.equal(start.text_prompts[layer, 0], start.text_prompts[layer, 1]) for layer in range(3))
+        for layer in range(3):  # a gate at one layer alone: that layer's prompts become per image, the logits move
+            for gate in (method.alpha, method.beta):
+                gate.zero_()
+                gate[layer] = 1.0
+                out = method.forward_details(batch.images, batch.keys)
+                prompts = out.text_prompts
+                assert not torch.allclose(prompts[layer, 0], prompts[layer, 1])
+                assert all(torch.equal(prompts[o, 0], prompts[o, 1]) for o in range(3) if o != layer)
+                assert (out.logits - start.logits).abs().max() > 1e-4
+                gate.zero_()
+
+
+def test_text_layers_read_the_paired_vision_layer(batch):
+    method = mugcp(batch, seed=4, mpf="vcp_only")
+    with torch.no_grad():
+        method.beta.fill_(1.0)
+        out = method.forward_details(batch.images, batch.keys)
+        base = torch.cat([method.ctx.unsqueeze(0), method.text_deep])  # (L_t, M_t, Dt)
+        for layer in range(3):  # text layer l gets W_v->t pool(VCP_l)
+            expected = base[layer] + method.w_vt(out.vcps[layer].mean(dim=1)).unsqueeze(1)  # (B, M_t, Dt)
+            torch.testing.assert_close(out.text_prompts[layer], expected)
+
+
 def test_mpf_modes(batch):
     dt = shared_tiny_backbone().text_width
-    full = mugcp(batch, seed=4)
-    with torch.no_grad():
-        out = full.forward_details(batch.images, batch.keys)
-        assert out.text_prompts.shape == (3, 4, dt) and out.text_features.dim() == 3
-        # gates start at 0: the text prompt is P_ctx for every image (IVLP / MaPLe-like start)
-        assert torch.equal(out.text_prompts[0], out.text_prompts[1])
-        full.alpha.fill_(1.0)
-        full.beta.fill_(1.0)
-        gated = full.forward_details(batch.images, batch.keys)
-        assert not torch.allclose(gated.text_prompts[0], gated.text_prompts[1])
-        assert not torch.allclose(gated.logits, out.logits)
-
     ctx_only = mugcp(batch, ablation="mpf")
-    assert ctx_only.instance_conditional is False and full.instance_conditional is True
+    assert ctx_only.instance_conditional is False and mugcp(batch).instance_conditional is True
     with torch.no_grad():
         out = ctx_only.forward_details(batch.images, batch.keys)
-    assert out.text_prompts.shape == (1, 4, dt) and out.text_features.shape[0] == len(CLASSNAMES)
+    assert out.text_prompts.shape == (3, 1, 4, dt) and out.text_features.shape == (
+        len(CLASSNAMES),
+        shared_tiny_backbone().embed_dim,
+    )
 
     concat = mugcp(batch, mpf="concat")
     assert concat.n_slots == 12 and not hasattr(concat, "alpha")
     with torch.no_grad():
-        assert concat.forward_details(batch.images, batch.keys).text_prompts.shape == (3, 12, dt)
+        prompts = concat.forward_details(batch.images, batch.keys).text_prompts
+    assert prompts.shape == (3, 3, 12, dt)
+    assert torch.equal(prompts[1, :, :4], concat.text_deep[0].expand(3, -1, -1))  # [D_l ; P_scp,l ; P_vcp,l]
     scp_only, vcp_only = mugcp(batch, mpf="scp_only"), mugcp(batch, mpf="vcp_only")
     assert hasattr(scp_only, "alpha") and not hasattr(scp_only, "beta")
     assert hasattr(vcp_only, "beta") and not hasattr(vcp_only, "alpha") and not hasattr(vcp_only, "meta_net")
+    neither = mugcp(batch, scp=False, vcp=False)  # no instance term left: class text computed once
+    assert neither.instance_conditional is False
 
 
 # --- SCP features, losses, batch independence ------------------------------------------------------------------------
@@ -197,6 +348,16 @@ def test_scp_features_come_from_the_frozen_text_encoder(batch):
         method(batch.images, keys=[*batch.keys[:2], "other/image.png"])
 
 
+def test_backbone_encode_text_states_matches_the_text_features():
+    backbone = shared_tiny_backbone()
+    texts = ["a red circle on grass.", "a photo of a very small blue square in the sky."]
+    tokens = backbone.tokenize(texts)
+    feats, states, eot = backbone.encode_text_states(tokens)
+    torch.testing.assert_close(F.normalize(feats, dim=-1), backbone.text_features(texts), atol=1e-5, rtol=0)
+    assert states.shape == (2, int(eot.max()) + 1, backbone.text_width) and torch.equal(eot, backbone.eot_index(tokens))
+    assert not states.requires_grad
+
+
 def test_logits_do_not_depend_on_the_batch(batch):
     method = mugcp(batch, seed=5)
     with torch.no_grad():
@@ -213,7 +374,7 @@ def test_align_loss_and_regularisers(batch):
     loss = method.align_loss(out)
     assert torch.isfinite(loss) and loss > 0
     single = method.forward_details(batch.images[:1], batch.keys[:1])
-    assert method.align_loss(single).abs() < 1e-6  # one image: nothing to contrast
+    assert method.align_loss(single) > 0  # one image still has the other training descriptions to contrast
     for reg, keys in (("promptsrc", {"scl_text", "scl_image", "scl_logits"}), ("kgcoop", {"kgcoop"})):
         m = mugcp(batch, reg=reg)
         losses = m(batch.images, keys=batch.keys).losses
