@@ -25,13 +25,18 @@ from tests.method_harness import CLASSNAMES, build_method, load_images, write_it
 CLASSES = (*CLASSNAMES, "very long and oddly specific multi word class name")
 TOL = 1e-4
 # Every registered method with its toy config, plus the variants whose fast path takes another branch.
-CASES = [(name, {}) for name in METHODS.names()] + [
-    ("cocoop", {"text_chunk": 7}),  # B × C rows over several chunks
-    ("cocoop", {"meta_net": False}),  # shared prompts: text cached in begin_eval
-    ("coop", {"class_token_position": "middle"}),
-    ("mugcp", {"text_chunk": 7}),
-    ("mugcp", {"mpf": "ctx_only"}),  # not instance-conditional: text cached in begin_eval
-]
+CASES = (
+    [(name, {}) for name in METHODS.names()]
+    + [
+        ("cocoop", {"text_chunk": 7}),  # B × C rows over several chunks
+        ("cocoop", {"meta_net": False}),  # shared prompts: text cached in begin_eval
+        ("coop", {"class_token_position": "middle"}),
+        ("mugcp", {"text_chunk": 7}),
+        ("mugcp", {"scp": False, "vcp": False}),  # no instance term in the text: cached in begin_eval
+        ("mugcp", {"mpf": "concat"}),
+    ]
+    + [("mugcp", dict(changes)) for changes in METHODS.get("mugcp").ablations.values()]
+)  # every MuGCP variant
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +61,7 @@ def perturbed_state(method: Method, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    ("name", "overrides"), CASES, ids=[f"{n}-{'-'.join(map(str, o.values())) or 'toy'}" for n, o in CASES]
+    ("name", "overrides"), CASES, ids=[f"{n}-{'-'.join(f'{k}={v}' for k, v in o.items()) or 'toy'}" for n, o in CASES]
 )
 def test_fast_path_equals_naive_path(name, overrides, backbones, data, tmp_path):
     fast_bb, naive_bb = backbones
