@@ -1,6 +1,6 @@
 """Core data types of the datasets layer, Dassl-identical few-shot sampling, base/novel split and the image Dataset.
 
-Rules: protocol.md §1 (layout, split schema, few-shot sampling, base/novel split).
+Rules: docs/protocol.md §1 (layout, split schema, few-shot sampling, base/novel split).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class SplitData:
     val: list[Datum]
     test: list[Datum]
     classnames: list[str]
-    # ImageNet: the val list is the test list and few-shot sampling leaves it alone (protocol.md §1.5 step 4).
+    # ImageNet: the val list is the test list and few-shot sampling leaves it alone (docs/protocol.md §1.5 step 4).
     val_is_test: bool = False
 
     @property
@@ -154,7 +154,7 @@ class DatasetSpec:
 
     name: str = ""
     folder: str = ""
-    template: str = "a photo of a {}."  # hand-written zero-shot template (protocol.md §5.1)
+    template: str = "a photo of a {}."  # hand-written zero-shot template (docs/protocol.md §5.1)
     test_only: bool = False
     label_space: str | None = None
     source: str = ""  # where the data comes from, multi-line instructions
@@ -196,7 +196,7 @@ class DatasetSpec:
         raise NotImplementedError
 
     def validate_classnames(self, root: Path, data: SplitData) -> str | None:
-        """A one-line problem if the class names break the dataset's cleaning rules (protocol.md §1.3), else None."""
+        """A one-line problem if the class names break the cleaning rules (docs/protocol.md §1.3), else None."""
         return None
 
     def _require_folder(self, root: Path) -> Path:
@@ -324,7 +324,7 @@ def _read_cached_subset(path: Path, data: SplitData, shots: int, seed: int) -> t
 
 
 def fewshot(data: SplitData, shots: int | None, seed: int, cache_dir: Path | None = None) -> SplitData:
-    """k-shot subsets reproducing Dassl's for a given seed (protocol.md §1.5).
+    """k-shot subsets reproducing Dassl's for a given seed (docs/protocol.md §1.5).
 
     A local `random.Random(seed)` gives the same stream as Dassl's `random.seed(seed)` followed by `random.sample`
     (Dassl's `set_random_seed` runs just before the dataset is built; nothing draws in between). Train with k shots,
@@ -371,7 +371,7 @@ def normalize_subset(subset: str) -> str:
 
 
 def subsample_classes(data: SplitData, subset: str) -> SplitData:
-    """Base/novel split (protocol.md §1.6): labels present in the (few-shot) train list, sorted; base = the first
+    """Base/novel split (docs/protocol.md §1.6): labels present in the (few-shot) train list, sorted; base = the first
     ceil(n/2), new = the rest; train, val and test are filtered and relabelled 0..m-1 in label order."""
     subset = normalize_subset(subset)
     if subset == "all":

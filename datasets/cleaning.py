@@ -1,4 +1,4 @@
-"""Class-name cleaning rules of the CoOp-layout datasets (protocol.md §1.3).
+"""Class-name cleaning rules of the CoOp-layout datasets (docs/protocol.md §1.3).
 
 The official split JSONs already hold the cleaned names; these functions restate the rules so that `check-data`
 can validate a JSON's names and so that a split can be rebuilt from raw data. Prompts later replace `_` by spaces.

@@ -1,4 +1,5 @@
-"""FGVCAircraft: the official `images_variant_{train,val,test}.txt` splits of fgvc-aircraft-2013b (protocol.md §1.1).
+"""FGVCAircraft: the official `images_variant_{train,val,test}.txt` splits of fgvc-aircraft-2013b
+(docs/protocol.md §1.1).
 
 Lines are "<image id> <variant name>" (split on the first space; names such as "Boeing 717" hold spaces), images are
 `images/<id>.jpg`, labels are line indices in `variants.txt`, class names the variant strings verbatim.

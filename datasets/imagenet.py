@@ -1,9 +1,9 @@
-"""ImageNet and its four test-only variants: ImageNetV2, ImageNet-Sketch, ImageNet-A, ImageNet-R (protocol.md §1.4).
+"""ImageNet and its four test-only variants: ImageNetV2, -Sketch, -A, -R (docs/protocol.md §1.4).
 
 ImageNet has no split file: labels are the indices of the wnid folders of `images/train` in sorted order and the
 test set is `images/val` (the val split is the same list). The reference loader lists each folder in unsorted
 directory order, so its few-shot subsets depend on the machine; this suite sorts every file list, which makes its
-ImageNet subsets reproducible but means they cannot equal the original runs' subsets (protocol.md §1.5).
+ImageNet subsets reproducible but means they cannot equal the original runs' subsets (docs/protocol.md §1.5).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The `split_zhou_<Name>.json` family: Caltech101, OxfordPets, StanfordCars, Flowers102, Food101, SUN397, DTD,
-EuroSAT, UCF101 (protocol.md §1.1-1.3), and `ZhouJsonSpec`, the public spec class any JSON-split dataset can reuse.
+EuroSAT, UCF101 (docs/protocol.md §1.1-1.3), and `ZhouJsonSpec`, the public spec class any JSON-split dataset can reuse.
 
 Split JSON: {"train", "val", "test"}, each a list of [impath relative to the image dir, label, class name].
 """
@@ -45,7 +45,7 @@ class ZhouJsonSpec(DatasetSpec):
         source: where the data comes from (multi-line instructions, shown by check-data).
         homepage: one URL or phrase for one-line error messages (default: the first line of `source`).
         display_name, aliases, group, roles, order: names and suite membership (see `DatasetSpec`).
-        name_from_path: expected class name of a JSON impath (validates a JSON's names; protocol.md §1.3).
+        name_from_path: expected class name of a JSON impath (validates a JSON's names; docs/protocol.md §1.3).
         names_by_label: reads a side file of the dataset folder and returns the expected class names in label
             order, or None if the side file is absent.
         labels_follow_sorted_folders: labels must be the index of the image's class folder in sorted folder order.
@@ -177,12 +177,12 @@ class ZhouJsonSpec(DatasetSpec):
                 except (KeyError, ValueError, IndexError):
                     return (
                         f"{impath} in {self.split_file} lies in a folder that is not a class of {self.name} "
-                        "(protocol.md §1.3); use the official split file"
+                        "(docs/protocol.md §1.3); use the official split file"
                     )
                 if expected != x.classname:
                     return (
                         f"class name '{x.classname}' of {impath} in {self.split_file} should be '{expected}' "
-                        "(protocol.md §1.3 cleaning rules); use the official split file"
+                        "(docs/protocol.md §1.3 cleaning rules); use the official split file"
                     )
         if self.labels_follow_sorted_folders:
             folders = sorted({self._json_impath(x).split("/", 1)[0] for x in items})
@@ -205,7 +205,7 @@ class ZhouJsonSpec(DatasetSpec):
                     if want != name:
                         return (
                             f"class name '{name}' of label {y} in {self.split_file} should be '{want}' "
-                            "(protocol.md §1.3); use the official split file"
+                            "(docs/protocol.md §1.3); use the official split file"
                         )
         return None
 
@@ -236,7 +236,7 @@ def stanford_cars_names_by_label(dataset_dir: Path) -> list[str] | None:
 
 # ------------------------------------------------------------------------------------------------ the nine specs
 
-# Each is a base-to-novel and few-shot dataset and a cross-dataset target of the ImageNet source (protocol.md §2).
+# Each is a base-to-novel and few-shot dataset and a cross-dataset target of the ImageNet source (docs/protocol.md §2).
 TARGET_ROLES = ("base2novel", "cross_dataset", "few_shot")
 
 SPECS = [

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainConfig:
-    """Optimisation settings of a run (Dassl's defaults, protocol.md §4)."""
+    """Optimisation settings of a run (Dassl's defaults, docs/protocol.md §4)."""
 
     epochs: int = 5
     lr: float = 0.0035
@@ -88,7 +88,7 @@ class Method(nn.Module):
         # Not a registered submodule: the backbone's weights are never part of the method's state.
         object.__setattr__(self, "backbone", backbone)
         self.classnames = list(classnames)
-        self.template = template  # the dataset's hand-written zero-shot template (protocol.md §5.1)
+        self.template = template  # the dataset's hand-written zero-shot template (docs/protocol.md §5.1)
         self.dataset = dataset  # registry name of the dataset the classes come from
 
     # --- properties the trainer reads -----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""CoCoOp: CoOp's context shifted per image by a small Meta-Net (methods.md §3).
+"""CoCoOp: CoOp's context shifted per image by a small Meta-Net (docs/methods/cocoop.md §3).
 
 Matched against KaiyangZhou/CoOp @ ff61507: ``trainers/cocoop.py`` (PromptLearner with ``meta_net`` =
 linear1 → relu → linear2, CustomCLIP.forward normalising the image features before the Meta-Net), ``train.py``

@@ -1,4 +1,4 @@
-"""CoOp: learnable context vectors in front of (or around) each class name (methods.md §2).
+"""CoOp: learnable context vectors in front of (or around) each class name (docs/methods/coop.md §2).
 
 Matched against KaiyangZhou/CoOp @ ff61507: ``trainers/coop.py`` (PromptLearner, CustomCLIP), ``train.py``
 (defaults N_CTX 16, CSC False, CTX_INIT "", CLASS_TOKEN_POSITION end) and ``configs/trainers/CoOp/*.yaml``.

@@ -1,4 +1,4 @@
-"""DCP / CMPA: deeply coupled cross-modal prompts (Liu et al., Findings of ACL 2023; methods.md §6).
+"""DCP / CMPA: deeply coupled cross-modal prompts (Liu et al., Findings of ACL 2023; docs/methods/dcp.md §6).
 
 Specified by its code, GingL/CMPA at commit 407a743 (files cited below as `clip/model.py`, `trainers/cmpa.py`,
 `configs/trainers/CMPA/vit_b16_c2_ep20_batch4_16ctx.yaml`, `scripts/cmpa/*.sh`).
@@ -42,8 +42,8 @@ Fidelity decisions (all checked against the reference files above):
 * Evaluation: with the text update discarded (or no CMPA) the text path never sees the images, so ``begin_eval``
   encodes the class prompts once and also caches the fused text prompt t̄ each injection block needs; ``predict``
   then runs only the vision tower. The reference re-encodes every class prompt on every test batch.
-* Text fusion remark (methods.md §6.2): under the causal mask the prompt-slot outputs depend only on SOS and the
-  shared prompts, so they are identical across classes and mean / first / max give the same t̄ (tested).
+* Text fusion remark (docs/methods/dcp.md §6.2): under the causal mask the prompt-slot outputs depend only on SOS and
+  the shared prompts, so they are identical across classes and mean / first / max give the same t̄ (tested).
 * Fusing ``none`` with ``text_update=True`` gives every image its own text prompts: the text tower then runs on
   B × C sequences (instance-conditional, like CoCoOp); supported, but costly.
 """
@@ -190,7 +190,8 @@ TOY_RECIPE = {**TOY_TRAIN, "n_ctx": 4, "depth": 3, "epochs": 5, "lr": 0.0035, "b
 
 @METHODS.register("dcp", aliases=("cmpa",))
 class DCP(Method):
-    """DCP as the released code behaves: text update discarded, batch-fused vision prompts (methods.md §6.7)."""
+    """DCP as the released code behaves: text update discarded, batch-fused vision prompts (docs/methods/dcp.md
+    §6.7)."""
 
     name = "dcp"
     Config = DCPConfig

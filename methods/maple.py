@@ -1,4 +1,4 @@
-"""MaPLe: multi-modal prompts, vision prompts coupled to the text prompts by linear maps (methods.md §4).
+"""MaPLe: multi-modal prompts, vision prompts coupled to the text prompts by linear maps (docs/methods/maple.md §4).
 
 Matched against muzairkhattak/multimodal-prompt-learning @ 69bce21:
 - ``trainers/maple.py`` (MultiModalPromptLearner): ctx from the first n_ctx tokens of "a photo of a" (the prefix

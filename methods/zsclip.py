@@ -1,4 +1,4 @@
-"""Zero-shot CLIP: one hand-written template per dataset, or the template ensemble (methods.md §1)."""
+"""Zero-shot CLIP: one hand-written template per dataset, or the template ensemble (docs/methods/zsclip.md §1)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from mugcp_bench.methods.base import Method, MethodOutput, cosine_logits
 from mugcp_bench.methods.prompts import clean_classname
 from mugcp_bench.registry import METHODS
 
-# The 7 selected ImageNet templates of CoOp's zero-shot ensemble (protocol.md §5.2).
+# The 7 selected ImageNet templates of CoOp's zero-shot ensemble (docs/protocol.md §5.2).
 ENSEMBLE_TEMPLATES = (
     "itap of a {}.",
     "a bad photo of the {}.",

@@ -1,7 +1,7 @@
 """Bootstrap confidence intervals and paired differences for report tables (`report --ci`, `--vs METHOD`).
 
 One replicate resamples the seeds and the test images, both with replacement, and recomputes every cell exactly as
-the table does (protocol.md §3):
+the table does (docs/protocol.md §3):
 - seeds: one draw of seed weights per replicate, shared by every cell of the table (a method's seed s and another's
   trained on the same few-shot sample, so they stay paired); a cell's value is the weighted mean over its seeds;
 - images: per test set (dataset, class subset, the test list's SHA-256), one draw of n images per replicate, shared

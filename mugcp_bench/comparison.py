@@ -31,7 +31,7 @@ def paper_average_rows(kind: str, published: pd.DataFrame | None = None) -> froz
 # Δ against the published numbers or another method
 # ---------------------------------------------------------------------------------------------------------------
 # Every published number comes from the reference code's default precision (fp16 CLIP weights and prompts, plain SGD;
-# protocol.md §4.5); our runs match it only in that mode.
+# docs/protocol.md §4.5); our runs match it only in that mode.
 REFERENCE_PRECISION = "reference-fp16"
 
 
@@ -106,7 +106,7 @@ def attach_paper(table: Table, published: pd.DataFrame | None = None) -> None:
         table.note(
             "precision",
             f"Precision differs from the published numbers' (the reference code's fp16 weights and prompts, "
-            f"protocol.md §4.5): {ran}. Δ includes that difference.",
+            f"docs/protocol.md §4.5): {ran}. Δ includes that difference.",
         )
 
 

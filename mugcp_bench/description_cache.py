@@ -1,4 +1,4 @@
-"""The shared cache of per-image descriptions (MuGCP's SCP text; methods.md §7.3 (A), our design).
+"""The shared cache of per-image descriptions (MuGCP's SCP text; docs/methods/mugcp.md §7.3 (A), our design).
 
 Keyed by (SHA-1 of the image bytes, describer id including the model revision, prompt id). One JSONL file per
 (describer id, prompt id): ``<cache_dir>/descriptions/<describer-id>/<prompt-id>.jsonl``; one line per image with

@@ -1,4 +1,4 @@
-"""Label leakage of per-image descriptions (methods.md §7.4, our design).
+"""Label leakage of per-image descriptions (docs/methods/mugcp.md §7.4, our design).
 
 An MLLM that sees a test image can name its class in the description; MuGCP then reads the label from the text.
 Every MuGCP report states how often descriptions name the image's true class; `mask_classnames` is the control.

@@ -1,4 +1,4 @@
-"""The four protocols as data (protocol.md §2) and the dataset suites they run on (the real benchmark, the toy world).
+"""The four protocols as data (docs/protocol.md §2) and the dataset suites they run on (the benchmark, the toy world).
 
 The one place protocol names live: `PROTOCOLS` (evaluation protocols, the report's tables), `TRAIN_PROTOCOLS`
 (training regimes a recipe names) and `ROLES` (a dataset's parts in a suite). A protocol names the training regime

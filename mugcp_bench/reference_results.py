@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 COLUMNS = ["method", "protocol", "dataset", "metric", "value", "source", "table", "confidence", "read_off_plot"]
 METRICS = ("base", "novel", "hm", "acc", "avg_base", "avg_novel", "avg_hm", "avg")
 CONFIDENCES = ("verified", "transcribed", "low")
-# Marker printed next to a published value (as in published_results.md): verified, transcribed, low confidence.
+# Marker printed next to a published value (results/reference/README.md): verified, transcribed, low confidence.
 CONFIDENCE_MARKERS = {"verified": "✓", "transcribed": "T", "low": "L"}
 AVERAGE = "average"
 

@@ -1,4 +1,4 @@
-"""Seed and dataset aggregation (protocol.md §3): the statistics behind every report cell.
+"""Seed and dataset aggregation (docs/protocol.md §3): the statistics behind every report cell.
 
 Two stages, kept apart so the dataset stage can be checked on published cells:
 1. seed stage (`seed_cells`): per cell (method entry x dataset x metric) mean, sample std (ddof=1), n seeds,
@@ -161,7 +161,8 @@ def seedwise_average(seed_values: pd.DataFrame, rows: Iterable[str]) -> pd.DataF
 # A seed is an outlier when it lies beyond 2σ of its cell's other seeds and further from their mean than both 5 points
 # and 3 binomial standard errors of its test set (two close seeds have a tiny σ; small test sets are noisy). A seed is
 # near chance when it is within one binomial standard error of chance (or below it): e.g. a diverged run. Both stay
-# in the mean; the table names them (user_complaints.md §1).
+# in the mean; the table names them (huge seed swings are the most reported reproduction problem, e.g.
+# KaiyangZhou/CoOp#24: DTD seeds at 12 / 15 / 63 %).
 OUTLIER_SIGMAS = 2.0
 OUTLIER_MIN_GAP = 5.0
 

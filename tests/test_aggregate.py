@@ -1,4 +1,4 @@
-"""Aggregation rules (protocol.md §3) checked on the published tables and on small synthetic stores."""
+"""Aggregation rules (docs/protocol.md §3) checked on the published tables and on small synthetic stores."""
 
 from __future__ import annotations
 
@@ -63,13 +63,14 @@ def test_b2n_average_rows_recompute_from_published_cells(method: str) -> None:
     for group in ("base", "novel", "hm"):
         ours, published = average_of(derived, group), published_value("base2novel", method, f"avg_{group}")
         assert abs(ours - published) <= 0.01, (method, group, ours, published)
-    # the per-dataset HM recomputes from its B and N (published_results.md: within 0.005)
+    # the per-dataset HM recomputes from its B and N (within 0.005)
     pub_hm = published_cells("base2novel", method, {"hm": "hm"}).set_index("row")["mean"]
     ours_hm = derived[(derived["group"] == "hm") & (derived["row"] != AVERAGE)].set_index("row")["mean"]
     assert (ours_hm - pub_hm).abs().max() <= 0.005
 
 
-# published_results.md §1.1 "Aggregation test vectors": mean B, mean N, HM of means, mean of per-dataset HMs
+# Recomputed from the published base-to-novel cells (results/reference/; docs/protocol.md §3.2): mean B, mean N,
+# HM of means, mean of per-dataset HMs
 TEST_VECTORS = {
     "zsclip": (69.345, 74.218, 71.70, 71.59),
     "coop": (82.686, 63.225, 71.66, 70.83),
@@ -92,7 +93,7 @@ def test_hm_of_means_not_mean_of_hms(method: str) -> None:
 
 
 def test_protocol_test_vector_clip() -> None:
-    """protocol.md §3.2: CLIP's cells give mean B 69.345, mean N 74.218, HM of means 71.70 (not 71.59)."""
+    """docs/protocol.md §3.2: CLIP's cells give mean B 69.345, mean N 74.218, HM of means 71.70 (not 71.59)."""
     assert hm(69.345, 74.218) == pytest.approx(71.70, abs=0.005)
     derived = derive("base2novel", published_cells("base2novel", "zsclip", {"base": "base", "novel": "novel"}))
     assert round(average_of(derived, "hm"), 2) == 71.70

@@ -1,4 +1,4 @@
-"""The 15 dataset specs on miniature trees: class names, label order, class counts, layout rules (protocol.md §1)."""
+"""The 15 dataset specs on miniature trees: class names, label order, class counts, layout (docs/protocol.md §1)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ BENCHMARK = [
     "sun397", "dtd", "eurosat", "ucf101", "imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r",
 ]  # fmt: skip
 
-# protocol.md §1.1 folders and §5.1 templates
+# docs/protocol.md §1.1 folders and §5.1 templates
 FOLDERS = {
     "imagenet": "imagenet", "caltech101": "caltech-101", "oxford_pets": "oxford_pets",
     "stanford_cars": "stanford_cars", "oxford_flowers": "oxford_flowers", "food101": "food-101",

@@ -1,4 +1,4 @@
-"""Class-name cleaning rules (protocol.md §1.3) and their use in validating split files."""
+"""Class-name cleaning rules (docs/protocol.md §1.3) and their use in validating split files."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Few-shot sampling (Dassl-identical), its cache, and the base/novel split (protocol.md §1.5-1.6)."""
+"""Few-shot sampling (Dassl-identical), its cache, and the base/novel split (docs/protocol.md §1.5-1.6)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def _keep_global_random_state():
 
 
 def spec_restatement(train: list[Datum], val: list[Datum], k: int, seed: int) -> tuple[list[Datum], list[Datum]]:
-    """protocol.md §1.5 written out independently, with Python's global `random` as Dassl uses it."""
+    """docs/protocol.md §1.5 written out independently, with Python's global `random` as Dassl uses it."""
     random.seed(seed)  # the run seed seeds Python's random module before the dataset is built
 
     def draw(items: list[Datum], shots: int) -> list[Datum]:
@@ -147,7 +147,7 @@ def test_cache_key_changes_with_split_content(tmp_path: Path) -> None:
     assert fewshot_cache_path(tmp_path, data, 16, 1) != fewshot_cache_path(tmp_path, data, 16, 2)
 
 
-# protocol.md §1.6 table
+# docs/protocol.md §1.6 table
 REAL_SIZES = {
     "imagenet": (1000, 500, 500), "caltech101": (100, 50, 50), "oxford_pets": (37, 19, 18),
     "stanford_cars": (196, 98, 98), "oxford_flowers": (102, 51, 51), "food101": (101, 51, 50),

@@ -79,7 +79,7 @@ def test_batch_of_one_equals_instance(backbone, images, fusing):
 
 
 def test_dcp_depends_on_batch_mates_instance_does_not(backbone, images):
-    """Quirk 2 of the official code (methods.md §6.4): the fused vision prompts mix the images of a test batch."""
+    """Quirk 2 of the official code (docs/methods/dcp.md §6.4): the fused vision prompts mix a test batch's images."""
     batch_a, batch_b = images[[0, 1, 2, 3]], images[[0, 4, 5, 6]]
     dcp, inst = build(backbone, "dcp"), build(backbone, "dcp-instance")
     for method in (dcp, inst):
@@ -202,7 +202,7 @@ def test_no_cmpa_ablation_parameter_set(backbone, images):
 
 @pytest.mark.parametrize("name", ["dcp", "dcp-paper"])
 def test_text_prompt_outputs_identical_across_classes(backbone, images, monkeypatch, name):
-    """Derived remark of methods.md §6.2: under the causal mask the text prompt slots do not see the class name."""
+    """docs/methods/dcp.md §6.2: under the causal mask the text prompt slots do not see the class name."""
     method = build(backbone, name)
     seen: list[torch.Tensor] = []
     original = method.fuse_text
@@ -244,7 +244,7 @@ def test_refuses_bad_settings(backbone):
 
 
 def test_parameter_count_vit_b16():
-    """methods.md §6.2 from the layer shapes of ViT-B/16 (Dv = 768, Dt = 512, M = 16, MLP ratio 4)."""
+    """docs/methods/dcp.md §6.2 from the layer shapes of ViT-B/16 (Dv = 768, Dt = 512, M = 16, MLP ratio 4)."""
     dv, dt, m = 768, 512, 16
     mha = lambda d: 4 * d * d + 4 * d  # noqa: E731 - in_proj 3d² + 3d, out_proj d² + d
     ln = lambda d: 2 * d  # noqa: E731

@@ -23,7 +23,7 @@ def published() -> pd.DataFrame:
 def test_csv_is_package_data_with_the_documented_columns(published: pd.DataFrame) -> None:
     assert published_csv_path().is_file()
     assert list(pd.read_csv(published_csv_path()).columns) == COLUMNS
-    assert not published["read_off_plot"].any()  # no number of published_results.md is read off a plot
+    assert not published["read_off_plot"].any()  # no published number is read off a plot
 
 
 def test_every_number_of_published_results_is_transcribed(published: pd.DataFrame) -> None:

@@ -1,4 +1,4 @@
-"""The learning-rate trace equals Dassl's schedule (protocol.md §4.4)."""
+"""The learning-rate trace equals Dassl's schedule (docs/protocol.md §4.4)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from mugcp_bench.trainer import lr_trace
 
 
 def reference(lr: float, epochs: int) -> list[float]:
-    """protocol.md §4.4: lr(0) = 1e-5; lr(e) = ½·LR·(1 + cos(π·(e − 1)/MAX_EPOCH)) for e ≥ 1."""
+    """docs/protocol.md §4.4: lr(0) = 1e-5; lr(e) = ½·LR·(1 + cos(π·(e − 1)/MAX_EPOCH)) for e ≥ 1."""
     return [1e-5] + [0.5 * lr * (1 + math.cos(math.pi * (e - 1) / epochs)) for e in range(1, epochs)]
 
 
@@ -23,7 +23,7 @@ def test_trace_equals_reference_formula(lr, epochs):
 
 
 def test_published_test_vectors():
-    """The per-epoch values printed in protocol.md §4.4."""
+    """The per-epoch values printed in docs/protocol.md §4.4."""
     maple = lr_trace(TrainConfig(lr=0.0035, epochs=5))
     assert maple == pytest.approx([1e-5, 0.0035, 0.00316578, 0.00229078, 0.00120922], abs=1e-8)
     assert lr_trace(TrainConfig(lr=0.0026, epochs=2)) == pytest.approx([1e-5, 0.0026], abs=1e-12)

@@ -1,6 +1,6 @@
 """Describers: images -> one-sentence descriptions, MuGCP's source of semantic conditional prompts (SCP).
 
-methods.md §7.3 (A) (our design). Every describer is deterministic, registered by lowercase name in
+docs/methods/mugcp.md §7.3 (A) (our design). Every describer is deterministic, registered by lowercase name in
 `mugcp_bench.registry.DESCRIBERS`, and has an ``id`` (name + model revision + settings) and a versioned
 ``prompt_id``; together with the image's content hash they key the description cache
 (`mugcp_bench.description_cache`). One module per describer:

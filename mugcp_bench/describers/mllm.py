@@ -18,7 +18,7 @@ from mugcp_bench.registry import DESCRIBERS
 
 log = logging.getLogger(__name__)
 
-# Versioned captioning prompts (methods.md §7.3 (A)). Change the text -> new id.
+# Versioned captioning prompts (docs/methods/mugcp.md §7.3 (A)). Change the text -> new id.
 PROMPTS: dict[str, str] = {
     "describe_v1": (
         "Describe the main subject of this image in one detailed sentence: its parts, shape, colours, textures "
