@@ -411,12 +411,6 @@ class MuGCP(Method):
             self._describers[name] = build_describer(name, opts)
         return self._describers[name]
 
-    def _groups(self, items: Sequence[Any]) -> list[tuple[Any, list[Any]]]:
-        """(describer, items) pairs: one describer, or for `auto` scene (toy images) + interrogator (the rest)."""
-        from mugcp_bench.describers import describer_groups
-
-        return describer_groups(self.cfg.describer, items, self._describer)
-
     def _used_text(self, raw: str) -> str:
         return mask_classnames(raw, self._known_names) if self.cfg.mask_classnames else raw
 
@@ -443,21 +437,18 @@ class MuGCP(Method):
         """Describe every item (through the shared cache), encode the descriptions, report label leakage."""
         if not self.cfg.scp or not items:
             return {"leakage": None, "n_descriptions": 0, "describer": None}
-        from mugcp_bench.describers import describe_items
+        from mugcp_bench import describers
 
-        cache = DescriptionCache()
-        raw: dict[str, str] = {}
-        ids, prompts, n_cached, n_generated = [], [], 0, 0
-        for describer, group in self._groups(items):
-            outcome = describe_items(
-                group, describer, cache, generate=self.cfg.describe_missing, datasets_hint=self.dataset or "..."
-            )
-            raw.update(outcome.texts)
-            ids.append(describer.id)
-            prompts.append(describer.prompt_id)
-            n_cached += outcome.n_cached
-            n_generated += outcome.n_generated
-            describer.release()  # an MLLM must not hold GPU memory while the method trains
+        done = describers.describe(
+            self.cfg.describer,
+            items,
+            self._describer,
+            DescriptionCache(),
+            generate=self.cfg.describe_missing,
+            datasets_hint=self.dataset or "...",
+            release=True,  # an MLLM must not hold GPU memory while the method trains
+        )
+        raw = done.texts
         self._raw.update(raw)
         names = set(self.classnames) | {d.classname for d in items if hasattr(d, "classname")}
         if self.cfg.mask_classnames and not names <= self._known_names:
@@ -475,10 +466,10 @@ class MuGCP(Method):
             if hasattr(items[0], "classname")
             else None,
             "n_descriptions": len(items),
-            "describer": "+".join(ids),
-            "prompt_id": "+".join(prompts),
-            "n_cached": n_cached,
-            "n_generated": n_generated,
+            "describer": done.describer,
+            "prompt_id": done.prompt_id,
+            "n_cached": done.n_cached,
+            "n_generated": done.n_generated,
         }
         if self.cfg.mask_classnames and hasattr(items[0], "classname"):
             info["leakage_unmasked"] = leakage_fraction([raw[k] for k in keys], items)
