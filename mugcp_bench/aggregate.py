@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from mugcp_bench.ablation_summary import ablation_summaries
 from mugcp_bench.bootstrap import BootstrapConfig, CorrectnessCache, attach_intervals
 from mugcp_bench.comparison import attach_method, attach_paper
 from mugcp_bench.errors import UserError
@@ -441,7 +442,13 @@ def build_report(results: Results, protocols: Sequence[str] | None = None, optio
         cache = CorrectnessCache()
         for t in tables:
             attach_intervals(t, config, cache)
-    return Report(tables=tables, footer=_footer(results), options=options, results=results)
+    return Report(
+        tables=tables,
+        footer=_footer(results),
+        options=options,
+        results=results,
+        row_tables=ablation_summaries(tables),  # per component: Δ of the dataset average, mean ± std over seeds
+    )
 
 
 def _copy(table: Table) -> Table:

@@ -157,7 +157,7 @@ def report(
         if per_class:
             rep.tables += per_class_tables(results, _split(per_class) or ("all",), options)
         if efficiency:
-            rep.row_tables = efficiency_tables(results, options)
+            rep.row_tables += efficiency_tables(results, options)
         tty = out is None and sys.stdout.isatty()
         width = shutil.get_terminal_size().columns if tty else 400
         text = render(rep, fmt, pivot=pivot, width=width, color=tty and fmt == "table")
