@@ -156,18 +156,29 @@ def _kill_first_worker_after_its_first_epoch(results: Path, killed: dict, stop: 
 
 
 @pytest.mark.slow
-def test_a_worker_killed_mid_run_is_replaced_and_the_run_resumes_to_the_uninterrupted_numbers(data_root, tmp_path):
+@pytest.mark.parametrize("executor", ["gpus", "ray"])
+def test_a_worker_killed_mid_run_is_replaced_and_the_run_resumes_to_the_uninterrupted_numbers(
+    executor, data_root, tmp_path
+):
     kw = {**TINY, "methods": "coop", "datasets": "dtd,eurosat", "seeds": "1"}
-    kw["sets"] = {"epochs": 4, "batch_size": 2}
+    kw["sets"] = {"epochs": 3, "batch_size": 2}
     killed: dict = {}
     stop = threading.Event()
     watcher = threading.Thread(target=_kill_first_worker_after_its_first_epoch, args=(tmp_path / "a", killed, stop))
+    if executor == "ray":
+        ray = pytest.importorskip("ray", reason="the ray extra is installed by `make test`")
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+        extra = {"executor": "ray"}
+    else:
+        extra = {"executor": "gpus", "gpus": "cpu:2"}
     watcher.start()
     try:
-        result = run_sweep(data_root=data_root, results_dir=tmp_path / "a", executor="gpus", gpus="cpu:2", **kw)
+        result = run_sweep(data_root=data_root, results_dir=tmp_path / "a", **extra, **kw)
     finally:
         stop.set()
         watcher.join()
+        if executor == "ray":
+            ray.shutdown()
     assert killed, "no worker was killed (the runs finished before the first checkpoint was seen)"
     assert not result.failed and len(result.trained) == 2
     interrupted = json.loads((killed["run_dir"] / "run.json").read_text())
@@ -281,3 +292,30 @@ def test_two_processes_needing_the_same_image_features_build_them_once(data_root
     a, b = torch.load(tmp_path / "feats0.pt"), torch.load(tmp_path / "feats1.pt")
     assert a.shape[0] == n_test and torch.equal(a, b)
     assert len(list((tmp_path / "cache" / "features").glob("*.pt"))) == 1
+
+
+def test_a_run_whose_claim_is_taken_over_stops_and_leaves_the_record_to_the_new_owner(data_root, tmp_path):
+    from mugcp_bench.datapaths import default_cache_dir
+    from mugcp_bench.executors.work import RunTask, WorkContext, perform
+    from mugcp_bench.protocols import REAL_SUITE, get_protocol
+    from mugcp_bench.runner import RunOptions, get_backbone, plan
+
+    opts = RunOptions(tmp_path, data_root, default_cache_dir(), recipe="toy", overrides={"epochs": "3"})
+    bb = get_backbone("tiny", None, "cpu")
+    (run,) = plan(opts, bb, ["coop"], [get_protocol("base2novel")], REAL_SUITE, ("dtd",), None, [1])
+    ctx = WorkContext(opts, "tiny", None, "auto", claim_timeout=0.4)
+    steps = []
+
+    def on_step(info):
+        steps.append(info)
+        if len(steps) == 1:  # another process judged us stale and took the run: its claim replaces ours
+            body = {"host": "other-node", "pid": 1, "token": "new", "started": time.time(), "heartbeat": time.time()}
+            (run.record.dir / CLAIM_FILE).write_text(json.dumps(body))
+            time.sleep(0.3)  # the heartbeat (every 0.1 s) notices
+
+    result = perform(RunTask(run), ctx, progress=on_step)
+    assert result.status == "running" and "claim taken over by other-node" in result.reason
+    assert len(steps) == 1  # training stopped at the next step
+    rec = json.loads((run.record.dir / "run.json").read_text())
+    assert rec["status"] == "running" and rec["evaluations"] == []  # not marked failed or complete by us
+    assert read_holder(run.record.dir).token == "new"  # the new owner's claim is left in place

@@ -34,10 +34,10 @@ def require_ray():
     return ray
 
 
-def _ray_perform(task: RunTask, ctx: WorkContext) -> TaskResult:
+def _ray_perform(task: RunTask, ctx: WorkContext, threads: int) -> TaskResult:
     import torch
 
-    torch.set_num_threads(max(1, int(ctx.env.get("_RAY_CPUS", "1"))))
+    torch.set_num_threads(threads)  # the task's CPUs (Ray sets OMP_NUM_THREADS, not torch's own count)
     return perform(task, ctx)
 
 
@@ -85,7 +85,7 @@ class RayExecutor(Executor):
             started_here = True
         elif self.address:
             log.info("Ray is already initialised in this process; --ray-address %s is not used", self.address)
-        ctx.env["_RAY_CPUS"] = str(max(1, int(self.cpus_per_run)))
+        threads = max(1, int(self.cpus_per_run))
         remote = ray.remote(_ray_perform).options(
             num_gpus=self.gpus(), num_cpus=self.cpus_per_run, max_retries=self.max_retries, retry_exceptions=False
         )
@@ -94,7 +94,7 @@ class RayExecutor(Executor):
         results: dict[str, TaskResult] = {}
         try:
             for task in tasks:
-                pending[remote.remote(task, ctx)] = task
+                pending[remote.remote(task, ctx, threads)] = task
                 report.run_started(task.label)
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)

@@ -88,6 +88,12 @@ def next_action(run: PlannedRun, opts: RunOptions) -> str:
     return action
 
 
+class ClaimLost(BaseException):
+    """Raised from the progress callback when another owner took the run's claim over (this one was judged stale):
+    training stops at once, and, being no `Exception`, it passes `execute` without writing the record it no longer
+    owns."""
+
+
 def perform(
     task: RunTask,
     ctx: WorkContext,
@@ -114,8 +120,18 @@ def perform(
         attempts = run.record.data.setdefault("attempts", [])
         attempts.append({"action": run.action, "host": base["host"], "pid": base["pid"], "time": time.time()})
         backbone = get_backbone(ctx.backbone, ctx.pretrained, ctx.opts.device, ctx.precision)
+
+        def step(info: dict[str, Any]) -> None:
+            if claim.lost is not None:
+                raise ClaimLost(claim.lost.describe())
+            if progress is not None:
+                progress(info)
+
         try:
-            execute(run, backbone, ctx.opts, progress=progress)
+            execute(run, backbone, ctx.opts, progress=step)
+        except ClaimLost as e:
+            log.warning("%s: the claim was taken over by %s; leaving the run to it", task.label, e)
+            return TaskResult(**base, action=run.action, status="running", reason=f"claim taken over by {e}")
         except (RunFailed, UserError) as e:
             return TaskResult(
                 **base,
@@ -130,4 +146,4 @@ def perform(
         claim.release()
 
 
-__all__ = ["FORWARDED_ENV", "RunTask", "TaskResult", "WorkContext", "next_action", "perform"]
+__all__ = ["FORWARDED_ENV", "ClaimLost", "RunTask", "TaskResult", "WorkContext", "next_action", "perform"]
