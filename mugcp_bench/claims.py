@@ -190,4 +190,4 @@ class Claim:
         self.release()
 
 
-__all__ = ["CLAIM_FILE", "DEFAULT_TIMEOUT_S", "Claim", "Holder", "new_token", "read_holder"]
+__all__ = ["CLAIM_FILE", "DEFAULT_TIMEOUT_S", "LOCK_FILE", "Claim", "Holder", "new_token", "read_holder"]

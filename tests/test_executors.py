@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 
 from mugcp_bench import run_sweep
-from mugcp_bench.claims import CLAIM_FILE, read_holder
+from mugcp_bench.claims import CLAIM_FILE, LOCK_FILE, read_holder
 from mugcp_bench.store import iter_run_files
 from tests.miniature import build_miniature
 
@@ -310,8 +311,9 @@ def test_a_run_whose_claim_is_taken_over_stops_and_leaves_the_record_to_the_new_
         steps.append(info)
         if len(steps) == 1:  # another process judged us stale and took the run: its claim replaces ours
             body = {"host": "other-node", "pid": 1, "token": "new", "started": time.time(), "heartbeat": time.time()}
-            (run.record.dir / CLAIM_FILE).write_text(json.dumps(body))
-            time.sleep(0.3)  # the heartbeat (every 0.1 s) notices
+            with FileLock(str(run.record.dir / LOCK_FILE)):  # as a taker does: under the claim lock
+                (run.record.dir / CLAIM_FILE).write_text(json.dumps(body))
+            time.sleep(1.0)  # the heartbeat (every 0.1 s) notices
 
     result = perform(RunTask(run), ctx, progress=on_step)
     assert result.status == "running" and "claim taken over by other-node" in result.reason
