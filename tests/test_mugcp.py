@@ -443,3 +443,24 @@ def test_no_describe_fails_before_describing(tmp_path):
         UserError, match=r"3 of 3 images have no cached description .*mugcp-bench describe --datasets x"
     ):
         method.prepare_images(fresh.items, "train")
+
+
+@pytest.mark.slow
+def test_run_at_batch_1_records_a_nonzero_alignment_loss_every_epoch(tmp_path, capsys):
+    """The cross-dataset source recipe's regime (batch 1 x accumulation 4) end to end: the run record's per-epoch
+    loss parts hold L_align > 0 (the first reconstruction recorded exactly 0 there)."""
+    from mugcp_bench.cli import main
+    from mugcp_bench.store import iter_run_files
+    from tests.miniature import build_miniature
+
+    root = build_miniature(tmp_path / "data", ["eurosat"])
+    args = ["run", "--methods", "mugcp", "--datasets", "eurosat", "--seeds", "1", "--data-root", str(root)]
+    args += ["--backbone", "tiny", "--pretrained", "random", "--recipe", "toy", "--results-dir", str(tmp_path / "r")]
+    args += ["--set", "epochs=2", "--set", "batch_size=1", "--set", "accum_steps=4"]
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 0, capsys.readouterr().err
+    (path,) = iter_run_files(tmp_path / "r")
+    record = json.loads(path.read_text())
+    assert (record["config"]["train"]["batch_size"], record["config"]["train"]["accum_steps"]) == (1, 4)
+    assert len(record["history"]) == 2 and all(epoch["loss_align"] > 0.01 for epoch in record["history"])
