@@ -81,6 +81,9 @@ def cli(verbose: int, quiet: bool) -> None:
     """mugcp-bench: prompt learning on CLIP — CoOp, CoCoOp, MaPLe, DCP and MuGCP under one trainer,
     the standard protocols, a results store, tables and plots."""
     setup_logging(-1 if quiet else verbose)
+    from mugcp_bench.plugins import load_plugins
+
+    load_plugins()  # $MUGCP_PLUGINS: out-of-tree methods, datasets, describers, training callbacks
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -99,11 +102,12 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as e:
         e.show()
         sys.exit(2 if isinstance(e, click.UsageError) else e.exit_code)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        click.echo("interrupted: finished runs are recorded; rerun the same command to resume", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt):  # click turns a KeyboardInterrupt into Abort
+        click.echo(
+            "interrupted: finished runs are recorded, an interrupted one kept its checkpoint; "
+            "rerun the same command to resume",
+            err=True,
+        )
         sys.exit(130)
     sys.exit(0)
 

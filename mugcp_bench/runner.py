@@ -21,7 +21,7 @@ from mugcp_bench import predictions
 from mugcp_bench.atomic import atomic_torch_save
 from mugcp_bench.backbone import TRANSFORM_VERSION, Backbone, load_backbone
 from mugcp_bench.datasets.base import get_spec, prepare
-from mugcp_bench.errors import RunFailed, UserError
+from mugcp_bench.errors import NonFiniteLoss, RunFailed, RunInterrupted, UserError
 from mugcp_bench.features import image_features
 from mugcp_bench.methods.base import Method, TrainConfig, apply_overrides, split_overrides
 from mugcp_bench.protocols import EvalTarget, Protocol, Suite, TrainTarget, plan_protocol
@@ -198,7 +198,8 @@ def _eval_split(run: PlannedRun, target: EvalTarget, opts: RunOptions):
 
 
 def execute(run: PlannedRun, backbone: Backbone, opts: RunOptions, progress=None) -> None:
-    """Train (or resume) and evaluate one run; the record ends complete or failed (then RunFailed is raised)."""
+    """Train (or resume) and evaluate one run; the record ends complete, failed (then RunFailed is raised) or
+    interrupted (Ctrl-C: KeyboardInterrupt / RunInterrupted propagates)."""
     device = torch.device(opts.device)
     record = run.record
     method_cls = METHODS.get(run.method)
@@ -312,12 +313,18 @@ def execute(run: PlannedRun, backbone: Backbone, opts: RunOptions, progress=None
 
             write_run_events(record.dir, record.data)
         record.finish("complete")
-    except KeyboardInterrupt:
-        record.finish("failed", "interrupted")
+    except KeyboardInterrupt as e:
+        # Ctrl-C: training saved a checkpoint where it stopped (RunInterrupted) or keeps its last epoch's; a rerun
+        # resumes from it (docs/protocol.md §4)
+        where = f" at epoch {e.epoch + 1}, step {e.step}" if isinstance(e, RunInterrupted) else ""
+        record.finish("interrupted", f"interrupted by Ctrl-C{where}; rerun the same command to resume")
         raise
     except Exception as e:
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        first = str(e).splitlines()[0] if str(e) else ""
+        reason = first if isinstance(e, NonFiniteLoss) else f"{type(e).__name__}: {first}"
         record.data["traceback"] = traceback.format_exc()
+        if isinstance(e, NonFiniteLoss):
+            record.data["failure"] = e.details()
         record.finish("failed", reason)
         if isinstance(e, UserError):
             raise

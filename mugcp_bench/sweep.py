@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mugcp_bench.errors import UserError
+from mugcp_bench.interrupts import deferred_sigint
 from mugcp_bench.world import resolve_world
 
 log = logging.getLogger(__name__)
@@ -319,7 +320,8 @@ def run_sweep(options: SweepOptions | None = None, /, *, reporter: Reporter | No
     ctx = WorkContext.capture(opts, backbone_name, pretrained, precision, o.claim_timeout)
     reporter.start(len(tasks))
     try:
-        done = {t.id: t for t in executor.run(tasks, ctx, reporter, o.keep_going)}
+        with deferred_sigint():  # first Ctrl-C: stop at the next safe point (docs/protocol.md §4)
+            done = {t.id: t for t in executor.run(tasks, ctx, reporter, o.keep_going)}
     finally:
         reporter.close()
     for r in done.values():

@@ -10,9 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import random
-import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -22,12 +20,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler
 
 from mugcp_bench.atomic import atomic_torch_save
 from mugcp_bench.backbone import REFERENCE_FP16, Backbone
+from mugcp_bench.callbacks import StepInfo, TrainCallback, global_callbacks
 from mugcp_bench.datasets.base import Datum, ImageListDataset
-from mugcp_bench.errors import UserError
+from mugcp_bench.errors import NonFiniteLoss, RunInterrupted, UserError
+from mugcp_bench.interrupts import stop_requested
 from mugcp_bench.methods.base import Method, TrainConfig
 from mugcp_bench.registry import suggest
 
@@ -173,6 +173,58 @@ def _set_rng_state(state: dict[str, Any], loader_gen: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class _SkipBatches(Sampler[list[int]]):
+    """Batches of `inner`, the first `skip` of an epoch dropped without loading their images (mid-epoch resume).
+
+    Iterates `inner` to the end, so its random generator advances exactly as in an uninterrupted epoch."""
+
+    def __init__(self, inner: BatchSampler) -> None:
+        self.inner, self.skip = inner, 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for i, batch in enumerate(self.inner):
+            if i >= self.skip:
+                yield batch
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
+def _non_finite_grad(method: Method) -> tuple[str, float] | None:
+    """(parameter name, first bad value) of the first trainable gradient holding NaN or inf, else None (one sync)."""
+    named = [(n, p.grad) for n, p in method.named_parameters() if p.requires_grad and p.grad is not None]
+    if not named or bool(torch.stack([torch.isfinite(g).all() for _, g in named]).all()):
+        return None
+    for name, g in named:
+        g = g.detach().float().flatten()
+        bad = g[~torch.isfinite(g)]
+        if bad.numel():
+            return name, float(bad[0])
+    return None
+
+
+def _non_finite_parameter(method: Method) -> tuple[str, float] | None:
+    """(name, first bad value) of the first trainable parameter holding NaN or inf, else None (one sync)."""
+    named = [(n, p) for n, p in method.named_parameters() if p.requires_grad]
+    if not named or bool(torch.stack([torch.isfinite(p.detach()).all() for _, p in named]).all()):
+        return None
+    for name, p in named:
+        v = p.detach().float().flatten()
+        bad = v[~torch.isfinite(v)]
+        if bad.numel():
+            return name, float(bad[0])
+    return None
+
+
+def _first_non_finite(parts: dict[str, torch.Tensor]) -> tuple[str, float]:
+    """The first loss part (loss_ce, loss_<extra>, then the total) that is NaN or infinite, and its value."""
+    for part in sorted(parts, key=lambda k: (k == "loss", k != "loss_ce", k)):
+        value = float(parts[part].detach().float())
+        if not math.isfinite(value):
+            return part, value
+    return "loss", float(parts["loss"].detach().float())
+
+
 def fit(
     method: Method,
     items: Sequence[Datum],
@@ -186,17 +238,27 @@ def fit(
     workers: int = 0,
     progress: Callable[[dict[str, Any]], None] | None = None,
     dataset: str = "",
+    callbacks: Sequence[TrainCallback] = (),
 ) -> FitResult:
-    """Train `method` on `items` for `cfg.epochs`; save a checkpoint after every epoch; resume from one."""
+    """Train `method` on `items` for `cfg.epochs`; save a checkpoint after every epoch; resume from one.
+
+    Every step checks that the loss (each part) and, without a gradient scaler, the gradients are finite
+    (`NonFiniteLoss` otherwise, before the optimizer step). A first Ctrl-C stops after the current optimizer step:
+    a mid-epoch checkpoint (epoch, step, optimizer, scheduler, RNG and loader state) is written and `RunInterrupted`
+    raised; resuming from it continues exactly where the run stopped (with `workers=0`: loader workers' augmentation
+    RNG cannot be replayed without loading the skipped images). `callbacks` (and `callbacks.add_callback`'s) are
+    called after every step and epoch.
+    """
+    callbacks = [*callbacks, *global_callbacks()]
     loader_gen = torch.Generator().manual_seed(seed)
     data = ImageListDataset(items, transform, dataset)
     drop_last = len(data) >= cfg.batch_size  # Dassl: drop the last incomplete batch iff one full batch exists
+    # what DataLoader(shuffle=True, generator=loader_gen) builds, with a way to skip the batches already trained
+    batch_sampler = _SkipBatches(BatchSampler(RandomSampler(data, generator=loader_gen), cfg.batch_size, drop_last))
     loader = DataLoader(
         data,
-        batch_size=cfg.batch_size,
-        shuffle=True,
+        batch_sampler=batch_sampler,
         generator=loader_gen,
-        drop_last=drop_last,
         num_workers=workers,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
@@ -204,23 +266,53 @@ def fit(
     keys = [d.relpath for d in items]
     opt, sched = make_optimizer(method, cfg)
     scaler = make_scaler(precision, device)
-    start_epoch, history = 0, []
+    start_epoch, history, skip, resumed_sums, last_loss = 0, [], 0, {}, float("nan")
+    epoch_loader_state = loader_gen.get_state()
     if resume and checkpoint is not None and checkpoint.is_file():
         state = torch.load(checkpoint, map_location="cpu", weights_only=False)
         method.load_trainable_state(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"], loader_gen)
-        start_epoch = state["epoch"] + 1
         history = list(state.get("history", []))
-        log.info("resumed from %s at epoch %d", checkpoint, start_epoch)
-    t0, n_images, last_loss = time.perf_counter(), 0, float("nan")
+        last_loss = state.get("last_loss", history[-1]["loss"] if history else float("nan"))
+        if state.get("step") is None:  # written at the end of epoch `epoch`
+            start_epoch = state["epoch"] + 1
+        else:  # written mid-epoch after `step` steps: replay the epoch's loader order, skip what was trained
+            start_epoch, skip = state["epoch"], state["step"]
+            loader_gen.set_state(state["epoch_loader"])
+            resumed_sums = {k: torch.tensor(v, device=device) for k, v in state["loss_sums"].items()}
+        log.info("resumed from %s at epoch %d step %d", checkpoint, start_epoch, skip)
+    t0, n_images = time.perf_counter(), 0
+
+    def save(epoch: int, step: int | None, loss_sums: dict[str, Any]) -> None:
+        if checkpoint is None:
+            return
+        state = {
+            "epoch": epoch,
+            "step": step,  # None: epoch `epoch` is complete; else steps done in it
+            "model": method.trainable_state(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "rng": _rng_state(loader_gen),
+            "history": history,
+            "last_loss": last_loss,
+        }
+        if step is not None:
+            state |= {"epoch_loader": epoch_loader_state, "loss_sums": {k: float(v) for k, v in loss_sums.items()}}
+        atomic_torch_save(state, checkpoint)
+
     method.train()
     for epoch in range(start_epoch, cfg.epochs):
         lr = opt.param_groups[0]["lr"]
         opt.zero_grad(set_to_none=True)
-        epoch_t0, epoch_images, loss_sums = time.perf_counter(), 0, {}
-        for step, (images, labels, index) in enumerate(loader):
+        if skip == 0:
+            epoch_loader_state = loader_gen.get_state()
+        batch_sampler.skip = skip
+        epoch_t0, epoch_images, loss_sums = time.perf_counter(), 0, resumed_sums
+        resumed_sums = {}
+        steps = len(loader)
+        for step, (images, labels, index) in enumerate(loader, start=skip):
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             with autocast(device, precision):
@@ -231,20 +323,27 @@ def fit(
                 loss = ce
                 for extra in out.losses.values():
                     loss = loss + extra.float()
-            for part, value in (("loss", loss), ("loss_ce", ce), *((f"loss_{k}", v) for k, v in out.losses.items())):
+            parts = {"loss": loss, "loss_ce": ce, **{f"loss_{k}": v for k, v in out.losses.items()}}
+            for part, value in parts.items():
                 loss_sums[part] = loss_sums.get(part, 0.0) + value.detach().float()  # summed on the device
             scaled = loss / cfg.accum_steps
             (scaler.scale(scaled) if scaler else scaled).backward()
-            if (step + 1) % cfg.accum_steps == 0 or step + 1 == len(loader):
-                if scaler:
+            last_loss = float(loss.detach())  # one sync per step (the progress line needs it anyway)
+            if not math.isfinite(last_loss):
+                raise NonFiniteLoss(epoch, cfg.epochs, step, steps, *_first_non_finite(parts))
+            boundary = (step + 1) % cfg.accum_steps == 0 or step + 1 == steps
+            if boundary:
+                if scaler:  # the scaler skips steps with inf gradients itself
                     scaler.step(opt)
                     scaler.update()
                 else:
+                    bad = _non_finite_grad(method)
+                    if bad is not None:
+                        raise NonFiniteLoss(epoch, cfg.epochs, step, steps, f"gradient of {bad[0]}", bad[1])
                     opt.step()
                 opt.zero_grad(set_to_none=True)
             n_images += images.shape[0]
             epoch_images += images.shape[0]
-            last_loss = float(loss.detach())
             if progress:
                 rate = n_images / max(time.perf_counter() - t0, 1e-9)
                 progress(
@@ -252,34 +351,35 @@ def fit(
                         "epoch": epoch,
                         "epochs": cfg.epochs,
                         "step": step,
-                        "steps": len(loader),
+                        "steps": steps,
                         "loss": last_loss,
                         "lr": lr,
                         "images_per_s": rate,
                     }
                 )
+            info = StepInfo(epoch, cfg.epochs, step, steps, last_loss, checkpoint)
+            for cb in callbacks:
+                cb.on_step_end(info)
+            if stop_requested() and boundary and step + 1 < steps:
+                save(epoch, step + 1, loss_sums)
+                raise RunInterrupted(epoch, step + 1)
+        skip = 0
         sched.step()
         epoch_s = time.perf_counter() - epoch_t0
-        steps = max(len(loader), 1)
         history.append(
-            {"epoch": epoch + 1, **{k: float(v) / steps for k, v in loss_sums.items()}, "lr": lr}
+            {"epoch": epoch + 1, **{k: float(v) / max(steps, 1) for k, v in loss_sums.items()}, "lr": lr}
             | {"images_per_s": epoch_images / epoch_s if epoch_s > 0 else 0.0, "seconds": epoch_s}
         )
-        if checkpoint is not None:
-            atomic_torch_save(
-                {
-                    "epoch": epoch,
-                    "model": method.trainable_state(),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "rng": _rng_state(loader_gen),
-                    "history": history,
-                },
-                checkpoint,
-            )
+        bad = _non_finite_parameter(method)  # an update that overflowed: caught before it is saved or evaluated
+        if bad is not None:
+            raise NonFiniteLoss(epoch, cfg.epochs, steps - 1, steps, f"parameter {bad[0]}", bad[1])
+        save(epoch, None, loss_sums)
         log.info("epoch %d/%d  loss %.4f  lr %.3g", epoch + 1, cfg.epochs, last_loss, lr)
-        if os.environ.get("MUGCP_FAULT_KILL_AFTER_EPOCH") == str(epoch):  # fault injection for the resume test
-            os.kill(os.getpid(), signal.SIGKILL)
+        info = StepInfo(epoch, cfg.epochs, steps - 1, steps, last_loss, checkpoint)
+        for cb in callbacks:
+            cb.on_epoch_end(info)
+        if stop_requested() and epoch + 1 < cfg.epochs:
+            raise RunInterrupted(epoch + 1, 0)
     method.eval()
     elapsed = time.perf_counter() - t0
     rate = n_images / elapsed if elapsed > 0 else 0.0

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from mugcp_bench.executors.base import Executor, SafeReporter
 from mugcp_bench.executors.work import RunTask, TaskResult, WorkContext, perform
+from mugcp_bench.interrupts import stop_requested
 
 if TYPE_CHECKING:
     from mugcp_bench.sweep import Reporter
@@ -21,6 +22,8 @@ class LocalExecutor(Executor):
         report = SafeReporter(reporter)
         results = []
         for task in tasks:
+            if stop_requested():  # Ctrl-C during the previous run's evaluation: stop before the next run
+                raise KeyboardInterrupt
             report.run_started(task.label)
             result = perform(task, ctx, progress=lambda s, label=task.label: report.step(label, s), keep_error=True)
             results.append(result)

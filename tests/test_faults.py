@@ -1,0 +1,220 @@
+"""Faults end cleanly through the real CLI: non-finite losses, Ctrl-C, SIGKILL inside an epoch (issue 19).
+
+Faults are injected by the plugin `tests.fault_plugins` (``MUGCP_PLUGINS``): a method whose loss turns non-finite,
+and a training callback that kills, interrupts or fills the disk at a chosen step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mugcp_bench.cli import main
+from mugcp_bench.store import iter_run_files
+from tests.miniature import build_miniature
+
+BASE = ["--backbone", "tiny", "--pretrained", "random", "--recipe", "toy"]
+ROOT = Path(__file__).parents[1]
+PLUGIN = "tests.fault_plugins"
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return build_miniature(tmp_path_factory.mktemp("data"), ["dtd", "eurosat"])
+
+
+@pytest.fixture
+def fault_plugin(monkeypatch):
+    """The fault plugin for in-process CLI calls; its method is unregistered afterwards (other tests list methods)."""
+    from mugcp_bench import plugins
+    from mugcp_bench.registry import METHODS
+
+    monkeypatch.setenv("MUGCP_PLUGINS", PLUGIN)
+    monkeypatch.delenv("FAULT_AT", raising=False)
+    yield
+    METHODS._items.pop("faulty", None)
+    plugins._loaded.discard(PLUGIN)
+    sys.modules.pop(PLUGIN, None)
+
+
+def run_cli(args: list[str], fault: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python -m mugcp_bench.cli ARGS` in a subprocess with the fault plugin loaded (FAULT_AT=`fault`)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "MUGCP_PLUGINS": PLUGIN}
+    env.pop("FAULT_AT", None)
+    if fault:
+        env["FAULT_AT"] = fault
+    return subprocess.run(
+        [sys.executable, "-m", "mugcp_bench.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """The real entry point in-process: (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
+def records(results: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in iter_run_files(results)]
+
+
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("error:")]
+
+
+def model_state(results: Path, label: str = "") -> dict[str, torch.Tensor]:
+    (path,) = [p for p in iter_run_files(results) if label in p.as_posix()]
+    return torch.load(path.parent / "model.pt", weights_only=True)
+
+
+def same_model(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- 1. non-finite losses ------------------------------------------------------------------------------------------
+def test_diverging_lr_fails_the_run_with_its_reason_and_keep_going_continues(data_root, tmp_path):
+    args = ["run", "--methods", "coop,zsclip", "--datasets", "dtd", "--seeds", "1", "--data-root", str(data_root)]
+    args += [*BASE, "--set", "epochs=4", "--set", "lr=1e30", "--keep-going", "--results-dir", str(tmp_path)]
+    res = run_cli(args)
+    assert res.returncode == 1, res.stderr
+    assert "Traceback" not in res.stderr
+    assert error_lines(res.stderr) == [error_lines(res.stderr)[0]] and "1 of 2 runs failed" in res.stderr
+    by_method = {r["key"]["method"]: r for r in records(tmp_path)}
+    coop = by_method["coop"]
+    assert coop["status"] == "failed" and coop["evaluations"] == []
+    assert coop["failure"]["kind"] == "non_finite" and coop["failure"]["epoch"] >= 2  # warm-up epoch is finite
+    assert f"at epoch {coop['failure']['epoch']}/4" in coop["reason"] and "lower the learning rate" in coop["reason"]
+    assert by_method["zsclip"]["status"] == "complete"  # --keep-going ran the next one
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_every_non_finite_loss_part_stops_at_its_step(value, data_root, tmp_path, fault_plugin, capsys):
+    args = ["run", "--methods", "faulty", "--datasets", "dtd", "--seeds", "1", "--data-root", str(data_root), *BASE]
+    args += ["--set", "epochs=2", "--set", "batch_size=2", "--set", f"fault_value={value}", "--set", "fault_step=3"]
+    code, _, err = cli([*args, "--results-dir", str(tmp_path)], capsys)
+    assert code == 1 and "Traceback" not in err
+    (rec,) = records(tmp_path)
+    assert rec["status"] == "failed" and rec["evaluations"] == []
+    # fault_step=3: the 4th step overall; 4 steps an epoch at batch 2 -> epoch 1, step 4 (1-based)
+    assert rec["failure"] == {
+        "kind": "non_finite",
+        "epoch": 1,
+        "step": 4,
+        "part": "loss_fault",
+        "value": str(float(value)),
+    }
+    assert f"loss_fault is {float(value)} at epoch" in rec["reason"]
+    assert not (Path(iter_run_files(tmp_path)[0]).parent / "model.pt").exists()  # no final model from a broken run
+
+
+def test_non_finite_gradient_stops_before_the_update(data_root, tmp_path, fault_plugin, capsys):
+    args = ["run", "--methods", "faulty", "--datasets", "dtd", "--seeds", "1", "--data-root", str(data_root), *BASE]
+    args += ["--set", "epochs=2", "--set", "batch_size=2", "--set", "fault_value=grad", "--set", "fault_step=0"]
+    code, _, err = cli([*args, "--results-dir", str(tmp_path)], capsys)
+    assert code == 1 and "Traceback" not in err
+    (rec,) = records(tmp_path)
+    assert rec["status"] == "failed"
+    assert rec["failure"]["part"] == "gradient of ctx" and rec["failure"]["value"] == "nan"
+    assert (rec["failure"]["epoch"], rec["failure"]["step"]) == (1, 1)
+
+
+# --- SIGKILL: resume equals an uninterrupted run ------------------------------------------------------------------
+KILL_ARGS = ["run", "--methods", "coop", "--datasets", "dtd", "--seeds", "1", *BASE]
+KILL_ARGS += ["--set", "epochs=3", "--set", "batch_size=2"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_root, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted")
+    res = run_cli([*KILL_ARGS, "--data-root", str(data_root), "--results-dir", str(out)])
+    assert res.returncode == 0, res.stderr
+    return out
+
+
+@pytest.mark.parametrize("fault", ["1:end:kill", "1:1:kill"], ids=["after-epoch", "inside-epoch"])
+def test_sigkill_then_resume_equals_uninterrupted(fault, data_root, uninterrupted, tmp_path):
+    args = [*KILL_ARGS, "--data-root", str(data_root), "--results-dir", str(tmp_path)]
+    killed = run_cli(args, fault=fault)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    (rec,) = records(tmp_path)  # never half-written: valid JSON, left running by a dead process
+    assert rec["status"] == "running" and rec["evaluations"] == []
+    state = torch.load(iter_run_files(tmp_path)[0].parent / "checkpoint.pt", weights_only=False)
+    assert (state["epoch"], state["step"]) == ((1, None) if fault.endswith("end:kill") else (0, None))
+    res = run_cli([*args, "--resume"])
+    assert res.returncode == 0, res.stderr
+    (a,), (b,) = records(tmp_path), records(uninterrupted)
+    assert a["status"] == b["status"] == "complete"
+    assert [e["accuracy"] for e in a["evaluations"]] == [e["accuracy"] for e in b["evaluations"]]
+    assert a["last_loss"] == b["last_loss"]
+    assert same_model(model_state(tmp_path), model_state(uninterrupted))
+
+
+# --- 3. Ctrl-C -----------------------------------------------------------------------------------------------------
+def test_ctrl_c_inside_an_epoch_checkpoints_exits_130_and_rerun_equals_uninterrupted(
+    data_root, uninterrupted, tmp_path
+):
+    args = [*KILL_ARGS, "--data-root", str(data_root), "--results-dir", str(tmp_path)]
+    res = run_cli(args, fault="1:1:sigint")
+    assert res.returncode == 130, res.stderr
+    assert "Traceback" not in res.stderr and "rerun the same command to resume" in res.stderr
+    (rec,) = records(tmp_path)
+    assert rec["status"] == "interrupted" and "epoch 2, step 2" in rec["reason"]
+    state = torch.load(iter_run_files(tmp_path)[0].parent / "checkpoint.pt", weights_only=False)
+    assert (state["epoch"], state["step"]) == (1, 2)  # mid-epoch: 2 steps of the second epoch done
+    res = run_cli(args)  # a plain rerun resumes
+    assert res.returncode == 0, res.stderr
+    (a,), (b,) = records(tmp_path), records(uninterrupted)
+    assert a["status"] == "complete"
+    assert [e["accuracy"] for e in a["evaluations"]] == [e["accuracy"] for e in b["evaluations"]]
+    assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
+    assert same_model(model_state(tmp_path), model_state(uninterrupted))
+
+
+def test_ctrl_c_in_the_second_run_keeps_the_first(data_root, tmp_path):
+    args = [*KILL_ARGS[:6], "1,2", *KILL_ARGS[7:], "--data-root", str(data_root), "--results-dir", str(tmp_path)]
+    res = run_cli(args, fault="0:0:sigint:2")  # the second time a run reaches epoch 1 step 1
+    assert res.returncode == 130, res.stderr
+    by_seed = {r["key"]["seed"]: r for r in records(tmp_path)}
+    assert by_seed[1]["status"] == "complete" and by_seed[1]["evaluations"]
+    assert by_seed[2]["status"] == "interrupted"
+
+
+def test_readme_callback_example_fails_its_run_with_the_message(data_root, tmp_path, capsys):
+    import re
+
+    from mugcp_bench.callbacks import global_callbacks, remove_callback
+
+    block = next(
+        b
+        for b in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+        if "add_callback" in b
+    )
+    before = global_callbacks()
+    exec(compile(block.replace("1e-3", "1e9"), "README.md", "exec"), {})  # always "plateaued"
+    try:
+        args = ["run", "--methods", "coop", "--datasets", "dtd", "--seeds", "1", "--data-root", str(data_root)]
+        code, _, err = cli([*args, *BASE, "--set", "epochs=2", "--results-dir", str(tmp_path)], capsys)
+    finally:
+        for cb in global_callbacks():
+            if cb not in before:
+                remove_callback(cb)
+    assert code == 1 and "Traceback" not in err
+    (rec,) = records(tmp_path)
+    assert rec["status"] == "failed" and "nothing left to learn" in rec["reason"] and "after epoch 1" in rec["reason"]
+
+
+def test_a_plugin_that_cannot_be_imported_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MUGCP_PLUGINS", "tests.no_such_plugin")
+    code, _, err = cli(["list", "methods"], capsys)
+    assert code == 2
+    (line,) = error_lines(err)
+    assert "MUGCP_PLUGINS: cannot import plugin 'tests.no_such_plugin'" in line
