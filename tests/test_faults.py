@@ -39,7 +39,8 @@ def fault_plugin(monkeypatch):
     monkeypatch.setenv("MUGCP_PLUGINS", PLUGIN)
     monkeypatch.delenv("FAULT_AT", raising=False)
     yield
-    METHODS._items.pop("faulty", None)
+    if "faulty" in METHODS:
+        METHODS.unregister("faulty")
     plugins._loaded.discard(PLUGIN)
     sys.modules.pop(PLUGIN, None)
 
