@@ -117,12 +117,14 @@ class CoCoOp(Method):
         bias = self.meta_net(image_f.to(self.ctx.dtype))  # (B, Dt)
         return ctx + bias.unsqueeze(1)  # (B, n_ctx, Dt)
 
-    def _encode_rows(self, ctx_rows: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
-        """Text features (n, E) of the prompts of classes `cls` (n,) with per-row contexts (n, n_ctx, Dt)."""
+    def _encode_rows(self, ctx_rows: torch.Tensor, cls: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
+        """Text features (n, E) of the prompts of classes `cls` (n,) with per-row contexts (n, n_ctx, Dt); rows of
+        one image (`img` (n,), non-decreasing) share their context, so their prompt prefix is encoded once."""
         p = self.prompts
         dtype = self.backbone.dtype
         embeds = torch.cat([p.token_prefix[cls], ctx_rows.to(dtype), p.token_suffix[cls].to(dtype)], dim=1)  # (n,T,Dt)
-        return self.backbone.encode_text(embeds, p.tokens[cls])  # (n, E)
+        group = img - img[0]  # (n,) image of each row within this chunk, 0 … G−1
+        return self.backbone.encode_text(embeds, p.tokens[cls], shared_prefix=p.shared_len, prefix_index=group)
 
     def instance_text_features(self, ctx: torch.Tensor) -> torch.Tensor:
         """All C prompts for every image: contexts (B, n_ctx, Dt) -> text features (B, C, E), chunked."""
@@ -136,15 +138,16 @@ class CoCoOp(Method):
             idx = rows[s : s + chunk]
             img, cls = idx // c, idx % c
             if checkpointed:  # keep one chunk's activations; recompute them in the backward pass
-                outs.append(checkpoint(self._encode_rows, ctx[img], cls, use_reentrant=False))
+                outs.append(checkpoint(self._encode_rows, ctx[img], cls, img, use_reentrant=False))
             else:
-                outs.append(self._encode_rows(ctx[img], cls))
+                outs.append(self._encode_rows(ctx[img], cls, img))
         return torch.cat(outs).view(b, c, -1)  # (B, C, E)
 
     def shared_text_features(self) -> torch.Tensor:
         """Without a Meta-Net the prompts are the same for every image: (C, E), encoded once."""
         embeds = self.prompts.build(self.ctx).to(self.backbone.dtype)  # (C, T, Dt)
-        return self.backbone.encode_text_chunked(embeds, self.prompts.tokens, self.cfg.text_chunk)  # (C, E)
+        chunk, shared = self.cfg.text_chunk, self.prompts.shared_len
+        return self.backbone.encode_text_chunked(embeds, self.prompts.tokens, chunk, shared_prefix=shared)  # (C, E)
 
     def forward(self, images, keys=None, image_features=None) -> MethodOutput:
         return MethodOutput(self._logits(images, image_features, cached_text=None))

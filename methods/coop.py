@@ -145,7 +145,8 @@ class CoOp(SharedTextMethod):
     def text_features(self) -> torch.Tensor:
         """Class text features (C, E), unnormalised, with the current context."""
         embeds = self.prompts.build(self.ctx).to(self.backbone.dtype)  # (C, T, Dt)
-        return self.backbone.encode_text(embeds, self.prompts.tokens)  # (C, E)
+        shared = 0 if self.class_specific else self.prompts.shared_len  # SOS + ctx + prefix words, once
+        return self.backbone.encode_text(embeds, self.prompts.tokens, shared_prefix=shared)  # (C, E)
 
     def image_features(self, images, image_features=None) -> torch.Tensor:
         return frozen_image_features(self.backbone, images, image_features)  # (B, E)

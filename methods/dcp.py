@@ -314,13 +314,17 @@ class DCP(Method):
         embeds = self.prompts.build(self.ctx_text)  # (C, T, Dt)
         tokens = self.prompts.tokens  # (C, T)
         groups = b if self.per_image_text else 1
+        prefix_index = None  # one shared text prefix (SOS + prompts) for every class, or one per image
         if groups > 1:
             embeds = embeds.unsqueeze(0).expand(b, -1, -1, -1).reshape(-1, *embeds.shape[1:])  # (B·C, T, Dt)
+            prefix_index = torch.arange(b, device=tokens.device).repeat_interleave(tokens.shape[0])  # (B·C,)
             tokens = tokens.repeat(b, 1)  # (B·C, T)
         inject = set(self.inject)
 
         def layer_fn(i: int, xv: torch.Tensor, xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            # Runs before joint block i on the previous block's outputs: xv (B, 1 + P + M, Dv), xt (G·C, T, Dt).
+            # Runs before joint block i on the previous block's outputs: xv (B, 1 + P + M, Dv), xt the shared text
+            # prefix (G, P, Dt) holding prompt slots 1 … M (or every row (G·C, T, Dt) when the backbone does not
+            # share it; the slots are the same in every class, methods.md §6.2 remark).
             if i not in inject:
                 return xv, xt
             tbar = self.fuse_text(xt[:, 1 : 1 + m], groups).to(self._param_dtype())  # (G, M, Dt)
@@ -332,7 +336,15 @@ class DCP(Method):
             return xv, xt
 
         vision_prompts = self.ctx_visual.unsqueeze(0)  # (1, M, Dv)
-        image_f, text_f = self.backbone.encode_joint(images, embeds, tokens, layer_fn, vision_prompts=vision_prompts)
+        image_f, text_f = self.backbone.encode_joint(
+            images,
+            embeds,
+            tokens,
+            layer_fn,
+            vision_prompts=vision_prompts,
+            shared_prefix=self.prompts.shared_len,
+            prefix_index=prefix_index,
+        )
         if groups > 1:
             text_f = text_f.reshape(b, -1, text_f.shape[-1])  # (B, C, E)
         return image_f, text_f
@@ -358,7 +370,8 @@ class DCP(Method):
                 tbars[i] = self.fuse_text(xt[:, 1 : 1 + m]).to(self._param_dtype())  # (1, M, Dt)
             return xt
 
-        text_f = self.backbone.encode_text(self.prompts.build(self.ctx_text), self.prompts.tokens, text_fn)  # (C, E)
+        embeds, tokens = self.prompts.build(self.ctx_text), self.prompts.tokens
+        text_f = self.backbone.encode_text(embeds, tokens, text_fn, shared_prefix=self.prompts.shared_len)  # (C, E)
         self._cache = (text_f, tbars)
 
     def end_eval(self) -> None:

@@ -151,14 +151,17 @@ class MaPLe(SharedTextMethod):
         deep = list(self.compound_prompts_text)
         n = self.n_ctx
 
-        def layer_fn(i: int, x: torch.Tensor) -> torch.Tensor:  # before text block i; x (C, T, Dt)
-            if 1 <= i < self.depth:
-                p = deep[i - 1].to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)  # (C, n_ctx, Dt)
-                x = torch.cat([x[:, :1], p, x[:, 1 + n :]], dim=1)  # (C, T, Dt)
+        def layer_fn(i: int, x: torch.Tensor) -> torch.Tensor:  # before text block i; x: the shared prefix (1, P, Dt)
+            if 1 <= i < self.depth:  # (or every row (C, T, Dt) when the backbone does not share it)
+                p = deep[i - 1].to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)  # (·, n_ctx, Dt)
+                x = torch.cat([x[:, :1], p, x[:, 1 + n :]], dim=1)
             return x
 
+        # Positions 1 … n_ctx are inside the shared prefix at every layer: the deep prompts are shared by all classes.
         embeds = self.prompts.build(self.ctx).to(self.backbone.dtype)  # (C, T, Dt)
-        return self.backbone.encode_text(embeds, self.prompts.tokens, layer_fn)  # (C, E)
+        return self.backbone.encode_text(
+            embeds, self.prompts.tokens, layer_fn, shared_prefix=self.prompts.shared_len
+        )  # (C, E)
 
     def image_features(self, images: torch.Tensor | None, image_features: torch.Tensor | None = None) -> torch.Tensor:
         """Prompted image features (B, E), unnormalised; deep vision prompts replace the last n_ctx tokens."""

@@ -36,11 +36,20 @@ def init_context(backbone: Backbone, n_ctx: int, ctx_init: str, std: float = 0.0
     return ctx, " ".join(["X"] * n_ctx)
 
 
+def common_prefix_len(backbone: Backbone, tokens: torch.Tensor) -> int:
+    """Leading positions where every row of `tokens` (N, T) has the same id, at most up to the earliest EOT."""
+    same = (tokens == tokens[:1]).all(dim=0).int()  # (T,)
+    return min(int(same.cumprod(0).sum()), int(backbone.eot_index(tokens).min()))
+
+
 class ClassPrompts(nn.Module):
     """Tokenised class prompts and their frozen embedding pieces around the learnable context.
 
     Buffers are not persistent: checkpoints never hold class-dependent tensors, so a method loads onto any class set.
     Sequences are cut after the longest EOT of the class set (exact for the causal text tower) unless `full_length`.
+    ``shared_len``: with the class token at the end, the leading positions every class prompt has in common (SOS,
+    the shared context, the fixed prefix words and any first class-name tokens all names share), never past the
+    earliest EOT; ``Backbone.encode_text(shared_prefix=...)`` encodes them once. 0 for other positions.
     """
 
     def __init__(
@@ -64,6 +73,7 @@ class ClassPrompts(nn.Module):
             tokens = tokens[:, : int(backbone.eot_index(tokens).max()) + 1]  # (C, T)
         with torch.no_grad():
             emb = backbone.embed_tokens(tokens).float()  # (C, T, Dt)
+        self.shared_len = common_prefix_len(backbone, tokens) if position == "end" else 0
         self.register_buffer("tokens", tokens, persistent=False)
         self.register_buffer("token_prefix", emb[:, :1], persistent=False)  # (C, 1, Dt) SOS
         self.register_buffer("token_suffix", emb[:, 1 + n_ctx :], persistent=False)  # (C, T-1-n_ctx, Dt)

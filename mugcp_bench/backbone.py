@@ -5,13 +5,17 @@ Explicit layer loops with a callback, written once for every method:
 * ``encode_image(images, prompts, layer_fn)`` — vision prompts (B|1, M, Dv) are appended after the patch tokens
   (after the positional embedding, before ``ln_pre``, as MaPLe and DCP do); ``layer_fn(i, x)`` runs before block
   ``i`` and may replace tokens (deep prompts).
-* ``encode_text(token_embeds, tokens, layer_fn)`` — prompts replace token slots after SOS in ``token_embeds``;
-  the causal text tower is run only up to the longest EOT position of the batch (exact: under a causal mask the
-  EOT feature never sees later positions).
+* ``encode_text(token_embeds, tokens, layer_fn, shared_prefix=P)`` — prompts replace token slots after SOS in
+  ``token_embeds``; the causal text tower is run only up to the longest EOT position of the batch (exact: under a
+  causal mask the EOT feature never sees later positions). With ``shared_prefix`` the first P positions, the same in
+  every row (SOS + shared context + fixed prefix words), are run once (once per group of rows) and every row's
+  suffix attends to them (exact for the same reason; ``blocks.split_block_forward``).
 * ``encode_joint(images, token_embeds, tokens, layer_fn)`` — both towers stepped layer by layer, for methods
   whose prompts in one tower depend on the other tower's previous layer (DCP, MuGCP).
 
-With no prompts and no callback the loops equal open_clip's ``encode_image`` / ``encode_text`` exactly.
+With no prompts and no callback the loops equal open_clip's ``encode_image`` / ``encode_text`` (to float rounding:
+the blocks run on ``scaled_dot_product_attention``, `mugcp_bench.blocks`; ``fused_attention = False`` calls
+open_clip's block modules instead).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import transforms as T
 
+from mugcp_bench import blocks
 from mugcp_bench.errors import UserError
 from mugcp_bench.registry import BACKBONES, suggest
 
@@ -137,6 +142,10 @@ class Backbone(nn.Module):
         # Exact EOT truncation of text sequences; False reproduces the reference code's full-length passes
         # (benchmarks compare both).
         self.eot_truncation = True
+        # Block forwards on fused attention (mugcp_bench.blocks) where a block allows it; False: open_clip's modules.
+        self.fused_attention = True
+        # Shared-prefix text encoding where the caller declares a shared prefix; False: every row runs whole.
+        self.prefix_sharing = True
         self.text = _text_tower(model)
         model.requires_grad_(False)
         model.eval()
@@ -153,6 +162,12 @@ class Backbone(nn.Module):
         for block in [*visual.transformer.resblocks, *self.text.transformer.resblocks]:
             if not getattr(block.attn, "batch_first", True):
                 raise UserError(f"backbone '{name}' uses sequence-first blocks; open_clip>=3 batch-first is required")
+        self._vision_fusable = [blocks.fusable(b) for b in visual.transformer.resblocks]
+        # The fused text forward uses is_causal: only for towers whose mask is exactly the causal one.
+        causal = self.text.attn_mask is None or torch.equal(
+            torch.isinf(self.text.attn_mask), torch.ones_like(self.text.attn_mask, dtype=torch.bool).triu(1)
+        )
+        self._text_fusable = [causal and blocks.fusable(b) for b in self.text.transformer.resblocks]
 
     # --- frozen: never leave eval mode, never train -------------------------------------------------------------
 
@@ -229,7 +244,11 @@ class Backbone(nn.Module):
         return v.ln_pre(x)
 
     def vision_block(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        return self.model.visual.transformer.resblocks[i](x)
+        """Vision block `i` on x (B, N, Dv)."""
+        block = self.model.visual.transformer.resblocks[i]
+        if self.fused_attention and self._vision_fusable[i]:
+            return blocks.block_forward(block, x)
+        return block(x)
 
     def vision_head(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled, projected image features (B, E) from the last block's tokens (B, N, Dv)."""
@@ -269,7 +288,20 @@ class Backbone(nn.Module):
         return x, (mask.to(x.dtype) if mask is not None else None), eot
 
     def text_block(self, i: int, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        return self.text.transformer.resblocks[i](x, attn_mask=mask)
+        """Text block `i` on x (N, T, Dt); `mask` is the tower's (T, T) causal mask as `text_embed` returns it."""
+        block = self.text.transformer.resblocks[i]
+        if self.fused_attention and self._text_fusable[i]:
+            return blocks.block_forward(block, x, causal=mask is not None)
+        return block(x, attn_mask=mask)
+
+    def shared_prefix_len(self, shared_prefix: int, eot: torch.Tensor, causal: bool) -> int:
+        """How many leading positions a text pass may share: `shared_prefix`, at most up to the earliest EOT (the
+        pooled token stays in every row's suffix); 0 when the tower or the settings do not allow it."""
+        if shared_prefix <= 1 or not (causal and self.prefix_sharing and self.fused_attention):
+            return 0
+        if not all(self._text_fusable):
+            return 0
+        return min(shared_prefix, int(eot.min()))
 
     def text_head(self, x: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
         """Final LayerNorm at the EOT position, projected: (N, E)."""
@@ -285,23 +317,79 @@ class Backbone(nn.Module):
         tokens: torch.Tensor,
         layer_fn: TextLayerFn | None = None,
         truncate: bool = True,
+        shared_prefix: int = 0,
+        prefix_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Text features (N, E), unnormalised, from token embeddings (N, L, Dt) whose prompt slots are filled."""
+        """Text features (N, E), unnormalised, from token embeddings (N, L, Dt) whose prompt slots are filled.
+
+        ``shared_prefix=P``: the caller states that positions 0 … P−1 of ``token_embeds`` are the same in every row
+        (in every row of a group, with ``prefix_index`` (N,) giving each row's group 0 … G−1; a group's prefix is
+        read off its first row); they are then encoded once per group. ``layer_fn`` then receives only the shared
+        positions, (G, P, Dt), and must return them in that shape (deep prompts that replace prefix slots).
+        """
         x, mask, eot = self.text_embed(token_embeds, tokens, truncate)
+        p = self.shared_prefix_len(shared_prefix, eot, mask is not None)
+        if p:
+            prefix, suffix, index = self.split_prefix(x, p, prefix_index)
+            smask = blocks.suffix_mask(p, suffix.shape[1], x.device)
+            for i in range(self.text_layers):
+                if layer_fn is not None:
+                    prefix = self._prefix_fn(layer_fn, i, prefix)
+                prefix, suffix = blocks.split_block_forward(
+                    self.text.transformer.resblocks[i], prefix, suffix, index, smask
+                )
+            return self.text_head(suffix, eot - p)
         for i in range(self.text_layers):
             if layer_fn is not None:
                 x = layer_fn(i, x)
             x = self.text_block(i, x, mask)
         return self.text_head(x, eot)
 
+    @staticmethod
+    def split_prefix(
+        x: torch.Tensor, p: int, prefix_index: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """x (N, T, D) -> shared prefix (G, P, D) from each group's first row, suffix (N, T−P, D), row -> group.
+
+        Raises ValueError when a row's prefix differs from its group's (a caller bug: sharing would be inexact)."""
+        n = x.shape[0]
+        if prefix_index is None:
+            prefix = x[:1, :p]  # (1, P, D)
+            expected = prefix.expand(n, -1, -1)
+        else:
+            groups = int(prefix_index.max()) + 1
+            rows = torch.arange(n, device=x.device)
+            first = torch.full((groups,), n, device=x.device, dtype=rows.dtype)
+            first = first.scatter_reduce(0, prefix_index, rows, "amin")  # (G,) first row of every group
+            if bool((first == n).any()):
+                raise ValueError("prefix_index must name every group 0 … G−1")
+            prefix = x[first, :p]  # (G, P, D)
+            expected = prefix[prefix_index]
+        with torch.no_grad():
+            if not torch.equal(x[:, :p], expected):
+                raise ValueError(f"shared_prefix={p}: the first {p} positions differ between rows of one group")
+        return prefix, x[:, p:], prefix_index
+
+    @staticmethod
+    def _prefix_fn(layer_fn: Callable[..., torch.Tensor], i: int, prefix: torch.Tensor) -> torch.Tensor:
+        out = layer_fn(i, prefix)
+        if out.shape != prefix.shape:
+            raise ValueError(f"a layer_fn on a shared prefix must keep its shape {tuple(prefix.shape)}")
+        return out
+
     def encode_text_chunked(
-        self, token_embeds: torch.Tensor, tokens: torch.Tensor, chunk: int, layer_fn: TextLayerFn | None = None
+        self,
+        token_embeds: torch.Tensor,
+        tokens: torch.Tensor,
+        chunk: int,
+        layer_fn: TextLayerFn | None = None,
+        shared_prefix: int = 0,
     ) -> torch.Tensor:
         """`encode_text` over row chunks of at most `chunk` sequences (bounds activation memory)."""
         if chunk <= 0 or token_embeds.shape[0] <= chunk:
-            return self.encode_text(token_embeds, tokens, layer_fn)
+            return self.encode_text(token_embeds, tokens, layer_fn, shared_prefix=shared_prefix)
         outs = [
-            self.encode_text(token_embeds[s : s + chunk], tokens[s : s + chunk], layer_fn)
+            self.encode_text(token_embeds[s : s + chunk], tokens[s : s + chunk], layer_fn, shared_prefix=shared_prefix)
             for s in range(0, token_embeds.shape[0], chunk)
         ]
         return torch.cat(outs)
@@ -326,11 +414,15 @@ class Backbone(nn.Module):
         layer_fn: JointLayerFn,
         vision_prompts: torch.Tensor | None = None,
         layer_map: Sequence[int] | None = None,
+        shared_prefix: int = 0,
+        prefix_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Step both towers together; ``layer_fn(i, xv, xt)`` runs before joint block ``i``.
 
         Returns image features (B, E) and text features (N, E), unnormalised. Towers of different depth need a
         ``layer_map`` (vision block index for each text block); without one the depths must match.
+        ``shared_prefix`` / ``prefix_index`` as in `encode_text`: ``layer_fn`` then gets the shared text positions
+        (G, P, Dt) as ``xt`` and must return them in that shape.
         """
         if layer_map is None:
             if self.vision_layers != self.text_layers:
@@ -341,18 +433,30 @@ class Backbone(nn.Module):
             layer_map = list(range(self.text_layers))
         xv = self.vision_embed(images, vision_prompts)
         xt, mask, eot = self.text_embed(token_embeds, tokens)
+        p = self.shared_prefix_len(shared_prefix, eot, mask is not None)
+        if p:  # xt is the shared prefix (G, P, Dt) from here on, suffix the per-row rest
+            xt, suffix, index = self.split_prefix(xt, p, prefix_index)
+            smask = blocks.suffix_mask(p, suffix.shape[1], xt.device)
         vi = 0
         for ti, target in enumerate(layer_map):
             while vi < target:  # vision blocks not paired with a text block
                 xv = self.vision_block(vi, xv)
                 vi += 1
+            shape = xt.shape
             xv, xt = layer_fn(ti, xv, xt)
+            if p and xt.shape != shape:
+                raise ValueError(f"a layer_fn on a shared prefix must keep its shape {tuple(shape)}")
             xv = self.vision_block(vi, xv)
             vi += 1
-            xt = self.text_block(ti, xt, mask)
+            if p:
+                xt, suffix = blocks.split_block_forward(self.text.transformer.resblocks[ti], xt, suffix, index, smask)
+            else:
+                xt = self.text_block(ti, xt, mask)
         while vi < self.vision_layers:
             xv = self.vision_block(vi, xv)
             vi += 1
+        if p:
+            return self.vision_head(xv), self.text_head(suffix, eot - p)
         return self.vision_head(xv), self.text_head(xt, eot)
 
     # --- convenience ---------------------------------------------------------------------------------------------

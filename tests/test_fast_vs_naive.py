@@ -34,6 +34,7 @@ CASES = (
         ("mugcp", {"text_chunk": 7}),
         ("mugcp", {"scp": False, "vcp": False}),  # no instance term in the text: cached in begin_eval
         ("mugcp", {"mpf": "concat"}),
+        ("dcp", {"fusing": "none", "text_update": True}),  # one shared text prefix per image (B × C rows)
     ]
     + [("mugcp", dict(changes)) for changes in METHODS.get("mugcp").ablations.values()]
 )  # every MuGCP variant
@@ -44,6 +45,8 @@ def backbones():
     """Two copies of the tiny CLIP (same seed, same weights): fast (EOT cut) and naive (full-length text)."""
     fast, naive = load_backbone("tiny"), load_backbone("tiny")
     naive.eot_truncation = False
+    naive.fused_attention = False  # open_clip's own block modules
+    naive.prefix_sharing = False
     assert fast.weights_hash == naive.weights_hash
     return fast, naive
 
@@ -101,6 +104,47 @@ def test_fast_path_equals_naive_path(name, overrides, backbones, data, tmp_path)
     diff = (got - want).abs().max().item()
     assert diff <= TOL, f"{name} {overrides}: fast and naive logits differ by {diff:.2e}"
     assert want.std() > 1e-3, "logits are constant: the comparison would not see a difference"
+
+
+# Training: every trained method plus the variants whose text pass takes another branch of the shared-prefix code.
+TRAINED = [(n, {}) for n in METHODS.names() if n != "zsclip"] + [
+    ("cocoop", {"text_chunk": 7}),  # chunks that split an image's rows: one prefix group per image and chunk
+    ("cocoop", {"meta_net": False}),
+    ("coop", {"class_token_position": "middle"}),  # no shared prefix
+    ("dcp", {"fusing": "none", "text_update": True}),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides"), TRAINED, ids=[f"{n}-{'-'.join(map(str, o.values())) or 'toy'}" for n, o in TRAINED]
+)
+def test_training_gradients_fast_equal_naive(name, overrides, backbones, data):
+    """One training forward + backward: the fast path (cut text, shared prefix, fused attention) gives the naive
+    path's loss and the same gradient on every trainable tensor."""
+    fast_bb, naive_bb = backbones
+    folder, items = data
+    fast = build_method(name, backbone=fast_bb, classnames=CLASSES, **overrides)
+    naive = build_method(name, backbone=naive_bb, classnames=CLASSES, **overrides)
+    state = perturbed_state(fast, seed=2)
+    fast.load_trainable_state(state)
+    naive.load_trainable_state(state)
+    fast.prepare_images(items, "train")
+    naive.prepare_images(items, "train")
+    images = load_images(items, fast_bb)[:4]
+    keys = [d.relpath for d in items][:4]
+    labels = torch.tensor([d.label for d in items][:4])
+    grads = []
+    for m in (fast, naive):
+        m.train()
+        torch.manual_seed(5)  # same dropout / sampling, if any
+        loss = torch.nn.functional.cross_entropy(m(images, keys).logits, labels)
+        m.zero_grad()
+        loss.backward()
+        grads.append({k: p.grad.clone() for k, p in m.named_parameters() if p.requires_grad and p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for k, g in grads[1].items():
+        scale = max(g.abs().max().item(), 1e-3)
+        assert (grads[0][k] - g).abs().max().item() <= TOL * scale, f"{name} {overrides}: gradient of {k} differs"
 
 
 @pytest.mark.parametrize("name", ["coop", "maple"])

@@ -77,7 +77,9 @@ def test_text_tower_matches_a_hand_written_loop():
                 x[:, 1 : 1 + n] = method.compound_prompts_text[i - 1]
             x = bb.text_block(i, x, mask)
         expected = bb.text_head(x, eot)
-        torch.testing.assert_close(method.text_features(), expected, atol=1e-6, rtol=0)
+        # 1e-5: the method's pass shares the prompt prefix across classes (blocks.split_block_forward), a different
+        # summation order than the whole-row loop above
+        torch.testing.assert_close(method.text_features(), expected, atol=1e-5, rtol=0)
 
 
 def test_vision_tower_matches_a_hand_written_loop(batch):
