@@ -212,15 +212,24 @@ class MemoryMeter:
 
 
 # --- the worker: one backbone, one class count, every method ---------------------------------------------------------
+# Backbone settings of each measured path: (eot_truncation, fused_attention, prefix_sharing). "before" is our path
+# as it was before shared-prefix text encoding and fused attention (issue 18): EOT cut only, open_clip's modules.
+PATH_SETTINGS = {"ours": (True, True, True), "before": (True, False, False), "naive": (False, False, False)}
+SETTINGS = ("eot_truncation", "fused_attention", "prefix_sharing")
+
+
 @contextlib.contextmanager
-def text_path(backbone: Any, fast: bool) -> Iterator[None]:
-    """Run with our EOT truncation (fast) or the reference's full-length text passes."""
-    old = backbone.eot_truncation
-    backbone.eot_truncation = fast
+def text_path(backbone: Any, path: str | bool) -> Iterator[None]:
+    """Run with a path's backbone settings (True: "ours", False: "naive", the reference's full-length passes)."""
+    path = {True: "ours", False: "naive"}.get(path, path)  # type: ignore[call-overload]
+    old = [getattr(backbone, k) for k in SETTINGS]
+    for k, v in zip(SETTINGS, PATH_SETTINGS[path]):
+        setattr(backbone, k, v)
     try:
         yield
     finally:
-        backbone.eot_truncation = old
+        for k, v in zip(SETTINGS, old):
+            setattr(backbone, k, v)
 
 
 class Timer:
@@ -244,10 +253,10 @@ def _median(xs: Sequence[float]) -> float:
 
 
 def measure(
-    ours: Callable[[], Any], naive: Callable[[], Any], prof: Profile, max_reps: int, timer: Timer, meter: MemoryMeter
-) -> tuple[list[float], list[float], tuple[float, float | None], tuple[float, float | None], list[Any]]:
-    """Interleaved repetitions of both paths: (times ours, times naive, peak MiB ours, peak MiB naive, what our
-    path's timed repetitions returned).
+    paths: dict[str, Callable[[], Any]], prof: Profile, max_reps: int, timer: Timer, meter: MemoryMeter
+) -> tuple[dict[str, list[float]], dict[str, tuple[float, float | None]], dict[str, list[Any]]]:
+    """Interleaved repetitions of every path (one repetition of each in turn): times, peak MiB (tensors, RSS) and
+    what the timed repetitions returned, each by path name.
 
     Memory is read on the first repetition of each path with the heap trimmed before it: with warm-up, an untimed one
     in strict mode (see `MemoryMeter.start`); without (ViT-B-16 on CPU), the timed one under glibc's default
@@ -258,19 +267,25 @@ def measure(
         dt, out = timer(fn)
         return dt, meter.stop(), out
 
-    dt_o, mem_o, out_o = with_memory(ours)
-    dt_n, mem_n, _ = with_memory(naive)
-    t_ours, t_naive, outs = ([], [], []) if prof.warmup else ([dt_o], [dt_n], [out_o])
-    if max(dt_o, dt_n) < prof.min_time:  # more warm-up only where a repetition is cheap
+    first = {k: with_memory(fn) for k, fn in paths.items()}
+    mems = {k: v[1] for k, v in first.items()}
+    if prof.warmup:
+        times: dict[str, list[float]] = {k: [] for k in paths}
+        outs: dict[str, list[Any]] = {k: [] for k in paths}
+    else:
+        times = {k: [v[0]] for k, v in first.items()}
+        outs = {k: [v[2]] for k, v in first.items()}
+    if max(v[0] for v in first.values()) < prof.min_time:  # more warm-up only where a repetition is cheap
         for _ in range(prof.warmup - 1):
-            ours()
-            naive()
-    while len(t_ours) < max_reps and (not t_ours or min(sum(t_ours), sum(t_naive)) < prof.min_time):
-        dt, out = timer(ours)
-        t_ours.append(dt)
-        outs.append(out)
-        t_naive.append(timer(naive)[0])
-    return t_ours, t_naive, mem_o, mem_n, outs
+            for fn in paths.values():
+                fn()
+    done = lambda: min(sum(t) for t in times.values()) >= prof.min_time  # noqa: E731
+    while len(next(iter(times.values()))) < max_reps and not (next(iter(times.values())) and done()):
+        for k, fn in paths.items():
+            dt, out = timer(fn)
+            times[k].append(dt)
+            outs[k].append(out)
+    return times, mems, outs
 
 
 def write_description_items(folder: Path, n: int) -> tuple[list[Any], Path]:
@@ -294,8 +309,11 @@ def write_description_items(folder: Path, n: int) -> tuple[list[Any], Path]:
     return items, desc
 
 
-def build_pair(name: str, backbone: Any, classnames: list[str], recipe: str, extra: dict[str, Any]):
-    """(ours, naive, recipe's TrainConfig overrides): the naive one built with eot_truncation off, same weights."""
+def build_paths(
+    name: str, backbone: Any, classnames: list[str], recipe: str, extra: dict[str, Any], paths: Sequence[str]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """({path: method}, recipe's TrainConfig overrides): one instance per path, each built under its path's
+    settings (the naive one with eot_truncation off), all with our instance's trainable weights."""
     import torch
 
     from mugcp_bench.methods.base import split_overrides
@@ -309,13 +327,13 @@ def build_pair(name: str, backbone: Any, classnames: list[str], recipe: str, ext
         m_keys.update(extra)
     cfg = cls.make_config(m_keys)
     torch.manual_seed(0)
-    with text_path(backbone, True):
-        ours = cls(backbone, classnames, cfg, template="a photo of a {}.", dataset="x")
-    with text_path(backbone, False):
-        naive = cls(backbone, classnames, cfg, template="a photo of a {}.", dataset="x")
-    naive.load_trainable_state(ours.trainable_state())
-    device = backbone.device
-    return ours.to(device), naive.to(device), t_keys
+    methods = {}
+    for path in paths:
+        with text_path(backbone, path):
+            methods[path] = cls(backbone, classnames, cfg, template="a photo of a {}.", dataset="x")
+    for path in paths[1:]:
+        methods[path].load_trainable_state(methods[paths[0]].trainable_state())
+    return {k: m.to(backbone.device) for k, m in methods.items()}, t_keys
 
 
 def text_length(method: Any) -> int | None:
@@ -325,8 +343,7 @@ def text_length(method: Any) -> int | None:
 
 
 def eval_pair(
-    ours: Any,
-    naive: Any,
+    methods: dict[str, Any],
     backbone: Any,
     prof: Profile,
     device: Any,
@@ -336,11 +353,12 @@ def eval_pair(
     gen: Any,
     test_images: int,
 ) -> dict[str, Any]:
-    """Evaluation of both paths on the same synthetic test images (both instances hold the same weights)."""
+    """Evaluation of every path on the same synthetic test images (the instances hold the same weights)."""
     import torch
 
     from mugcp_bench.trainer import autocast
 
+    ours = methods["ours"]
     timer, meter = Timer(device), MemoryMeter(device)
     size, cond = backbone.image_size, ours.instance_conditional
     n_eval = eval_batch * (prof.cond_eval_batches if cond else prof.eval_batches)
@@ -353,55 +371,61 @@ def eval_pair(
             feats = torch.cat([backbone.encode_image(images[s]).float() for s in slices])  # (N, E)
     first: dict[str, torch.Tensor] = {}
 
-    def eval_ours() -> float:  # trainer.evaluate(fast=True, image_features=...); returns the begin_eval time
-        ours.eval()
-        with text_path(backbone, True), torch.no_grad():
-            t_begin = timer(ours.begin_eval)[0]
-            try:
-                for s in slices:
-                    with autocast(device, precision):
-                        if feats is not None:
-                            logits = ours.predict(None, keys[s], feats[s].to(device))
-                        else:
-                            logits = ours.predict(images[s], keys[s], None)
-                    logits.float().argmax(-1).cpu()
-                    first.setdefault("ours", logits.float().cpu())
-            finally:
-                ours.end_eval()
-        return t_begin
+    def eval_fast(path: str) -> Callable[[], float]:
+        m = methods[path]
 
-    def eval_naive() -> None:  # trainer.evaluate(fast=False), no feature cache
+        def run() -> float:  # trainer.evaluate(fast=True, image_features=...); returns the begin_eval time
+            m.eval()
+            with text_path(backbone, path), torch.no_grad():
+                t_begin = timer(m.begin_eval)[0]
+                try:
+                    for s in slices:
+                        with autocast(device, precision):
+                            if feats is not None:
+                                logits = m.predict(None, keys[s], feats[s].to(device))
+                            else:
+                                logits = m.predict(images[s], keys[s], None)
+                        logits.float().argmax(-1).cpu()
+                        first.setdefault(path, logits.float().cpu())
+                finally:
+                    m.end_eval()
+            return t_begin
+
+        return run
+
+    def eval_naive() -> float:  # trainer.evaluate(fast=False), no feature cache
+        naive = methods["naive"]
         naive.eval()
-        with text_path(backbone, False), torch.no_grad():
+        with text_path(backbone, "naive"), torch.no_grad():
             for s in slices:
                 with autocast(device, precision):
                     logits = naive(images[s], keys[s], None).logits
                 logits.float().argmax(-1).cpu()
                 first.setdefault("naive", logits.float().cpu())
+        return 0.0
 
-    t_ours, t_naive, m_ours, m_naive, begins = measure(eval_ours, eval_naive, prof, prof.max_eval_repeats, timer, meter)
+    runs = {k: eval_naive if k == "naive" else eval_fast(k) for k in methods}
+    times, mems, begins = measure(runs, prof, prof.max_eval_repeats, timer, meter)
     n_batches = len(slices)
-    t_begin = min(begins)
-    batch_ours = min(t - b for t, b in zip(t_ours, begins)) / n_batches
-    batch_naive = min(t_naive) / n_batches
     test_batches = -(-test_images // eval_batch)  # a whole test split: begin_eval once, then every batch
-    return dict(
-        eval_images=n_eval,
-        eval_repeats=len(t_ours),
-        eval_pass_ips_ours=n_eval / min(t_ours),
-        eval_pass_ips_naive=n_eval / min(t_naive),
-        begin_eval_s=t_begin,
-        batch_s_ours=batch_ours,
-        batch_s_naive=batch_naive,
-        test_images=test_images,
-        eval_ips_ours=test_batches * eval_batch / (t_begin + test_batches * batch_ours),
-        eval_ips_naive=test_batches * eval_batch / (test_batches * batch_naive),
-        eval_mem_ours=m_ours[0],
-        eval_mem_naive=m_naive[0],
-        eval_rss_ours=m_ours[1],
-        eval_rss_naive=m_naive[1],
-        max_abs_logit_diff=float((first["ours"] - first["naive"]).abs().max()),
-    )
+    out: dict[str, Any] = dict(eval_images=n_eval, eval_repeats=len(times["ours"]), test_images=test_images)
+    for k in methods:
+        t_begin = min(begins[k])
+        batch_s = min(t - b for t, b in zip(times[k], begins[k])) / n_batches
+        sfx = "" if k == "ours" else f"_{k}"
+        out.update(
+            {
+                f"eval_pass_ips_{k}": n_eval / min(times[k]),
+                f"batch_s_{k}": batch_s,
+                f"eval_ips_{k}": test_batches * eval_batch / (t_begin + test_batches * batch_s),
+                f"eval_mem_{k}": mems[k][0],
+                f"eval_rss_{k}": mems[k][1],
+            }
+        )
+        if k != "naive":
+            out[f"begin_eval_s{sfx}"] = t_begin
+            out[f"max_abs_logit_diff{sfx}"] = float((first[k] - first["naive"]).abs().max())
+    return out
 
 
 def bench_method(
@@ -414,6 +438,7 @@ def bench_method(
     mugcp_setup: Any,
     test_images: int,
     phases: Sequence[str] = ("train", "eval"),
+    paths: Sequence[str] = ("ours", "naive"),
 ) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
@@ -422,10 +447,11 @@ def bench_method(
     from mugcp_bench.trainer import autocast, make_optimizer
 
     items, extra = mugcp_setup() if name == "mugcp" else ([], {})
-    ours, naive, t_keys = build_pair(name, backbone, classnames, prof.recipe, extra)
+    methods, t_keys = build_paths(name, backbone, classnames, prof.recipe, extra, paths)
+    ours, naive = methods["ours"], methods["naive"]
     if items:
-        for m, fast in ((ours, True), (naive, False)):
-            with text_path(backbone, fast):
+        for path, m in methods.items():
+            with text_path(backbone, path):
                 m.prepare_images(items, "train")
     keys_pool = [d.relpath for d in items] or [f"img_{i}" for i in range(8)]
     cond = ours.instance_conditional
@@ -453,7 +479,7 @@ def bench_method(
     }
 
     if "eval" in phases:
-        row.update(eval_pair(ours, naive, backbone, prof, device, precision, eval_batch, keys_pool, gen, test_images))
+        row.update(eval_pair(methods, backbone, prof, device, precision, eval_batch, keys_pool, gen, test_images))
     # --- training ---------------------------------------------------------------------------------------------------
     if "train" not in phases or ours.n_trainable() == 0:
         row.update(train_steps=0)
@@ -462,13 +488,13 @@ def bench_method(
     labels = torch.randint(0, n_cls, (train_batch,), generator=gen).to(device)
     train_keys = [keys_pool[i % len(keys_pool)] for i in range(train_batch)]
     opts = {}
-    for m in (ours, naive):
+    for m in methods.values():
         opts[id(m)] = make_optimizer(m, tcfg)[0]
         m.train()
 
-    def step(m: Any, fast: bool) -> None:  # one iteration of trainer.fit
+    def step(m: Any, path: str) -> None:  # one iteration of trainer.fit
         opt = opts[id(m)]
-        with text_path(backbone, fast):
+        with text_path(backbone, path):
             with autocast(device, precision):
                 out = m(batch, train_keys)
                 loss = F.cross_entropy(out.logits.float(), labels)
@@ -478,18 +504,17 @@ def bench_method(
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-    t_ours, t_naive, m_ours, m_naive, _ = measure(
-        lambda: step(ours, True), lambda: step(naive, False), prof, prof.max_steps, timer, meter
-    )
-    row.update(
-        train_steps=len(t_ours),
-        train_ips_ours=train_batch / min(t_ours),
-        train_ips_naive=train_batch / min(t_naive),
-        train_mem_ours=m_ours[0],
-        train_mem_naive=m_naive[0],
-        train_rss_ours=m_ours[1],
-        train_rss_naive=m_naive[1],
-    )
+    runs = {k: (lambda m=m, k=k: step(m, k)) for k, m in methods.items()}
+    times, mems, _ = measure(runs, prof, prof.max_steps, timer, meter)
+    row.update(train_steps=len(times["ours"]))
+    for k in methods:
+        row.update(
+            {
+                f"train_ips_{k}": train_batch / min(times[k]),
+                f"train_mem_{k}": mems[k][0],
+                f"train_rss_{k}": mems[k][1],
+            }
+        )
     return row
 
 
@@ -541,7 +566,16 @@ def run_one(
     t0 = time.perf_counter()
     try:
         row = bench_method(
-            name, backbone, classnames, prof, device, precision, mugcp_setup, spec["test_images"], spec["phases"]
+            name,
+            backbone,
+            classnames,
+            prof,
+            device,
+            precision,
+            mugcp_setup,
+            spec["test_images"],
+            spec["phases"],
+            spec.get("paths", ("ours", "naive")),
         )
     except Exception as e:  # noqa: BLE001 - one failing method must not hide the others
         logging.exception("%s failed", name)
@@ -598,10 +632,13 @@ def _speedup(a: float | None, b: float | None) -> str:
 
 
 def train_table(rows: list[dict[str, Any]]) -> str:
+    before = any("train_ips_before" in r for r in rows)
     head = (
         "| backbone | classes | method | text tokens ours / naive | batch | timed steps | img/s ours | img/s naive "
         "| speed-up | peak MiB ours | peak MiB naive |"
     )
+    if before:
+        head += " img/s before | speed-up before | ours / before |"
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         if "error" in r or not r.get("train_steps"):
@@ -619,6 +656,9 @@ def train_table(rows: list[dict[str, Any]]) -> str:
             _fmt(r["train_mem_ours"], 0),
             _fmt(r["train_mem_naive"], 0),
         ]
+        if before:
+            b = r.get("train_ips_before")
+            cells += [_fmt(b, 2), _speedup(b, r["train_ips_naive"]), _speedup(r["train_ips_ours"], b)]
         out.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(out)
 
@@ -630,6 +670,9 @@ def eval_table(rows: list[dict[str, Any]]) -> str:
         f"| img/s ours ({n} images) | img/s naive | speed-up ({n} images) | peak MiB ours | peak MiB naive "
         "| max abs Δlogit |"
     )
+    before = any("eval_ips_before" in r for r in rows)
+    if before:
+        head += f" s/batch before | speed-up before ({n} images) | ours / before |"
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         if "error" in r:
@@ -653,6 +696,10 @@ def eval_table(rows: list[dict[str, Any]]) -> str:
             _fmt(r["eval_mem_naive"], 0),
             f"{r['max_abs_logit_diff']:.1e}",
         ]
+        if before:
+            b = r.get("eval_ips_before")
+            bs = r.get("batch_s_before")
+            cells += [f"{bs:.2g}" if bs else "—", _speedup(b, r["eval_ips_naive"]), _speedup(r["eval_ips_ours"], b)]
         out.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(out)
 
@@ -737,6 +784,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "every batch (measured per batch on --eval-batches batches)",
     )
     p.add_argument("--phases", default="train,eval", help="what to measure: train, eval or both (default)")
+    p.add_argument(
+        "--before",
+        action="store_true",
+        help="also measure our path as it was before issue 18 (EOT cut only: whole-row text passes, open_clip's "
+        "attention modules), interleaved with the other two",
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--precision", default="auto", help="auto (fp32 on CPU, bf16 autocast on CUDA), fp32, bf16")
     p.add_argument(
@@ -799,6 +852,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "threads": args.threads,
             "test_images": args.test_images,
             "phases": args.phases.split(","),
+            "paths": ["ours", "before", "naive"] if args.before else ["ours", "naive"],
             "profile": dataclasses.asdict(prof),
         }
         print(f"# {backbone} @ {classes} classes ({time.perf_counter() - t_start:.0f} s)", flush=True)
@@ -825,6 +879,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             train_ips = f"{_fmt(g('train_ips_ours'), 2):>8s} vs {_fmt(g('train_ips_naive'), 2):>8s}"
             eval_ips = f"{_fmt(g('eval_ips_ours')):>8s} vs {_fmt(g('eval_ips_naive')):>8s}"
             diff = f"{r['max_abs_logit_diff']:.1e}" if "max_abs_logit_diff" in r else "—"
+            if g("train_ips_before") or g("eval_ips_before"):
+                train_ips += f" (before {_fmt(g('train_ips_before'), 2)})"
+                eval_ips += f" (before {_fmt(g('eval_ips_before'))})"
             print(
                 f"  {r['method']:8s} train {train_ips} img/s ({_fmt(tr)}×)  eval {eval_ips} img/s ({_fmt(ev)}×)"
                 f"  eval peak {_fmt(g('eval_mem_ours'), 0)} vs {_fmt(g('eval_mem_naive'), 0)} MiB"
