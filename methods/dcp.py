@@ -324,7 +324,7 @@ class DCP(Method):
         def layer_fn(i: int, xv: torch.Tensor, xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             # Runs before joint block i on the previous block's outputs: xv (B, 1 + P + M, Dv), xt the shared text
             # prefix (G, P, Dt) holding prompt slots 1 … M (or every row (G·C, T, Dt) when the backbone does not
-            # share it; the slots are the same in every class, methods.md §6.2 remark).
+            # share it; the slots are the same in every class, docs/methods/dcp.md §6.2 remark).
             if i not in inject:
                 return xv, xt
             tbar = self.fuse_text(xt[:, 1 : 1 + m], groups).to(self._param_dtype())  # (G, M, Dt)

@@ -7,9 +7,9 @@ vision), which lets torch pick its fused kernels on the CPU and on CUDA:
 
 * ``block_forward(block, x, causal)`` — one block on a whole sequence batch (N, T, D);
 * ``split_block_forward(block, prefix, suffix, prefix_index)`` — the shared-prefix form: when every row's first P
-  positions are the same, under the causal text mask (methods.md §0) their hidden states are the same at every
-  layer. The prefix (G, P, D) is run once per group and each row's suffix (N, S, D)
-  attends to [its group's prefix keys / values; its own suffix keys / values] with the causal offset P.
+  positions are the same, under the causal text mask (docs/methods/README.md §0) their hidden states are the same
+  at every layer. The prefix (G, P, D) is run once per group and each row's suffix (N, S, D) attends to [its
+  group's prefix keys / values; its own suffix keys / values] with the causal offset P.
 
 Blocks these forwards cannot run (cross-attention, LayerScale-free custom blocks, biased keys, ...) are reported by
 ``fusable``; the backbone then calls the block module itself (and never splits a prefix).
