@@ -566,18 +566,26 @@ class MuGCP(Method):
             out = out + self.beta.view(n_layers, 1, m_t, 1) * parts_vcp
         return out  # (L_t, B, M_t, Dt)
 
-    def _encode_rows(self, embeds: torch.Tensor, tokens: torch.Tensor, deep: torch.Tensor | None) -> torch.Tensor:
+    def _encode_rows(
+        self, embeds: torch.Tensor, tokens: torch.Tensor, deep: torch.Tensor | None, img: torch.Tensor
+    ) -> torch.Tensor:
         """Text features (r, E) of prompted rows; `deep` (L_t−1, r | 1, n_slots, Dt) fills the prompt slots before
-        text blocks 1 … L_t−1."""
+        text blocks 1 … L_t−1. Rows of one image (`img` (r,), non-decreasing) share SOS and their prompt slots: the
+        backbone encodes that prefix once per image (layer_fn then sees (G, P, Dt), one row per image)."""
         n = self.n_slots
+        group = img - img[0]  # (r,) image of each row within this chunk, 0 … G−1
+        firsts = torch.searchsorted(group, torch.arange(int(group[-1]) + 1, device=group.device))  # (G,)
+        deep_g = deep[:, firsts] if deep is not None and deep.shape[1] > 1 else deep  # (L_t−1, G | 1, n_slots, Dt)
 
-        def layer_fn(i: int, x: torch.Tensor) -> torch.Tensor:
+        def layer_fn(i: int, x: torch.Tensor) -> torch.Tensor:  # x: the shared prefixes (G, P, Dt) or rows (r, T, Dt)
             if deep is None or not 1 <= i < self.text_depth:
                 return x
-            slots = deep[i - 1].to(x.dtype).expand(x.shape[0], -1, -1)  # (r, n_slots, Dt)
+            src = deep_g if x.shape[0] == firsts.shape[0] else deep  # G == r: every row its own image, the same
+            slots = src[i - 1].to(x.dtype).expand(x.shape[0], -1, -1)  # (G | r, n_slots, Dt)
             return torch.cat([x[:, :1], slots, x[:, 1 + n :]], dim=1)
 
-        return self.backbone.encode_text(embeds, tokens, layer_fn)
+        shared = self.prompts.shared_len
+        return self.backbone.encode_text(embeds, tokens, layer_fn, shared_prefix=shared, prefix_index=group)
 
     def _text_features(self, prompts: torch.Tensor) -> torch.Tensor:
         """(L_t, 1, n, Dt) -> (C, E) shared class features; (L_t, B, n, Dt) -> (B, C, E)."""
@@ -594,9 +602,9 @@ class MuGCP(Method):
             embeds = torch.cat([cp.token_prefix[cls], prompts[0, img], cp.token_suffix[cls]], dim=1)  # (r, T, Dt)
             deep = prompts[1:, img] if self.text_depth > 1 else None  # (L_t−1, r, n, Dt)
             if torch.is_grad_enabled() and rows > chunk:  # training: recompute each chunk in the backward pass
-                out = checkpoint(self._encode_rows, embeds, cp.tokens[cls], deep, use_reentrant=False)
+                out = checkpoint(self._encode_rows, embeds, cp.tokens[cls], deep, img, use_reentrant=False)
             else:
-                out = self._encode_rows(embeds, cp.tokens[cls], deep)
+                out = self._encode_rows(embeds, cp.tokens[cls], deep, img)
             feats.append(out)  # (r, E)
         out = torch.cat(feats).view(batch, n_cls, -1)  # (B, C, E)
         return out[0] if shared else out
