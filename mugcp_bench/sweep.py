@@ -233,6 +233,8 @@ class Reporter:
     def run_finished(self, label: str, status: str, reason: str | None) -> None:
         """Run `label` ended with `status` (complete / failed, or running: claimed by another process) and the
         `reason` (the failure's, or who holds the claim)."""
+        if status == "failed":
+            log.error("run failed: %s: %s", label, reason)
 
     def close(self) -> None:
         """Execution ended (normally or not)."""
@@ -324,9 +326,6 @@ def run_sweep(options: SweepOptions | None = None, /, *, reporter: Reporter | No
             done = {t.id: t for t in executor.run(tasks, ctx, reporter, o.keep_going)}
     finally:
         reporter.close()
-    for r in done.values():
-        if r.failed:
-            log.error("run failed: %s: %s", r.label, r.reason)
     result.runs = [
         RunOutcome(r.label, r.key.id, r.record.path, t.action, t.status, t.reason)
         if (t := done.get(r.key.id))

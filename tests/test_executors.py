@@ -321,3 +321,53 @@ def test_a_run_whose_claim_is_taken_over_stops_and_leaves_the_record_to_the_new_
     rec = json.loads((run.record.dir / "run.json").read_text())
     assert rec["status"] == "running" and rec["evaluations"] == []  # not marked failed or complete by us
     assert read_holder(run.record.dir).token == "new"  # the new owner's claim is left in place
+
+
+DESCRIPTIONS = """
+import sys, time
+from pathlib import Path
+from mugcp_bench.datasets.base import prepare
+from mugcp_bench.describers.base import Describer
+from mugcp_bench.describers.cached import describe_items
+from mugcp_bench.description_cache import DescriptionCache
+
+root, cache, log, start, out = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
+
+class Slow(Describer):
+    name, default_prompt_id = "slow", "slow_v1"
+    id = "slow-v1"
+    def describe(self, items):
+        with open(log, "a") as f:
+            f.write(f"{len(items)}\\n")
+        time.sleep(0.2)  # an expensive describer: the second process arrives while the first one describes
+        return [f"an image of {Path(d.impath).name}" for d in items]
+
+items = prepare("dtd", root, None, 1, "all").test
+while time.time() < start:
+    time.sleep(0.001)
+outcome = describe_items(items, Slow(), DescriptionCache(cache), batch_size=2)
+Path(out).write_text(repr(sorted(outcome.texts.items())))
+"""
+
+
+def test_two_processes_missing_the_same_descriptions_describe_each_image_once(data_root, tmp_path):
+    from mugcp_bench.datasets.base import prepare
+    from mugcp_bench.image_keys import image_sha1
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    log, start = tmp_path / "describe_calls.txt", time.time() + 6.0
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", DESCRIPTIONS, str(data_root), str(tmp_path / "cache"), str(log), str(start)]
+            + [str(tmp_path / f"texts{i}.txt")],
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    distinct = {image_sha1(d) for d in prepare("dtd", data_root, None, 1, "all").test}
+    assert sum(int(x) for x in log.read_text().split()) == len(distinct)  # each image described once in all
+    assert (tmp_path / "texts0.txt").read_text() == (tmp_path / "texts1.txt").read_text()

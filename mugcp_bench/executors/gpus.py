@@ -160,9 +160,7 @@ class GpuWorkersExecutor(Executor):
                         result = TaskResult(task.id, task.label, "train", "failed", f"{type(e).__name__}: {e}")
                     with lock:
                         results[task.id] = result
-                    report.run_finished(result)
-                    if result.failed and not keep_going:
-                        log.error("run failed: %s (%s); the other runs go on", result.label, result.reason)
+                    report.run_finished(result)  # failed or not, the other runs go on
             finally:
                 pool.shutdown(wait=True)
 
