@@ -240,6 +240,14 @@ class Reporter:
         """Execution ended (normally or not)."""
 
 
+def _claimed(run_dir: Path, timeout: float) -> bool:
+    """Whether someone holds a live claim on the run (`mugcp_bench.claims`)."""
+    from mugcp_bench.claims import read_holder
+
+    holder = read_holder(run_dir)
+    return holder is not None and holder.is_live(timeout)
+
+
 # --- the sweep -----------------------------------------------------------------------------------------------------
 def run_sweep(options: SweepOptions | None = None, /, *, reporter: Reporter | None = None, **kw: Any) -> SweepResult:
     """Validate everything, plan, then execute. Every check happens before the first run starts.
@@ -253,7 +261,7 @@ def run_sweep(options: SweepOptions | None = None, /, *, reporter: Reporter | No
     from mugcp_bench.datapaths import default_cache_dir
     from mugcp_bench.datasets.checks import require_datasets
     from mugcp_bench.executors import build_executor
-    from mugcp_bench.executors.work import RunTask, WorkContext
+    from mugcp_bench.executors.work import RunTask, WorkContext, next_action
     from mugcp_bench.protocols import get_protocol
     from mugcp_bench.runner import RunOptions, get_backbone, plan, resolve_methods, summarize
     from mugcp_bench.trainer import resolve_precision
@@ -308,6 +316,9 @@ def run_sweep(options: SweepOptions | None = None, /, *, reporter: Reporter | No
     )
     backbone = get_backbone(backbone_name, pretrained, device, precision)
     runs = plan(opts, backbone, method_names, protocols, suite, datasets, shots, seeds, o.variants)
+    for r in runs:  # left `running` by an owner whose claim is gone or stale (another host, crashed): pick it up
+        if r.action == "skip" and r.record.status == "running" and not _claimed(r.record.dir, o.claim_timeout):
+            r.action = next_action(r, opts)
     needed = sorted({r.train.dataset for r in runs} | {e.dataset for r in runs for e in r.evals})
     if any(r.action != "skip" for r in runs):
         require_datasets(opts.data_root, needed)  # every dataset, before the first run starts

@@ -371,3 +371,18 @@ def test_two_processes_missing_the_same_descriptions_describe_each_image_once(da
     distinct = {image_sha1(d) for d in prepare("dtd", data_root, None, 1, "all").test}
     assert sum(int(x) for x in log.read_text().split()) == len(distinct)  # each image described once in all
     assert (tmp_path / "texts0.txt").read_text() == (tmp_path / "texts1.txt").read_text()
+
+
+def test_a_run_left_running_by_a_crashed_host_is_picked_up_unless_its_claim_is_live(data_root, tmp_path):
+    kw = {**TINY, "methods": "coop", "datasets": "dtd", "seeds": "1", "sets": {"epochs": 1}, "results_dir": tmp_path}
+    (planned,) = run_sweep(data_root=data_root, dry_run=True, **kw).runs
+    planned.path.parent.mkdir(parents=True)
+    planned.path.write_text(json.dumps({"status": "running", "owner": {"host": "other-node", "pid": 1}}))
+    body = {"host": "other-node", "pid": 1, "token": "x", "started": time.time(), "heartbeat": time.time()}
+    (planned.path.parent / CLAIM_FILE).write_text(json.dumps(body))
+    (live,) = run_sweep(data_root=data_root, dry_run=True, **kw).runs
+    assert live.action == "skip"  # its owner's heartbeat is fresh: someone is on it
+    (planned.path.parent / CLAIM_FILE).unlink()  # the owner's host crashed long ago; no claim is left
+    result = run_sweep(data_root=data_root, **kw)
+    assert [r.action for r in result.runs] == ["train"] and not result.failed
+    assert json.loads(planned.path.read_text())["status"] == "complete"
