@@ -127,6 +127,7 @@ def test_bad_executor_options_one_line_exit_2(extra, message, data_root, tmp_pat
     assert not iter_run_files(tmp_path)
 
 
+@pytest.mark.slow
 def test_two_run_commands_at_once_train_every_run_exactly_once(data_root, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
     argv = [sys.executable, "-m", "mugcp_bench.cli", "run", "--methods", "coop", "--datasets", "dtd,eurosat"]
@@ -270,6 +271,7 @@ torch.save(feats, sys.argv[5])
 """
 
 
+@pytest.mark.slow
 def test_two_processes_needing_the_same_image_features_build_them_once(data_root, tmp_path):
     from mugcp_bench.datasets.base import prepare
 
@@ -385,3 +387,22 @@ def test_a_run_left_running_by_a_crashed_host_is_picked_up_unless_its_claim_is_l
     result = run_sweep(data_root=data_root, **kw)
     assert [r.action for r in result.runs] == ["train"] and not result.failed
     assert json.loads(planned.path.read_text())["status"] == "complete"
+
+
+@pytest.mark.slow
+def test_workers_load_the_plugins_the_cli_loaded(data_root, tmp_path, monkeypatch):
+    """A callback-only plugin (tests.fault_plugins: FAULT_AT kills the process at the end of epoch 2) acts inside
+    the worker: the worker dies once, its replacement resumes the run from the checkpoint and finishes it."""
+    from mugcp_bench import plugins
+
+    monkeypatch.setenv("MUGCP_PLUGINS", "tests.fault_plugins")
+    monkeypatch.setenv("FAULT_AT", "1:end:kill")
+    kw = {**TINY, "methods": "coop", "datasets": "dtd", "seeds": "1", "sets": {"epochs": 3, "batch_size": 2}}
+    try:
+        result = run_sweep(data_root=data_root, results_dir=tmp_path, executor="gpus", gpus="cpu:1", **kw)
+    finally:
+        plugins._loaded.discard("tests.fault_plugins")
+        sys.modules.pop("tests.fault_plugins", None)
+    assert not result.failed
+    (rec,) = records(tmp_path).values()
+    assert rec["status"] == "complete" and [a["action"] for a in rec["attempts"]] == ["train", "resume"]

@@ -22,7 +22,7 @@ from mugcp_bench.store import RunRecord
 log = logging.getLogger(__name__)
 
 # Environment a worker takes from the sweep's process (caches, offline switches), whatever started the worker.
-FORWARDED_ENV = ("MUGCP_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HF_HUB_CACHE")
+FORWARDED_ENV = ("MUGCP_CACHE", "MUGCP_PLUGINS", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HF_HUB_CACHE")
 
 
 @dataclass
@@ -101,10 +101,12 @@ def perform(
     keep_error: bool = False,
 ) -> TaskResult:
     """Claim, (re)decide, execute and release one run; never raises for a failed run (see `TaskResult`)."""
+    from mugcp_bench.plugins import load_plugins
     from mugcp_bench.runner import execute, get_backbone
 
     for k, v in ctx.env.items():
         os.environ.setdefault(k, v)
+    load_plugins()  # a worker did not start through the CLI: out-of-tree methods and callbacks (once per process)
     run = task.run
     base = {"id": task.id, "label": task.label, "host": socket.gethostname(), "pid": os.getpid()}
     claim = Claim(RunRecord(ctx.opts.results_dir, run.key).dir, task.token, ctx.claim_timeout)
