@@ -2,8 +2,8 @@
 
 The paper (arXiv 2507.08410) has no public code; only its abstract is known. Every architectural choice here is OUR
 DESIGN, so results are labelled "MuGCP (reconstructed)". docs/methods/mugcp.md states, component by component, what
-the paper says, what it leaves open, what we chose and why (this is the second reconstruction; the first one, of
-methods.md §7.3, had four design faults listed there).
+the paper says, what it leaves open, what we chose and why (this is the second reconstruction; the first one had four
+design faults, listed in docs/methods/mugcp.md §7.6).
 
 - SCP (semantic conditional prompts): a per-image description (a describer, cached by
   `mugcp_bench.description_cache`) encoded once by the frozen text encoder (`Backbone.encode_text_states`): s (E,)

@@ -43,7 +43,7 @@ from mugcp_bench.registry import BACKBONES, suggest
 log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
-# CLIP's normalisation (protocol.md §4.1).
+# CLIP's normalisation (docs/protocol.md §4.1).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # Keys OpenAI's released state dicts carry besides the weights (see OpenAI's clip/model.py build_model).
@@ -68,7 +68,7 @@ register_packaged_configs()
 
 
 def build_transforms(image_size: int, crop_min_scale: float = 0.08) -> tuple[Callable, Callable]:
-    """Train and test transforms of the reference protocol (Dassl, protocol.md §4.1; `crop_min_scale` 0.08)."""
+    """Train and test transforms of the reference protocol (Dassl, docs/protocol.md §4.1; `crop_min_scale` 0.08)."""
     normalize = T.Normalize(CLIP_MEAN, CLIP_STD)
     bicubic = T.InterpolationMode.BICUBIC
     train = T.Compose(

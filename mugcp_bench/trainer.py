@@ -1,6 +1,6 @@
 """One trainer for every method: SGD + Dassl's warm-up/cosine schedule, autocast, per-epoch checkpoints, resume.
 
-Follows Dassl's `SimpleTrainer` semantics (protocol.md §4): SGD momentum 0.9, weight decay 5e-4 on every trainable
+Follows Dassl's `SimpleTrainer` semantics (docs/protocol.md §4): SGD momentum 0.9, weight decay 5e-4 on every trainable
 parameter, a constant warm-up epoch at 1e-5, then a cosine shifted by one epoch, stepped once per epoch; the
 last-epoch model is the final model (no model selection).
 """
