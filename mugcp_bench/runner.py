@@ -166,9 +166,26 @@ def plan(
                             continue
                         record = RunRecord(opts.results_dir, key)
                         runs[key.id] = PlannedRun(key, name, variant, cfg, tcfg, train, evals, record, "")
+    _check_records(list(runs.values()), opts.force)
     for run in runs.values():
         run.action = _action(run, opts)
     return list(runs.values())
+
+
+def _check_records(runs: Sequence[PlannedRun], force: bool) -> None:
+    """store.py's rule for run.json files that cannot be used: a damaged one is retrained (one warning line each; the
+    file is kept aside as run.json.corrupt when the run starts); one of another schema is refused (UserError) unless
+    --force retrains it."""
+    foreign = [r.record.problem for r in runs if r.record.problem is not None and r.record.problem.kind == "schema"]
+    if foreign and not force:
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise UserError(
+            f"{foreign[0].line()}{more}: upgrade mugcp-bench to use it, or pass --force to retrain (the old record is "
+            "kept aside)"
+        )
+    for r in runs:
+        if r.record.problem is not None and r.record.problem.kind == "damaged":
+            log.warning("%s: it is kept as run.json.corrupt and the run trained again", r.record.problem.line())
 
 
 def _action(run: PlannedRun, opts: RunOptions) -> str:

@@ -101,22 +101,64 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+# --- reading records: one rule for `run` and `report` ----------------------------------------------------------------
+# A damaged run.json (not JSON, not a record: a disk or copy accident; ours are written atomically) is retrained by
+# `run` (the file is kept aside as run.json.corrupt) and left out of `report`, each with one warning line naming it.
+# A record of another schema version is refused by both, with the upgrade (or, for `run`, --force) hint: never
+# counted as done nor silently dropped.
+@dataclass(frozen=True)
+class RecordProblem:
+    """Why a run.json cannot be used: `kind` damaged | schema, `what` the details."""
+
+    path: Path
+    kind: str
+    what: str
+    schema: Any = None
+
+    def line(self) -> str:
+        return f"{self.path}: {self.what}"
+
+
+def load_record(path: Path) -> tuple[dict[str, Any] | None, RecordProblem | None]:
+    """(record, None), (None, None) when there is no file, or (None, problem) for a damaged or foreign record."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None, None
+    except (OSError, UnicodeDecodeError) as e:
+        return None, RecordProblem(path, "damaged", f"damaged run record ({type(e).__name__}: {e})")
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as e:
+        what = "empty file" if not text.strip() else f"not valid JSON: {e}"
+        return None, RecordProblem(path, "damaged", f"damaged run record ({what})")
+    if not isinstance(record, dict) or "schema" not in record:
+        what = f"a JSON {type(record).__name__}" if not isinstance(record, dict) else "no 'schema' field"
+        return None, RecordProblem(path, "damaged", f"damaged run record ({what})")
+    if record["schema"] != SCHEMA:
+        what = f"run record schema {record['schema']!r}, this mugcp-bench reads schema {SCHEMA}"
+        return None, RecordProblem(path, "schema", what, record["schema"])
+    return record, None
+
+
 class RunRecord:
-    """A run directory and its run.json."""
+    """A run directory and its run.json. `problem` says why an existing run.json could not be used (then `data`
+    starts empty; `start` keeps the old file aside as run.json.corrupt, or run.json.schema<N> for a foreign one)."""
 
     def __init__(self, results_dir: Path, key: RunKey) -> None:
         self.key = key
         self.dir = Path(results_dir) / key.relative_dir()
         self.path = self.dir / "run.json"
-        self.data: dict[str, Any] = self._read() or {}
+        data, self.problem = load_record(self.path)
+        self.data: dict[str, Any] = data or {}
 
-    def _read(self) -> dict[str, Any] | None:
-        if not self.path.is_file():
-            return None
-        try:
-            return json.loads(self.path.read_text())
-        except json.JSONDecodeError:
-            return None  # never half-written by us; treat a damaged file as absent
+    def _keep_aside(self) -> None:
+        if self.problem is None or not self.path.exists():
+            return
+        suffix = "corrupt" if self.problem.kind == "damaged" else f"schema{self.problem.schema}"
+        os.replace(self.path, self.path.with_name(f"run.json.{suffix}"))
+        self.problem = None
 
     # --- state ----------------------------------------------------------------------------------------------------
     @property
@@ -157,6 +199,7 @@ class RunRecord:
         atomic_write_text(self.path, json.dumps(self.data, indent=2, sort_keys=False, default=str) + "\n")
 
     def start(self, config: dict[str, Any], trainable_params: int, eval_batch_size: int) -> None:
+        self._keep_aside()
         created = self.data.get("created") or time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self.data.update(
             {

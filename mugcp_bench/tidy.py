@@ -5,7 +5,6 @@ The store is read as plain JSON files (schema 1, written by the trainer); nothin
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ import pandas as pd
 from mugcp_bench.datasets.base import title_case
 from mugcp_bench.errors import UserError
 from mugcp_bench.registry import DATASETS
+from mugcp_bench.store import load_record
 
 log = logging.getLogger(__name__)
 
@@ -134,16 +134,15 @@ def find_run_files(results_dir: Path) -> list[Path]:
 
 
 def read_run(path: Path) -> dict | None:
-    """One run record, or None (with a warning) when it cannot be read or has an unknown schema."""
-    try:
-        record = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        log.warning("skipping unreadable run record %s: %s", path, exc)
-        return None
-    if not isinstance(record, dict) or record.get("schema") != SCHEMA_VERSION:
-        got = record.get("schema") if isinstance(record, dict) else type(record).__name__
-        log.warning("skipping %s: run record schema %r, this report reads schema %d", path, got, SCHEMA_VERSION)
-        return None
+    """One run record, or None with one warning line when it is damaged (`store.load_record`'s rule). A record of
+    another schema version is a UserError naming it: a report never drops runs silently."""
+    record, problem = load_record(Path(path))
+    if problem is not None and problem.kind == "schema":
+        raise UserError(
+            f"{problem.line()}: upgrade mugcp-bench to report it, or move its run directory out of the results"
+        )
+    if problem is not None:
+        log.warning("skipping unreadable run record %s (`mugcp-bench run` trains it again)", problem.line())
     return record
 
 

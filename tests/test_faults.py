@@ -69,7 +69,7 @@ def records(results: Path) -> list[dict]:
 
 
 def error_lines(err: str) -> list[str]:
-    return [line for line in err.splitlines() if line.startswith("error:")]
+    return [line for line in err.splitlines() if line.lower().startswith("error:")]  # report: click's "Error:"
 
 
 def model_state(results: Path, label: str = "") -> dict[str, torch.Tensor]:
@@ -219,3 +219,77 @@ def test_a_plugin_that_cannot_be_imported_is_one_line_exit_2(tmp_path, monkeypat
     assert code == 2
     (line,) = error_lines(err)
     assert "MUGCP_PLUGINS: cannot import plugin 'tests.no_such_plugin'" in line
+
+
+# --- 4. damaged and foreign run records ----------------------------------------------------------------------------
+ZS_ARGS = ["run", "--methods", "zsclip", "--datasets", "dtd", "--seeds", "1", *BASE]
+
+
+def test_truncated_record_is_kept_aside_and_retrained_with_one_warning(data_root, tmp_path, capsys):
+    args = [*ZS_ARGS, "--data-root", str(data_root), "--results-dir", str(tmp_path)]
+    code, _, err = cli(args, capsys)
+    assert code == 0, err
+    (path,) = iter_run_files(tmp_path)
+    before = json.loads(path.read_text())
+    damaged = path.read_text()[:100]  # a record cut short (a crash of the disk, not of ours: we write atomically)
+    path.write_text(damaged)
+    res = run_cli(args)
+    assert res.returncode == 0, res.stderr
+    err = " ".join(res.stderr.split())  # the log handler wraps long lines at the terminal width
+    assert err.count("damaged run record") == 1 and "not valid JSON" in err and "run.json.corrupt" in err
+    assert str(path.parent).replace("/", "") in err.replace("/", "").replace(" ", "")
+    assert (path.parent / "run.json.corrupt").read_text() == damaged  # nothing lost
+    after = json.loads(path.read_text())
+    assert after["status"] == "complete"
+    assert [e["accuracy"] for e in after["evaluations"]] == [e["accuracy"] for e in before["evaluations"]]
+
+
+@pytest.mark.parametrize(
+    "text,what",
+    [
+        (b"", "empty file"),
+        (b'{"schema": 1, "key"', "not valid JSON"),
+        (b"[1, 2]", "a JSON list"),
+        (b'{"status": "complete"}', "no 'schema' field"),
+        (b"\xff\xfe{", "UnicodeDecodeError"),
+    ],
+    ids=["empty", "truncated", "list", "no-schema", "binary"],
+)
+def test_every_kind_of_damaged_record_is_named_in_run_and_report(text, what, data_root, tmp_path, capsys):
+    args = [*ZS_ARGS, "--data-root", str(data_root), "--results-dir", str(tmp_path)]
+    assert cli(args, capsys)[0] == 0
+    (path,) = iter_run_files(tmp_path)
+    good = path.read_bytes()
+    other = path.parent.parent / "seed9-deadbeef" / "run.json"
+    other.parent.mkdir()
+    other.write_bytes(text)
+    code, _, err = cli(["report", "--results-dir", str(tmp_path)], capsys)
+    assert code == 0, err
+    flat = " ".join(err.split())
+    assert flat.count("skipping unreadable run record") == 1 and what in flat and "seed9-deadbeef" in flat
+    path.write_bytes(text)
+    code, _, err = cli(args, capsys)
+    assert code == 0, err
+    assert what in err and json.loads(path.read_text())["status"] == "complete"
+    assert (path.parent / "run.json.corrupt").read_bytes() == text and good != text
+
+
+def test_foreign_schema_record_is_refused_by_run_and_report_until_force(data_root, tmp_path, capsys):
+    args = [*ZS_ARGS, "--data-root", str(data_root), "--results-dir", str(tmp_path)]
+    assert cli(args, capsys)[0] == 0
+    (path,) = iter_run_files(tmp_path)
+    rec = json.loads(path.read_text())
+    path.write_text(json.dumps({**rec, "schema": 99}))
+    res = run_cli(args)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    (line,) = error_lines(res.stderr)
+    assert "run record schema 99, this mugcp-bench reads schema 1" in line and "--force" in line
+    assert str(path) in line
+    code, _, err = cli(["report", "--results-dir", str(tmp_path)], capsys)
+    assert code == 2
+    (line,) = error_lines(err)
+    assert str(path) in line and "schema 99" in line and "upgrade mugcp-bench" in line
+    code, _, err = cli([*args, "--force"], capsys)
+    assert code == 0, err
+    assert json.loads(path.read_text())["schema"] == 1
+    assert json.loads((path.parent / "run.json.schema99").read_text())["schema"] == 99  # kept aside

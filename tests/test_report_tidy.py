@@ -26,19 +26,19 @@ def test_tidy_table_from_fixture_store() -> None:
     assert results.tidy["seed"].dtype.name == "Int64"
 
 
-def test_unreadable_and_foreign_schema_records_are_skipped(tmp_path: Path, caplog) -> None:
+def test_damaged_records_are_skipped_with_a_warning_and_foreign_schema_is_refused(tmp_path: Path, caplog) -> None:
     runs = tmp_path / "runs" / "base2novel" / "dtd" / "coop" / "ViT-B-16" / "shots16"
     good = json.loads(next(RESULTS.glob("runs/base2novel/caltech101/coop/**/run.json")).read_text())
-    for name, text in {
-        "seed1-a": json.dumps(good),
-        "seed2-b": "{not json",
-        "seed3-c": json.dumps({"schema": 99}),
-    }.items():
+    for name, text in {"seed1-a": json.dumps(good), "seed2-b": "{not json", "seed4-d": "[]"}.items():
         (runs / name).mkdir(parents=True)
         (runs / name / "run.json").write_text(text)
     results = load_results(tmp_path)
     assert len(results.runs) == 1 and len(results.unreadable) == 2
-    assert "schema 99" in caplog.text
+    assert "seed2-b" in caplog.text and "not valid JSON" in caplog.text and "a JSON list" in caplog.text
+    (runs / "seed3-c").mkdir()
+    (runs / "seed3-c" / "run.json").write_text(json.dumps({"schema": 99}))
+    with pytest.raises(UserError, match="seed3-c/run.json: run record schema 99, this mugcp-bench reads schema 1"):
+        load_results(tmp_path)  # never silently left out of a report
 
 
 def test_no_runs_is_a_user_error(tmp_path: Path) -> None:
