@@ -11,6 +11,10 @@ class UserError(Exception):
     exit_code = 2
 
 
+class DiskFull(UserError):
+    """A write found the disk (or the quota) full: one line naming the folder and the space needed (exit 2)."""
+
+
 class RunFailed(Exception):
     """A run failed while training or evaluating; recorded in its run.json, exit code 1 for the sweep."""
 

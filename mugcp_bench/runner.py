@@ -21,7 +21,7 @@ from mugcp_bench import predictions
 from mugcp_bench.atomic import atomic_torch_save
 from mugcp_bench.backbone import TRANSFORM_VERSION, Backbone, load_backbone
 from mugcp_bench.datasets.base import get_spec, prepare
-from mugcp_bench.errors import NonFiniteLoss, RunFailed, RunInterrupted, UserError
+from mugcp_bench.errors import DiskFull, NonFiniteLoss, RunFailed, RunInterrupted, UserError
 from mugcp_bench.features import image_features
 from mugcp_bench.methods.base import Method, TrainConfig, apply_overrides, split_overrides
 from mugcp_bench.protocols import EvalTarget, Protocol, Suite, TrainTarget, plan_protocol
@@ -266,11 +266,12 @@ def execute(run: PlannedRun, backbone: Backbone, opts: RunOptions, progress=None
                 record.data["last_loss"] = res.last_loss
                 record.data["history"] = res.history
             atomic_torch_save(method.trainable_state(), record.model_path)
-            if record.checkpoint_path.exists():
-                record.checkpoint_path.unlink()
         else:  # evaluate-only: the stored last-epoch model
             method.load_trainable_state(torch.load(record.model_path, map_location="cpu", weights_only=True))
         record.save()
+        # only once the record holds the training's results: a crash or a full disk before this point resumes from
+        # the last epoch's checkpoint (nothing to train, same numbers) instead of training again
+        record.checkpoint_path.unlink(missing_ok=True)
         t_eval, n_eval = time.perf_counter(), 0
         for target in run.evals:
             if run.action == "evaluate" and record.has_evaluation(target.protocol, target.dataset, target.classes):
@@ -334,7 +335,10 @@ def execute(run: PlannedRun, backbone: Backbone, opts: RunOptions, progress=None
         # Ctrl-C: training saved a checkpoint where it stopped (RunInterrupted) or keeps its last epoch's; a rerun
         # resumes from it (docs/protocol.md §4)
         where = f" at epoch {e.epoch + 1}, step {e.step}" if isinstance(e, RunInterrupted) else ""
-        record.finish("interrupted", f"interrupted by Ctrl-C{where}; rerun the same command to resume")
+        try:
+            record.finish("interrupted", f"interrupted by Ctrl-C{where}; rerun the same command to resume")
+        except DiskFull:
+            log.warning("%s: could not record the interruption in %s (disk full)", run.label, record.path)
         raise
     except Exception as e:
         first = str(e).splitlines()[0] if str(e) else ""
@@ -342,7 +346,10 @@ def execute(run: PlannedRun, backbone: Backbone, opts: RunOptions, progress=None
         record.data["traceback"] = traceback.format_exc()
         if isinstance(e, NonFiniteLoss):
             record.data["failure"] = e.details()
-        record.finish("failed", reason)
+        try:
+            record.finish("failed", reason)
+        except DiskFull:  # the disk is too full even for the record: it stays `running`, a rerun resumes
+            log.warning("%s: could not record the failure in %s (disk full)", run.label, record.path)
         if isinstance(e, UserError):
             raise
         raise RunFailed(f"{run.label}: {reason}") from e

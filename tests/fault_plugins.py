@@ -92,18 +92,16 @@ class FaultAt(TrainCallback):
 
 
 def _fail_next_write(name: str) -> None:
-    """Make the next atomic write of a file called `name` fail with ENOSPC (as a full disk does)."""
-    import mugcp_bench.atomic as atomic
+    """Make the next atomic write of a file called `name` find the disk full (ENOSPC from its final rename)."""
+    original = os.replace
 
-    original = atomic.atomic_path
+    def replace(src, dst, *a, **kw):
+        if os.path.basename(str(dst)) == name:
+            os.replace = original
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+        return original(src, dst, *a, **kw)
 
-    def failing(path, *a, **kw):
-        if os.path.basename(str(path)) == name:
-            atomic.atomic_path = original
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        return original(path, *a, **kw)
-
-    atomic.atomic_path = failing
+    os.replace = replace
 
 
 if os.environ.get("FAULT_AT"):

@@ -293,3 +293,48 @@ def test_foreign_schema_record_is_refused_by_run_and_report_until_force(data_roo
     assert code == 0, err
     assert json.loads(path.read_text())["schema"] == 1
     assert json.loads((path.parent / "run.json.schema99").read_text())["schema"] == 99  # kept aside
+
+
+# --- 2. disk full --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fault", ["1:1:enospc", "1:1:enospc-record"], ids=["checkpoint", "record"])
+def test_disk_full_is_one_line_recorded_failed_and_a_rerun_resumes(fault, data_root, uninterrupted, tmp_path):
+    args = [*KILL_ARGS, "--data-root", str(data_root), "--results-dir", str(tmp_path)]
+    res = run_cli(args, fault=fault)  # ENOSPC from the next write of checkpoint.pt / run.json after epoch 2 step 2
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    (line,) = error_lines(res.stderr)
+    (path,) = iter_run_files(tmp_path)
+    name = "checkpoint.pt" if fault.endswith("enospc") else "run.json"
+    assert f"no space left in {path.parent} writing {name} (" in line and " free, about " in line
+    assert "needed): free some space" in line and "rerun the same command to resume" in line
+    rec = json.loads(path.read_text())  # never half-written
+    assert rec["status"] == "failed" and rec["reason"].startswith("DiskFull: no space left")
+    assert not [p for p in path.parent.rglob("*.tmp")]  # no temp file left behind
+    state = torch.load(path.parent / "checkpoint.pt", weights_only=False)
+    assert (state["epoch"], state["step"]) == (
+        (0, None) if name == "checkpoint.pt" else (2, None)
+    )  # record: the final one
+    res = run_cli(args)  # space again: the rerun resumes from the last good checkpoint
+    assert res.returncode == 0, res.stderr
+    (a,), (b,) = records(tmp_path), records(uninterrupted)
+    assert a["status"] == "complete"
+    assert [e["accuracy"] for e in a["evaluations"]] == [e["accuracy"] for e in b["evaluations"]]
+    assert same_model(model_state(tmp_path), model_state(uninterrupted))
+
+
+def test_disk_full_message_names_the_folder_and_the_space(tmp_path, monkeypatch):
+    import errno
+
+    from mugcp_bench import atomic
+    from mugcp_bench.errors import DiskFull
+
+    def full(*a, **kw):
+        raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+
+    monkeypatch.setattr(atomic.os, "replace", full)
+    (tmp_path / "model.pt").write_bytes(b"x" * 3000)
+    with pytest.raises(
+        DiskFull, match=rf"no space left in {tmp_path} writing model.pt \(.* free, about 8.0 KB needed\)"
+    ):
+        atomic.atomic_torch_save({"w": torch.zeros(2048)}, tmp_path / "model.pt")
+    assert (tmp_path / "model.pt").read_bytes() == b"x" * 3000  # the old file is intact
+    assert list(tmp_path.iterdir()) == [tmp_path / "model.pt"]
