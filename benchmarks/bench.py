@@ -1,11 +1,13 @@
 """Training / evaluation throughput and peak memory of every method: our path against the reference's naive path.
 
-Our path: exact EOT truncation of text sequences (``backbone.eot_truncation = True``), evaluation through
+Our path: exact EOT truncation of text sequences (``backbone.eot_truncation = True``), the positions all class
+prompts share encoded once (``prefix_sharing``) and blocks on fused attention (``fused_attention``), evaluation through
 ``begin_eval`` / ``predict`` (class text features once per class set when the prompts do not depend on the image)
 and, for methods with a frozen image tower, cached image features (steady state: the cache is warm, the tensor is
 passed in). The naive path is what the reference code does: ``eot_truncation = False`` before the method is built
 (every text pass runs the full context length, 77 tokens on ViT-B/16), ``forward`` on every test batch (all class
-prompts re-encoded per batch) and no feature cache.
+prompts re-encoded per batch) and no feature cache. ``--before`` adds our path as it was before issue 18 (EOT cut
+only: no shared-prefix text encoding, open_clip's block modules) as a third path.
 
 Each (backbone, class count) runs in a fresh worker process; inside it every method is built twice (our path and
 the naive path, the same trainable weights) and the two are measured interleaved on the same synthetic inputs
