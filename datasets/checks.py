@@ -42,6 +42,10 @@ def dataset_names(selection: str | Iterable[str] = "all", group: str = "benchmar
 
 def require_data_root(root: Path) -> Path:
     """The data root as an absolute path; UserError if it is not a folder."""
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise UserError(f"data root {os.path.abspath(root)} is a file, not a folder; pass --data-root DIR (the folder)")
+    if os.path.isdir(root) and not os.access(root, os.R_OK | os.X_OK):
+        raise UserError(f"data root {os.path.abspath(root)} is not readable (permission denied); fix its permissions")
     if not os.path.isdir(root):
         raise UserError(
             f"data root {os.path.abspath(root)} does not exist; pass --data-root DIR or set MUGCP_DATA "
@@ -59,7 +63,13 @@ def check_datasets(root: Path, names: str | Iterable[str] = "all") -> list[Check
     results = []
     for name in dataset_names(names):
         spec: DatasetSpec = DATASETS.get(name)
-        results.append(spec.check(root))
+        try:
+            results.append(spec.check(root))
+        except OSError as e:  # an unreadable folder or file anywhere under the root: a problem of this dataset
+            where = e.filename or root / spec.folder
+            message = f"{name}: cannot read {where} ({e.strerror}); fix its permissions"
+            folder = root / spec.folder
+            results.append(CheckResult(name, spec.folder, str(folder), "unreadable", message))
     return results
 
 

@@ -102,6 +102,10 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as e:
         e.show()
         sys.exit(2 if isinstance(e, click.UsageError) else e.exit_code)
+    except OSError as e:  # a file or folder the user must fix (runs record their own failures): one line, exit 2
+        where = f" {e.filename}" if e.filename else ""
+        click.echo(f"error: cannot access{where}: {e.strerror or e}; check the path and its permissions", err=True)
+        sys.exit(2)
     except (click.exceptions.Abort, KeyboardInterrupt):  # click turns a KeyboardInterrupt into Abort
         click.echo(
             "interrupted: finished runs are recorded, an interrupted one kept its checkpoint; "

@@ -27,6 +27,7 @@ from mugcp_bench.methods.base import Method, TrainConfig, apply_overrides, split
 from mugcp_bench.protocols import EvalTarget, Protocol, Suite, TrainTarget, plan_protocol
 from mugcp_bench.registry import METHODS, suggest
 from mugcp_bench.resources import PeakMemory
+from mugcp_bench.settings import check_ranges
 from mugcp_bench.store import RunKey, RunRecord, config_hash
 from mugcp_bench.trainer import (
     backbone_precision,
@@ -112,10 +113,8 @@ def resolve_configs(
     cfg = method_cls.make_config({**rm, **variant_cfg})
     cfg = apply_overrides(cfg, um, method_cls.name)
     tcfg = apply_overrides(apply_overrides(TrainConfig(), rt, "training"), ut, "training")
-    if tcfg.batch_size <= 0 or tcfg.accum_steps <= 0 or tcfg.eval_batch_size <= 0 or tcfg.epochs < 0:
-        raise UserError("batch_size, accum_steps and eval_batch_size must be positive and epochs >= 0")
-    if not 0.0 < tcfg.crop_min_scale <= 1.0:
-        raise UserError(f"crop_min_scale must be in (0, 1], got {tcfg.crop_min_scale}")
+    check_ranges(tcfg, "training")  # every setting within its range, at planning time (mugcp_bench/settings.py)
+    check_ranges(cfg, f"method '{method_cls.name}'")
     return cfg, tcfg
 
 

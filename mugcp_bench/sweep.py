@@ -272,10 +272,16 @@ def run_sweep(options: SweepOptions | None = None, /, *, reporter: Reporter | No
     reporter = reporter or Reporter()
     method_names = resolve_methods(_names(o.methods))
     protocols = [get_protocol(p) for p in _names(o.protocols)]
+    if isinstance(o.shots, str) and not o.shots.strip():
+        raise UserError("--shots '': give shots per class, e.g. --shots 16 or 1,2,4 (or leave the option out)")
     shots = parse_ints(o.shots, "shots")
     if shots is not None and any(k <= 0 for k in shots):
         raise UserError(f"--shots {o.shots}: shots must be positive")
-    seeds = parse_ints(o.seeds, "seeds") or (1,)
+    seeds = parse_ints(o.seeds, "seeds")
+    if not seeds:
+        raise UserError(f"--seeds {o.seeds!r}: give at least one seed, e.g. --seeds 1 or 1,2,3")
+    if any(s < 0 for s in seeds):
+        raise UserError(f"--seeds {o.seeds}: seeds must be >= 0")
     overrides = parse_sets(o.sets)
     if not o.claim_timeout > 0:
         raise UserError(f"--claim-timeout {o.claim_timeout}: must be a positive number of seconds")

@@ -338,3 +338,128 @@ def test_disk_full_message_names_the_folder_and_the_space(tmp_path, monkeypatch)
         atomic.atomic_torch_save({"w": torch.zeros(2048)}, tmp_path / "model.pt")
     assert (tmp_path / "model.pt").read_bytes() == b"x" * 3000  # the old file is intact
     assert list(tmp_path.iterdir()) == [tmp_path / "model.pt"]
+
+
+# --- 6. every option and setting in range, unreadable paths -------------------------------------------------------
+OUT_OF_RANGE = [
+    ("n_ctx=0", "n_ctx of method 'coop' must be >= 1, got 0"),
+    ("lr=0", "lr of training must be > 0, got 0.0"),
+    ("lr=-1e-3", "lr of training must be > 0, got -0.001"),
+    ("lr=nan", "lr of training must be a finite number"),
+    ("lr=inf", "lr of training must be a finite number"),
+    ("epochs=-1", "epochs of training must be >= 0, got -1"),
+    ("batch_size=0", "batch_size of training must be >= 1, got 0"),
+    ("accum_steps=0", "accum_steps of training must be >= 1"),
+    ("eval_batch_size=-4", "eval_batch_size of training must be >= 1"),
+    ("momentum=1", "momentum of training must be in [0, 1), got 1.0"),
+    ("weight_decay=-1", "weight_decay of training must be >= 0"),
+    ("warmup_lr=0", "warmup_lr of training must be > 0"),
+    ("crop_min_scale=1.5", "crop_min_scale of training must be in (0, 1], got 1.5"),
+    ("init_std=-0.1", "init_std of method 'coop' must be >= 0"),
+]
+
+
+@pytest.mark.parametrize("setting,message", OUT_OF_RANGE, ids=[s for s, _ in OUT_OF_RANGE])
+def test_every_setting_out_of_range_is_one_line_before_any_run(setting, message, data_root, tmp_path, capsys):
+    args = ["run", "--methods", "coop", "--datasets", "dtd", "--data-root", str(data_root), *BASE]
+    code, _, err = cli([*args, "--set", setting, "--results-dir", str(tmp_path)], capsys)
+    assert code == 2 and "Traceback" not in err
+    (line,) = error_lines(err)
+    assert message in line and f"--set {setting.split('=')[0]}=" in line
+    assert not iter_run_files(tmp_path)
+
+
+def test_every_method_default_and_recipe_is_in_range():
+    from mugcp_bench.methods.base import TrainConfig, apply_overrides, split_overrides
+    from mugcp_bench.registry import METHODS
+    from mugcp_bench.settings import check_ranges
+
+    check_ranges(TrainConfig(), "training")
+    for name in METHODS.names():
+        cls = METHODS.get(name)
+        check_ranges(cls.make_config(), name)
+        for drop, values in cls.ablations.items():
+            check_ranges(cls.make_config(values), f"{name} no-{drop}")
+        for recipe, table in cls.recipes.items():
+            for protocol in table:
+                for shots in (1, 16):
+                    m, t = split_overrides(cls, cls.recipe(recipe, protocol, shots, "dtd"))
+                    check_ranges(cls.make_config(m), name)
+                    check_ranges(apply_overrides(TrainConfig(), t, "training"), name)
+
+
+BAD_OPTIONS = [
+    (["--seeds", ""], "--seeds '': give at least one seed"),
+    (["--seeds", ","], "expected comma-separated integers"),
+    (["--seeds", "-1"], "seeds must be >= 0"),
+    (["--shots", ""], "--shots '': give shots per class"),
+    (["--shots", "-2"], "shots must be positive"),
+    (["--shots", "4,0"], "shots must be positive"),
+]
+
+
+@pytest.mark.parametrize("option,message", BAD_OPTIONS, ids=[" ".join(o) or "empty" for o, _ in BAD_OPTIONS])
+def test_empty_or_negative_seeds_and_shots_are_refused(option, message, data_root, tmp_path, capsys):
+    args = ["run", "--methods", "coop", "--datasets", "dtd", "--data-root", str(data_root), *BASE, *option]
+    code, _, err = cli([*args, "--results-dir", str(tmp_path)], capsys)
+    assert code == 2
+    (line,) = error_lines(err)
+    assert message in line and not iter_run_files(tmp_path)
+
+
+def test_data_root_that_is_a_file_says_so(tmp_path, capsys):
+    blocker = tmp_path / "data.tar"
+    blocker.write_bytes(b"x")
+    for command in (["run", "--methods", "coop", "--datasets", "dtd", *BASE], ["check-data"]):
+        code, _, err = cli(
+            [*command, "--data-root", str(blocker), "--results-dir", str(tmp_path / "r")]
+            if command[0] == "run"
+            else [*command, "--data-root", str(blocker)],
+            capsys,
+        )
+        assert code == 2
+        (line,) = error_lines(err)
+        assert str(blocker) in line and "is a file" in line  # run: ours; check-data: click's Path check
+
+
+def test_unreadable_paths_are_one_line_naming_them(data_root, tmp_path, monkeypatch, capsys):
+    """Tests run as root here (chmod cannot lock root out): the OSError a permission problem raises is injected."""
+    import errno
+
+    from mugcp_bench.registry import DATASETS
+
+    spec = DATASETS.get("dtd")
+    victim = data_root / "dtd" / "images"
+
+    def unreadable(root):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(victim))
+
+    orig = type(spec).check
+    monkeypatch.setattr(type(spec), "check", lambda self, root: unreadable(root) if self is spec else orig(self, root))
+    args = ["run", "--methods", "coop", "--datasets", "dtd", "--data-root", str(data_root), *BASE]
+    code, _, err = cli([*args, "--results-dir", str(tmp_path)], capsys)
+    assert code == 2 and "Traceback" not in err
+    (line,) = error_lines(err)
+    assert f"dtd: cannot read {victim} (Permission denied); fix its permissions" in line
+    monkeypatch.undo()
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != data_root)
+    code, _, err = cli([*args, "--results-dir", str(tmp_path)], capsys)
+    assert code == 2
+    (line,) = error_lines(err)
+    assert f"data root {data_root} is not readable (permission denied)" in line
+
+
+def test_an_os_error_reaching_the_cli_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from mugcp_bench import tidy
+
+    def denied(results_dir):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path / "runs"))
+
+    monkeypatch.setattr(tidy, "load_results", denied)
+    monkeypatch.setattr("mugcp_bench.commands.report.load_results", denied)
+    code, _, err = cli(["report", "--results-dir", str(tmp_path)], capsys)
+    assert code == 2 and "Traceback" not in err
+    (line,) = error_lines(err)
+    assert f"cannot access {tmp_path / 'runs'}: Permission denied" in line

@@ -124,7 +124,7 @@ BAD_INPUTS = [
     (["run", "--methods", "coop", "--set", "epochs=two"], "--set epochs=two: expected int"),
     (["run", "--methods", "coop", "--set", "epochs"], "expected key=value"),
     (["run", "--methods", "coop", "--shots", "0"], "shots must be positive"),
-    (["run", "--methods", "coop", "--set", "crop_min_scale=0"], "crop_min_scale must be in (0, 1], got 0.0"),
+    (["run", "--methods", "coop", "--set", "crop_min_scale=0"], "crop_min_scale of training must be in (0, 1]"),
     (["run", "--methods", "coop", "--seeds", "a"], "expected comma-separated integers"),
     (["ablate", "--method", "mugcp", "--drop", "amgg"], "has no ablation 'amgg'. Did you mean 'amg'?"),
 ]
