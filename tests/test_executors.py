@@ -378,7 +378,7 @@ def test_a_run_left_running_by_a_crashed_host_is_picked_up_unless_its_claim_is_l
     kw = {**TINY, "methods": "coop", "datasets": "dtd", "seeds": "1", "sets": {"epochs": 1}, "results_dir": tmp_path}
     (planned,) = run_sweep(data_root=data_root, dry_run=True, **kw).runs
     planned.path.parent.mkdir(parents=True)
-    planned.path.write_text(json.dumps({"status": "running", "owner": {"host": "other-node", "pid": 1}}))
+    planned.path.write_text(json.dumps({"schema": 1, "status": "running", "owner": {"host": "other-node", "pid": 1}}))
     body = {"host": "other-node", "pid": 1, "token": "x", "started": time.time(), "heartbeat": time.time()}
     (planned.path.parent / CLAIM_FILE).write_text(json.dumps(body))
     (live,) = run_sweep(data_root=data_root, dry_run=True, **kw).runs
