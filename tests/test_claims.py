@@ -20,18 +20,19 @@ def foreign_claim(run_dir: Path, heartbeat: float, token: str = "someone-else") 
 
 
 def test_a_live_claim_keeps_others_out_while_its_heartbeat_runs(tmp_path):
-    a = Claim(tmp_path, timeout=0.6)
+    a = Claim(tmp_path, timeout=3.0)
     assert a.acquire()
     try:
-        time.sleep(1.5)  # well past the timeout: only the heartbeat keeps the claim live
-        b = Claim(tmp_path, timeout=0.6)
+        # Twice the timeout: only the heartbeat (every 0.75 s) keeps the claim live; 3 s leaves a loaded machine room.
+        time.sleep(6.5)
+        b = Claim(tmp_path, timeout=3.0)
         assert not b.acquire() and b.previous.token == a.token
         holder = read_holder(tmp_path)
-        assert holder.host == socket.gethostname() and holder.age() < 0.6
+        assert holder.host == socket.gethostname() and holder.age() < 3.0
     finally:
         a.release()
     assert not (tmp_path / CLAIM_FILE).exists()
-    c = Claim(tmp_path, timeout=0.6)
+    c = Claim(tmp_path, timeout=3.0)
     assert c.acquire()  # released: free again
     c.release()
 
