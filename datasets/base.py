@@ -356,8 +356,33 @@ def fewshot(data: SplitData, shots: int | None, seed: int, cache_dir: Path | Non
                 atomic_write_text(cache, json.dumps(obj))
             except OSError as e:
                 log.warning("cannot write few-shot cache %s (%s)", cache, e)
+    _warn_short_classes(data, shots)
     classnames = classnames_by_label(train, data.name, f"the {shots}-shot training list")
     return dataclasses.replace(data, train=train, val=val, classnames=classnames)
+
+
+_WARNED_SHORT: set[tuple[str, int]] = set()
+
+
+def _warn_short_classes(data: SplitData, shots: int) -> None:
+    """Once per (dataset, shots) and process: how many classes have fewer training images than `shots` (they keep
+    all they have, as Dassl's sampler does)."""
+    counts: dict[int, int] = {}
+    for d in data.train:
+        counts[d.label] = counts.get(d.label, 0) + 1
+    short = sum(1 for n in counts.values() if n < shots)
+    if short and (data.name, shots) not in _WARNED_SHORT:
+        _WARNED_SHORT.add((data.name, shots))
+        least = min(counts.values())
+        log.warning(
+            "%s: %d of %d classes have fewer than %d training images (the smallest has %d); they keep all they have, "
+            "as Dassl does",
+            data.name,
+            short,
+            len(counts),
+            shots,
+            least,
+        )
 
 
 def normalize_subset(subset: str) -> str:

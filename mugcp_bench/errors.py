@@ -11,8 +11,9 @@ class UserError(Exception):
     exit_code = 2
 
 
-class DiskFull(UserError):
-    """A write found the disk (or the quota) full: one line naming the folder and the space needed (exit 2)."""
+class DiskFull(UserError, OSError):
+    """A write found the disk (or the quota) full: one line naming the folder and the space needed (exit 2). Also an
+    OSError, so code that tolerates a failed cache write (a warning, no cache) keeps doing so."""
 
 
 class RunFailed(Exception):

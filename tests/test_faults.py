@@ -463,3 +463,16 @@ def test_an_os_error_reaching_the_cli_is_one_line_exit_2(tmp_path, monkeypatch, 
     assert code == 2 and "Traceback" not in err
     (line,) = error_lines(err)
     assert f"cannot access {tmp_path / 'runs'}: Permission denied" in line
+
+
+def test_shots_above_the_smallest_classes_warn_once_naming_how_many(data_root, tmp_path, capsys):
+    from mugcp_bench.datasets import base
+
+    base._WARNED_SHORT.clear()
+    args = ["run", "--methods", "zsclip", "--datasets", "dtd", "--seeds", "1,2", "--shots", "5", *BASE]
+    code, _, err = cli([*args, "--data-root", str(data_root), "--results-dir", str(tmp_path)], capsys)
+    assert code == 0, err
+    flat = " ".join(err.split())
+    # miniature DTD trains 6, 3, 5, 1 images in its 4 classes: 2 have fewer than 5
+    assert flat.count("classes have fewer than") == 1
+    assert "dtd: 2 of 4 classes have fewer than 5 training images (the smallest has 1)" in flat
