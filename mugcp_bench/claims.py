@@ -43,13 +43,9 @@ def new_token() -> str:
 
 
 def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
-    return True
+    from mugcp_bench.store import pid_alive  # one liveness rule (zombies are dead)
+
+    return pid_alive(pid)
 
 
 @dataclass(frozen=True)

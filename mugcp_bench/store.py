@@ -91,14 +91,23 @@ def versions() -> dict[str, str]:
     return out
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` of this host is running. A zombie (killed, not yet reaped by its parent: a SIGKILLed
+    `run` whose launcher has not waited for it) is dead: its record must be resumed, not left to it (issue 19.5)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except (PermissionError, OverflowError):
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no procfs (macOS): signal 0 is all we know
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")  # the state field follows "(comm)"
+
+
+_pid_alive = pid_alive
 
 
 # --- reading records: one rule for `run` and `report` ----------------------------------------------------------------

@@ -476,3 +476,24 @@ def test_shots_above_the_smallest_classes_warn_once_naming_how_many(data_root, t
     # miniature DTD trains 6, 3, 5, 1 images in its 4 classes: 2 have fewer than 5
     assert flat.count("classes have fewer than") == 1
     assert "dtd: 2 of 4 classes have fewer than 5 training images (the smallest has 1)" in flat
+
+
+# --- 5. a SIGKILLed run whose launcher has not reaped it yet ------------------------------------------------------
+def test_a_killed_but_unreaped_process_is_dead_so_its_run_is_resumed():
+    """Before: signal 0 reached the zombie, its `running` record was left to it and `--resume` skipped the run
+    (the record stayed `running` without accuracies)."""
+    import time
+
+    from mugcp_bench.store import pid_alive
+
+    child = subprocess.Popen([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])
+    stat = Path(f"/proc/{child.pid}/stat")
+    for _ in range(200):  # until it is a zombie (killed, not reaped: we do not wait yet)
+        if stat.read_text().rsplit(")", 1)[-1].split()[0] == "Z":
+            break
+        time.sleep(0.05)
+    try:
+        assert not pid_alive(child.pid)
+        assert pid_alive(os.getpid())
+    finally:
+        child.wait()
