@@ -8,15 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mugcp_bench.cli import main
 from mugcp_bench.store import iter_run_files
-
-
-def cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
+from tests.cli_harness import cli
 
 
 @pytest.mark.slow

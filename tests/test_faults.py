@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mugcp_bench.cli import main
 from mugcp_bench.store import iter_run_files
+from tests.cli_harness import cli, records
 from tests.miniature import build_miniature
 
 BASE = ["--backbone", "tiny", "--pretrained", "random", "--recipe", "toy"]
@@ -54,18 +54,6 @@ def run_cli(args: list[str], fault: str | None = None, timeout: int = 300) -> su
     return subprocess.run(
         [sys.executable, "-m", "mugcp_bench.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
     )
-
-
-def cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    """The real entry point in-process: (exit code, stdout, stderr)."""
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
-
-
-def records(results: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in iter_run_files(results)]
 
 
 def error_lines(err: str) -> list[str]:

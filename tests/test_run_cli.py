@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from mugcp_bench.cli import main
 from mugcp_bench.registry import METHODS
 from mugcp_bench.store import iter_run_files
+from tests.cli_harness import cli, records
 from tests.miniature import build_miniature
 
 BASE = ["--backbone", "tiny", "--pretrained", "random", "--recipe", "toy"]
@@ -18,18 +18,6 @@ BASE = ["--backbone", "tiny", "--pretrained", "random", "--recipe", "toy"]
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> Path:
     return build_miniature(tmp_path_factory.mktemp("data"))
-
-
-def cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    """Run the real entry point in-process; returns (exit code, stdout, stderr)."""
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
-
-
-def records(results: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in iter_run_files(results)]
 
 
 @pytest.mark.slow
