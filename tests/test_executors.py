@@ -271,24 +271,26 @@ torch.save(feats, sys.argv[5])
 """
 
 
-@pytest.mark.slow
-def test_two_processes_needing_the_same_image_features_build_them_once(data_root, tmp_path):
-    from mugcp_bench.datasets.base import prepare
-
+def race_two(script: str, data_root: Path, tmp_path: Path, log_name: str, delay: float, out: str) -> Path:
+    """Two processes run `script` (data root, cache, call log, start time, output) from the same instant, `delay`
+    seconds from now, on one cache; both must exit 0. Returns the call log."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    log, start = tmp_path / "encode_calls.txt", time.time() + 8.0
+    log, start = tmp_path / log_name, time.time() + delay
+    argv = [sys.executable, "-c", script, str(data_root), str(tmp_path / "cache"), str(log), str(start)]
     procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", FEATURES, str(data_root), str(tmp_path / "cache"), str(log), str(start)]
-            + [str(tmp_path / f"feats{i}.pt")],
-            env=env,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        subprocess.Popen([*argv, str(tmp_path / out.format(i))], env=env, stderr=subprocess.PIPE, text=True)
         for i in range(2)
     ]
     errs = [p.communicate(timeout=120)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errs
+    return log
+
+
+@pytest.mark.slow
+def test_two_processes_needing_the_same_image_features_build_them_once(data_root, tmp_path):
+    from mugcp_bench.datasets.base import prepare
+
+    log = race_two(FEATURES, data_root, tmp_path, "encode_calls.txt", 8.0, "feats{}.pt")
     n_test = len(prepare("dtd", data_root, None, 1, "all").test)
     assert sum(int(x) for x in log.read_text().split()) == n_test  # every image encoded once, by one process
     a, b = torch.load(tmp_path / "feats0.pt"), torch.load(tmp_path / "feats1.pt")
@@ -355,20 +357,7 @@ def test_two_processes_missing_the_same_descriptions_describe_each_image_once(da
     from mugcp_bench.datasets.base import prepare
     from mugcp_bench.image_keys import image_sha1
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    log, start = tmp_path / "describe_calls.txt", time.time() + 6.0
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", DESCRIPTIONS, str(data_root), str(tmp_path / "cache"), str(log), str(start)]
-            + [str(tmp_path / f"texts{i}.txt")],
-            env=env,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    errs = [p.communicate(timeout=120)[1] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], errs
+    log = race_two(DESCRIPTIONS, data_root, tmp_path, "describe_calls.txt", 6.0, "texts{}.txt")
     distinct = {image_sha1(d) for d in prepare("dtd", data_root, None, 1, "all").test}
     assert sum(int(x) for x in log.read_text().split()) == len(distinct)  # each image described once in all
     assert (tmp_path / "texts0.txt").read_text() == (tmp_path / "texts1.txt").read_text()
