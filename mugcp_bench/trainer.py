@@ -190,30 +190,29 @@ class _SkipBatches(Sampler[list[int]]):
         return len(self.inner)
 
 
-def _non_finite_grad(method: Method) -> tuple[str, float] | None:
-    """(parameter name, first bad value) of the first trainable gradient holding NaN or inf, else None (one sync)."""
-    named = [(n, p.grad) for n, p in method.named_parameters() if p.requires_grad and p.grad is not None]
-    if not named or bool(torch.stack([torch.isfinite(g).all() for _, g in named]).all()):
+def _first_non_finite_tensor(named: list[tuple[str, torch.Tensor]]) -> tuple[str, float] | None:
+    """(name, first bad value) of the first tensor holding NaN or inf, else None (one sync when all are finite)."""
+    named = [(n, t.detach()) for n, t in named]
+    if not named or bool(torch.stack([torch.isfinite(t).all() for _, t in named]).all()):
         return None
-    for name, g in named:
-        g = g.detach().float().flatten()
-        bad = g[~torch.isfinite(g)]
+    for name, t in named:
+        t = t.float().flatten()
+        bad = t[~torch.isfinite(t)]
         if bad.numel():
             return name, float(bad[0])
     return None
+
+
+def _non_finite_grad(method: Method) -> tuple[str, float] | None:
+    """The first trainable gradient holding NaN or inf: (parameter name, value), else None."""
+    return _first_non_finite_tensor(
+        [(n, p.grad) for n, p in method.named_parameters() if p.requires_grad and p.grad is not None]
+    )
 
 
 def _non_finite_parameter(method: Method) -> tuple[str, float] | None:
-    """(name, first bad value) of the first trainable parameter holding NaN or inf, else None (one sync)."""
-    named = [(n, p) for n, p in method.named_parameters() if p.requires_grad]
-    if not named or bool(torch.stack([torch.isfinite(p.detach()).all() for _, p in named]).all()):
-        return None
-    for name, p in named:
-        v = p.detach().float().flatten()
-        bad = v[~torch.isfinite(v)]
-        if bad.numel():
-            return name, float(bad[0])
-    return None
+    """The first trainable parameter holding NaN or inf: (name, value), else None."""
+    return _first_non_finite_tensor([(n, p) for n, p in method.named_parameters() if p.requires_grad])
 
 
 def _first_non_finite(parts: dict[str, torch.Tensor]) -> tuple[str, float]:
