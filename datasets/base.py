@@ -60,12 +60,12 @@ class SplitData:
 
 @dataclass
 class CheckResult:
-    """Outcome of a fast dataset check (no image is opened)."""
+    """Outcome of a dataset check (no image is opened unless the check decodes them)."""
 
     name: str
     folder: str
     path: str  # absolute dataset folder
-    status: str  # "OK", "missing folder", "missing split file", "N images missing", "malformed", "bad class names"
+    status: str  # "OK", "missing folder", "missing split file", "N images missing|empty|unreadable", "malformed", …
     message: str = ""  # one line naming the problem and the fix; empty when OK
     num_classes: int | None = None
     num_train: int | None = None
@@ -130,15 +130,67 @@ def classnames_by_label(items: Sequence[Datum], dataset: str, where: str) -> lis
     return [names[y] for y in range(n_cls)]
 
 
-def count_missing(items: Iterable[Datum]) -> tuple[int, int, str]:
-    """(number missing, number checked, first missing absolute path) over a list of data (one stat per file)."""
-    n_missing, n_total, first = 0, 0, ""
+@dataclass
+class FileScan:
+    """What one `stat` per listed file found: how many are missing or empty (0 bytes), and the first of each."""
+
+    n_total: int = 0
+    n_missing: int = 0
+    n_empty: int = 0
+    first_missing: str = ""
+    first_empty: str = ""
+
+
+def scan_files(items: Iterable[Datum]) -> FileScan:
+    """Missing and empty (0-byte) files among a list of data: one `os.stat` per file, no image is opened."""
+    scan = FileScan()
     for d in items:
-        n_total += 1
-        if not os.path.exists(d.impath):
-            n_missing += 1
-            first = first or d.impath
-    return n_missing, n_total, first
+        scan.n_total += 1
+        try:
+            size = os.stat(d.impath).st_size
+        except FileNotFoundError:
+            scan.n_missing += 1
+            scan.first_missing = scan.first_missing or d.impath
+            continue
+        if size == 0:
+            scan.n_empty += 1
+            scan.first_empty = scan.first_empty or d.impath
+    return scan
+
+
+def decode_problem(path: str) -> str | None:
+    """Why the image at `path` cannot be used (missing, empty, not an image, truncated), or None if it decodes.
+
+    Decodes the whole image as the loader does (`convert("RGB")`), so truncated files are found too.
+    """
+    try:
+        if os.stat(path).st_size == 0:
+            return "empty (0 bytes)"
+        with Image.open(path) as im:
+            im.convert("RGB")
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:  # PIL raises SyntaxError on bad headers
+        return " ".join(f"{type(e).__name__}: {e}".split())
+    return None
+
+
+def decode_images(
+    items: Sequence[Datum], workers: int = 4, progress: Callable[[int], None] | None = None
+) -> list[tuple[str, str]]:
+    """(path, reason) of every listed image that does not decode, in list order; `workers` threads decode at once
+    (PIL releases the GIL while decoding); progress(n) after every image."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    paths = [d.impath for d in items]
+    bad: list[tuple[str, str]] = []
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for path, reason in zip(paths, pool.map(decode_problem, paths, chunksize=64)):
+            if reason is not None:
+                bad.append((path, reason))
+            if progress:
+                progress(1)
+    return bad
 
 
 def title_case(name: str) -> str:
@@ -235,20 +287,48 @@ class DatasetSpec:
         self._require_images(data)
         return data
 
-    def _require_images(self, data: SplitData) -> None:
+    def listed_images(self, data: SplitData) -> list[Datum]:
+        """Every distinct image the split lists name (val left out where it is the test list or unused)."""
         lists = [data.train, data.test] if (self.test_only or data.val_is_test) else [data.train, data.val, data.test]
         seen: set[str] = set()
-        unique = [d for items in lists for d in items if not (d.impath in seen or seen.add(d.impath))]
-        n_missing, n_total, first = count_missing(unique)
-        if n_missing:
+        return [d for items in lists for d in items if not (d.impath in seen or seen.add(d.impath))]
+
+    def _require_images(self, data: SplitData) -> None:
+        """Every listed file exists and is not empty (one stat each); DatasetProblem otherwise."""
+        scan = scan_files(self.listed_images(data))
+        fix = f"re-download or re-extract the images from {self.homepage}"
+        if scan.n_missing:
+            n = scan.n_missing
             raise DatasetProblem(
-                f"{n_missing} image{'s' if n_missing != 1 else ''} missing",
-                f"dataset {self.name}: {n_missing} of {n_total} listed images are missing (first: {first}); "
+                f"{n} image{'s' if n != 1 else ''} missing",
+                f"dataset {self.name}: {n} of {scan.n_total} listed images are missing (first: {scan.first_missing}); "
+                f"{fix}",
+            )
+        if scan.n_empty:
+            n = scan.n_empty
+            raise DatasetProblem(
+                f"{n} image{'s' if n != 1 else ''} empty",
+                f"dataset {self.name}: {n} of {scan.n_total} listed images are empty files (0 bytes; first: "
+                f"{scan.first_empty}); {fix}",
+            )
+
+    def _require_decodable(self, data: SplitData, workers: int, progress: Callable[[int], None] | None) -> None:
+        """Every listed image decodes (opens every file: slow); DatasetProblem naming the first that does not."""
+        items = self.listed_images(data)
+        bad = decode_images(items, workers, progress)
+        if bad:
+            n, (path, reason) = len(bad), bad[0]
+            raise DatasetProblem(
+                f"{n} image{'s' if n != 1 else ''} unreadable",
+                f"dataset {self.name}: {n} of {len(items)} listed images cannot be decoded (first: {path}: {reason}); "
                 f"re-download or re-extract the images from {self.homepage}",
             )
 
-    def check(self, root: Path) -> CheckResult:
-        """Fast check: folder, split files, parse, every listed file exists, class-name rules. Never raises
+    def check(
+        self, root: Path, decode: bool = False, workers: int = 4, progress: Callable[[int], None] | None = None
+    ) -> CheckResult:
+        """Fast check: folder, split files, parse, every listed file exists and is not empty, class-name rules;
+        with `decode`, also every listed image decodes (`workers` threads, progress(n) per image). Never raises
         DatasetProblem (a missing data root still raises UserError)."""
         result = CheckResult(
             name=self.name,
@@ -266,6 +346,8 @@ class DatasetSpec:
             problem = self.validate_classnames(root, data)
             if problem:
                 raise DatasetProblem("bad class names", f"dataset {self.name}: {problem}")
+            if decode:
+                self._require_decodable(data, workers, progress)
         except DatasetProblem as e:
             result.status, result.message = e.status, str(e)
         return result

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from mugcp_bench.datasets.base import CheckResult, DatasetSpec
@@ -54,8 +54,15 @@ def require_data_root(root: Path) -> Path:
     return Path(os.path.abspath(root))
 
 
-def check_datasets(root: Path, names: str | Iterable[str] = "all") -> list[CheckResult]:
-    """Check every requested dataset (folder, split files, JSON, listed files, class names); opens no image.
+def check_datasets(
+    root: Path,
+    names: str | Iterable[str] = "all",
+    decode: bool = False,
+    workers: int = 4,
+    progress: Callable[[str, int], None] | None = None,
+) -> list[CheckResult]:
+    """Check every requested dataset (folder, split files, JSON, listed files present and not empty, class names);
+    opens no image unless `decode` (then every listed image is decoded by `workers` threads; progress(dataset, n)).
 
     UserError for a missing data root or an unknown name; dataset problems are returned, not raised.
     """
@@ -63,8 +70,9 @@ def check_datasets(root: Path, names: str | Iterable[str] = "all") -> list[Check
     results = []
     for name in dataset_names(names):
         spec: DatasetSpec = DATASETS.get(name)
+        step = (lambda n, name=name: progress(name, n)) if progress else None
         try:
-            results.append(spec.check(root))
+            results.append(spec.check(root, decode=decode, workers=workers, progress=step))
         except OSError as e:  # an unreadable folder or file anywhere under the root: a problem of this dataset
             where = e.filename or root / spec.folder
             message = f"{name}: cannot read {where} ({e.strerror}); fix its permissions"

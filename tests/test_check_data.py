@@ -169,3 +169,44 @@ def test_image_error_from_a_loader_worker_stays_one_line(damaged: Path) -> None:
         list(loader)
     assert str(err.value).startswith(f"image {data.test[3].impath} of dataset dtd is unreadable")
     assert "\n" not in str(err.value)
+
+
+def test_empty_image_fails_the_fast_check_and_run_before_training(damaged: Path, tmp_path: Path) -> None:
+    data = get_spec("dtd").load(damaged)
+    Path(data.train[2].impath).write_bytes(b"")
+    Path(data.test[4].impath).write_bytes(b"")
+    result = run("--data-root", str(damaged), "--datasets", "dtd,eurosat")
+    line = one_line_error(result, "dataset dtd: 2 of", "listed images are empty files (0 bytes; first:")
+    assert data.train[2].impath in line and "re-download or re-extract" in line
+    assert "2 images empty" in result.stdout and result.stdout.count("OK") == 1  # eurosat
+    with pytest.raises(UserError, match="empty files"):  # what `run` calls before any training
+        require_datasets(damaged, "dtd")
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda b: b"not an image at all",  # no image format
+        lambda b: b[:60],  # header intact, pixels cut (a torn download)
+        lambda b: b[:8] + bytes(len(b) - 8),  # the JPEG markers at the start kept, the rest zeroed
+    ],
+    ids=["not-an-image", "truncated", "zeroed"],
+)
+def test_decode_finds_every_image_that_does_not_decode(damage, damaged: Path) -> None:
+    data = get_spec("oxford_flowers").load(damaged)
+    victims = [data.test[1].impath, data.train[0].impath]
+    for path in victims:
+        Path(path).write_bytes(damage(Path(path).read_bytes()))
+    fast = run("--data-root", str(damaged), "--datasets", "oxford_flowers")
+    assert fast.exit_code == 0, fast.output  # the fast check opens no image
+    result = run("--data-root", str(damaged), "--datasets", "oxford_flowers,dtd", "--decode", "--workers", "2")
+    line = one_line_error(result, "dataset oxford_flowers: 2 of", "listed images cannot be decoded (first:")
+    assert data.train[0].impath in line  # the first in list order (train before test)
+    assert "2 images unreadable" in result.stdout and "Traceback" not in result.output
+    assert result.stdout.count("OK") == 1  # dtd decodes
+
+
+def test_decode_of_a_clean_tree_is_ok(mini: Path) -> None:
+    result = run("--data-root", str(mini), "--datasets", "dtd,imagenet", "--decode")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("OK") == 2

@@ -32,15 +32,38 @@ def _count(n: int | None) -> str:
     show_default=True,
     help="'all' (the 15 benchmark datasets), a group ('toy') or a comma-separated list of names.",
 )
+@click.option(
+    "--decode",
+    is_flag=True,
+    help="Also open and decode every listed image (reads every file: slow) to find corrupt or truncated ones.",
+)
+@click.option(
+    "--workers", type=click.IntRange(min=1), default=4, show_default=True, help="Threads decoding images (--decode)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout instead of a table.")
-def check_data(data_root: str | None, datasets: str, as_json: bool) -> None:
-    """Check dataset folders, split files and listed images (no image is opened). Exit 2 if any is unusable."""
+def check_data(data_root: str | None, datasets: str, decode: bool, workers: int, as_json: bool) -> None:
+    """Check dataset folders, split files and listed images (present, not empty; decoded with --decode).
+    Exit 2 if any dataset is unusable."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
     from mugcp_bench.datasets.checks import check_datasets
 
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
         root = resolve_data_root(data_root)
-        results = check_datasets(root, datasets)
+        if decode:
+            columns = (SpinnerColumn(), TextColumn("decoding {task.description}: {task.completed:,} images"))
+            with Progress(*columns, TimeElapsedColumn(), console=err, transient=True) as bar:
+                tasks: dict[str, int] = {}
+
+                def advance(name: str, n: int) -> None:
+                    if name not in tasks:
+                        tasks[name] = bar.add_task(name, total=None)
+                    bar.advance(tasks[name], n)
+
+                results = check_datasets(root, datasets, decode=True, workers=workers, progress=advance)
+        else:
+            results = check_datasets(root, datasets)
     except UserError as e:
         err.print(f"error: {e}", markup=False)
         raise click.exceptions.Exit(2) from e
