@@ -20,6 +20,7 @@ from torch import nn
 from mugcp_bench.backbone import Backbone
 from mugcp_bench.errors import UserError
 from mugcp_bench.registry import METHODS, suggest
+from mugcp_bench.state_fit import StateMismatch, state_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -147,12 +148,14 @@ class Method(nn.Module):
         names = {n for n, p in self.named_parameters() if p.requires_grad}
         return {k: v.detach().clone() for k, v in self.state_dict().items() if k in names}
 
-    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        missing, unexpected = self.load_state_dict(state, strict=False)
-        expected = {n for n, p in self.named_parameters() if p.requires_grad}
-        lost = expected & set(missing)
-        if lost or unexpected:
-            raise RuntimeError(f"checkpoint does not match {self.name}: missing {sorted(lost)}, extra {unexpected}")
+    def load_trainable_state(self, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+        """Load what `trainable_state` saved; StateMismatch (one line naming `source` and what differs) if the state
+        is not this method's on this backbone (another architecture, or a file written by another version)."""
+        trainable = [n for n, p in self.named_parameters() if p.requires_grad]
+        problem = state_mismatch(self.state_dict(), state, required=trainable)
+        if problem:
+            raise StateMismatch(f"{source} does not fit {self.name} on {self.backbone.name}: {problem}", problem)
+        self.load_state_dict(state, strict=False)
 
     def n_trainable(self) -> int:
         return sum(p.numel() for p in self.trainable_parameters())

@@ -39,6 +39,7 @@ from torchvision import transforms as T
 from mugcp_bench import blocks
 from mugcp_bench.errors import UserError
 from mugcp_bench.registry import BACKBONES, suggest
+from mugcp_bench.state_fit import StateMismatch, state_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -580,12 +581,11 @@ def _load_state(model: nn.Module, sd: dict[str, torch.Tensor], source: str, name
     sd = {k: v for k, v in sd.items() if k != "attn_mask" and not k.endswith("position_ids")}
     if "logit_scale" in sd and sd["logit_scale"].ndim != model.logit_scale.ndim:  # as open_clip's load_checkpoint
         sd["logit_scale"] = sd["logit_scale"].reshape(model.logit_scale.shape)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise UserError(
-            f"checkpoint '{source}' does not match backbone '{name}': {len(missing)} missing keys "
-            f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}); pass the matching --backbone"
-        )
+    problem = state_mismatch(model.state_dict(), sd)
+    if problem:
+        fix = "pass the --backbone these weights were trained as"
+        raise StateMismatch(f"checkpoint '{source}' does not fit backbone '{name}': {problem}; {fix}", problem)
+    model.load_state_dict(sd)
     return model
 
 

@@ -64,11 +64,17 @@ def setup_logging(verbose: int) -> None:
 
     levels = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}  # -q, default, -v; -vv and more: debug
     level = levels.get(max(verbose, -1), logging.DEBUG)
-    handler = RichHandler(console=Console(stderr=True), show_path=False, show_time=False, markup=False)
+    if sys.stderr.isatty():
+        handler: logging.Handler = RichHandler(
+            console=Console(stderr=True), show_path=False, show_time=False, markup=False
+        )
+    else:  # a log file or a pipe: one line per message, never wrapped at a guessed width (grep finds it whole)
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)-8s %(message)s"))
     # Warnings logged straight on the root logger come from libraries (open_clip warns "no pretrained weights" on
     # every random init); hide those, not the root level, which would silence every warning of ours too.
     handler.addFilter(lambda record: record.name != "root" or record.levelno >= logging.ERROR)
-    logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
+    logging.basicConfig(level=level, handlers=[handler], force=True)
     for noisy in ("PIL", "matplotlib", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
@@ -90,7 +96,10 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: UserError -> one line and exit 2; failed runs -> exit 1."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        cli.main(args=argv, prog_name="mugcp-bench", standalone_mode=False)
+        # without standalone mode click returns (not raises) the code of a command's `click.exceptions.Exit`
+        code = cli.main(args=argv, prog_name="mugcp-bench", standalone_mode=False)
+        if isinstance(code, int) and code != 0:
+            sys.exit(code)
     except UserError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
@@ -99,9 +108,14 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
+    except click.UsageError as e:  # a bad option or value: one line, as every other error, and where help is
+        where = e.ctx.command_path if e.ctx is not None else "mugcp-bench"
+        message = " ".join(e.format_message().split())
+        click.echo(f"error: {message} (see '{where} --help')", err=True)
+        sys.exit(2)
     except click.ClickException as e:
-        e.show()
-        sys.exit(2 if isinstance(e, click.UsageError) else e.exit_code)
+        click.echo(f"error: {' '.join(e.format_message().split())}", err=True)
+        sys.exit(e.exit_code)
     except OSError as e:  # a file or folder the user must fix (runs record their own failures): one line, exit 2
         where = f" {e.filename}" if e.filename else ""
         click.echo(f"error: cannot access{where}: {e.strerror or e}; check the path and its permissions", err=True)

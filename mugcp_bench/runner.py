@@ -28,6 +28,7 @@ from mugcp_bench.protocols import EvalTarget, Protocol, Suite, TrainTarget, plan
 from mugcp_bench.registry import METHODS, suggest
 from mugcp_bench.resources import PeakMemory
 from mugcp_bench.settings import check_ranges
+from mugcp_bench.state_fit import StateMismatch
 from mugcp_bench.store import RunKey, RunRecord, config_hash
 from mugcp_bench.trainer import (
     backbone_precision,
@@ -36,6 +37,7 @@ from mugcp_bench.trainer import (
     fit,
     prepare_method,
     resolve_precision,
+    set_aside,
     set_seed,
 )
 
@@ -213,6 +215,20 @@ def _eval_split(run: PlannedRun, target: EvalTarget, opts: RunOptions):
     return prepare(target.dataset, opts.data_root, None, seed, "all", opts.cache_dir)
 
 
+def _load_model(method: Method, path: Path) -> bool:
+    """Load a run's stored last-epoch model (evaluate-only); False if it cannot be read or does not fit the method
+    (another version of it wrote the file): the file is then kept aside as model.pt.unusable with one warning line."""
+    try:
+        method.load_trainable_state(torch.load(path, map_location="cpu", weights_only=True), source=f"model {path}")
+    except StateMismatch as e:
+        set_aside(path, f"does not fit {method.name} on {method.backbone.name} ({e.problem})", "unusable")
+        return False
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: unusable, whatever torch raised
+        set_aside(path, f"cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})", "unusable")
+        return False
+    return True
+
+
 def execute(run: PlannedRun, backbone: Backbone, opts: RunOptions, progress=None) -> None:
     """Train (or resume) and evaluate one run; the record ends complete, failed (then RunFailed is raised) or
     interrupted (Ctrl-C: KeyboardInterrupt / RunInterrupted propagates)."""
@@ -233,6 +249,9 @@ def execute(run: PlannedRun, backbone: Backbone, opts: RunOptions, progress=None
     precision = run.key.precision
     timings = record.data.setdefault("timings", {})
     memory = PeakMemory(device)
+    if run.action == "evaluate" and not _load_model(method, record.model_path):
+        run.action = "train"  # the stored model cannot be used (kept aside): train it again, evaluate it all again
+        record.data["evaluations"] = []
     try:
         if run.action in ("train", "resume"):
             if run.action == "train" and record.checkpoint_path.exists():
@@ -265,8 +284,6 @@ def execute(run: PlannedRun, backbone: Backbone, opts: RunOptions, progress=None
                 record.data["last_loss"] = res.last_loss
                 record.data["history"] = res.history
             atomic_torch_save(method.trainable_state(), record.model_path)
-        else:  # evaluate-only: the stored last-epoch model
-            method.load_trainable_state(torch.load(record.model_path, map_location="cpu", weights_only=True))
         record.save()
         # only once the record holds the training's results: a crash or a full disk before this point resumes from
         # the last epoch's checkpoint (nothing to train, same numbers) instead of training again

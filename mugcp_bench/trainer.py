@@ -30,6 +30,7 @@ from mugcp_bench.errors import NonFiniteLoss, RunInterrupted, UserError
 from mugcp_bench.interrupts import stop_requested
 from mugcp_bench.methods.base import Method, TrainConfig
 from mugcp_bench.registry import suggest
+from mugcp_bench.state_fit import StateMismatch
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +225,34 @@ def _first_non_finite(parts: dict[str, torch.Tensor]) -> tuple[str, float]:
     return "loss", float(parts["loss"].detach().float())
 
 
+def set_aside(path: Path, why: str, suffix: str) -> Path:
+    """Keep an unusable file beside its place as `<name>.<suffix>` (replacing an older one) and say so in one line."""
+    aside = path.with_name(f"{path.name}.{suffix}")
+    path.replace(aside)
+    log.warning("%s %s; kept aside as %s, the run trains from the start", path, why, aside.name)
+    return aside
+
+
+def _usable_checkpoint(path: Path, method: Method) -> dict[str, Any] | None:
+    """The resume checkpoint at `path`, loaded into `method`; None if there is none, or if it cannot be read or does
+    not fit the method (then it is kept aside as checkpoint.pt.unusable with one warning line, and the run trains
+    from the start: the rule of damaged run records, docs/protocol.md §4.6)."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(state, dict) or not {"model", "optimizer", "scheduler", "rng", "epoch"} <= state.keys():
+            raise ValueError("is not a checkpoint of this trainer")
+        method.load_trainable_state(state["model"], source=f"checkpoint {path}")
+    except StateMismatch as e:
+        set_aside(path, f"does not fit {method.name} on {method.backbone.name} ({e.problem})", "unusable")
+        return None
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: unusable, whatever torch raised
+        set_aside(path, f"cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})", "unusable")
+        return None
+    return state
+
+
 def fit(
     method: Method,
     items: Sequence[Datum],
@@ -267,9 +296,8 @@ def fit(
     scaler = make_scaler(precision, device)
     start_epoch, history, skip, resumed_sums, last_loss = 0, [], 0, {}, float("nan")
     epoch_loader_state = loader_gen.get_state()
-    if resume and checkpoint is not None and checkpoint.is_file():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        method.load_trainable_state(state["model"])
+    state = _usable_checkpoint(checkpoint, method) if resume and checkpoint is not None else None
+    if state is not None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"], loader_gen)

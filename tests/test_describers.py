@@ -415,3 +415,33 @@ def test_describe_command_fills_the_cache_and_resumes(toy_root, tmp_path):
     assert len(lines) >= n_test
     bad = runner.invoke(describe, [*args[:4], "--describer", "mlm"])
     assert isinstance(bad.exception, UserError) and "Did you mean 'mllm'" in str(bad.exception)
+
+
+def test_a_corrupted_cache_line_is_named_once_and_its_image_described_again_through_the_cli(toy_root, tmp_path, capsys):
+    from tests.cli_harness import cli
+
+    cache_root = tmp_path / "cache"
+    args = ["describe", "--data-root", str(toy_root), "--datasets", "toy_colors", "--describer", "scene"]
+    args += ["--shots", "1", "--seeds", "1"]
+    env = {"MUGCP_CACHE": str(cache_root)}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        code, _, _ = cli(args, capsys)
+        assert code == 0
+        path = DescriptionCache(cache_root / "descriptions").path("scene-v1-drop0.2-swap0.1", "scene_v1")
+        lines = path.read_text().splitlines(keepends=True)
+        forged = json.loads(lines[3])
+        forged["text"] = "a forged description"  # valid JSON, wrong checksum
+        lines[3] = json.dumps(forged) + "\n"
+        lines[5] = lines[5][:40] + "\n"  # a torn line
+        path.write_text("".join(lines))
+        code, out, err = cli(args, capsys)
+        assert code == 0 and "Traceback" not in err
+        warned = [line for line in err.splitlines() if "is corrupted" in line]
+        assert len(warned) == 2 and all(str(path) in w and "described again" in w for w in warned)
+        assert "line 4 is corrupted (checksum mismatch)" in warned[0] and "line 6 is corrupted" in warned[1]
+        assert "2 images described now" in " ".join((out + err).split())
+        assert "a forged description" not in path.read_text() and len(path.read_text().splitlines()) == len(lines)
+        code, out, err = cli(args, capsys)  # clean again: nothing reported, nothing described
+        assert code == 0 and "corrupted" not in err and "0 images described now" in " ".join((out + err).split())

@@ -57,7 +57,7 @@ def run_cli(args: list[str], fault: str | None = None, timeout: int = 300) -> su
 
 
 def error_lines(err: str) -> list[str]:
-    return [line for line in err.splitlines() if line.lower().startswith("error:")]  # report: click's "Error:"
+    return [line for line in err.splitlines() if line.startswith("error:")]
 
 
 def model_state(results: Path, label: str = "") -> dict[str, torch.Tensor]:
@@ -423,7 +423,9 @@ def test_unreadable_paths_are_one_line_naming_them(data_root, tmp_path, monkeypa
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(victim))
 
     orig = type(spec).check
-    monkeypatch.setattr(type(spec), "check", lambda self, root: unreadable(root) if self is spec else orig(self, root))
+    monkeypatch.setattr(
+        type(spec), "check", lambda self, root, **kw: unreadable(root) if self is spec else orig(self, root, **kw)
+    )
     args = ["run", "--methods", "coop", "--datasets", "dtd", "--data-root", str(data_root), *BASE]
     code, _, err = cli([*args, "--results-dir", str(tmp_path)], capsys)
     assert code == 2 and "Traceback" not in err
@@ -485,3 +487,84 @@ def test_a_killed_but_unreaped_process_is_dead_so_its_run_is_resumed():
         assert pid_alive(os.getpid())
     finally:
         child.wait()
+
+
+# --- weights and checkpoints of another architecture ----------------------------------------------------------------
+@pytest.mark.parametrize(
+    "file_arch,backbone,what",
+    [
+        ("toy-clip", "tiny", "tensors of another shape (first: "),  # every width differs
+        ("tiny-mismatch", "tiny", "extra (visual.transformer.resblocks.4."),  # two more vision blocks
+        ("tiny", "tiny-mismatch", "missing (visual.transformer.resblocks.4."),  # two fewer
+    ],
+    ids=["reshaped", "extra-layers", "missing-layers"],
+)
+def test_backbone_weights_of_another_architecture_are_one_line_before_any_run(
+    file_arch, backbone, what, data_root, tmp_path, capsys
+):
+    from mugcp_bench.backbone import load_backbone
+
+    weights = tmp_path / f"{file_arch}.pt"
+    torch.save(load_backbone(file_arch).model.state_dict(), weights)
+    args = ["run", "--methods", "coop", "--datasets", "dtd", "--data-root", str(data_root), "--recipe", "toy"]
+    code, _, err = cli(
+        [*args, "--backbone", backbone, "--pretrained", str(weights), "--results-dir", str(tmp_path)], capsys
+    )
+    assert code == 2 and "Traceback" not in err and "size mismatch" not in err
+    (line,) = error_lines(err)
+    assert f"checkpoint '{weights}' does not fit backbone '{backbone}': " in line and what in line
+    assert "pass the --backbone these weights were trained as" in line
+    assert not iter_run_files(tmp_path)
+
+
+def widened(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same parameter names, each one column wider: what another version of a method (or backbone) writes."""
+    return {k: torch.zeros(*v.shape[:-1], v.shape[-1] + 1) for k, v in state.items()}
+
+
+@pytest.mark.parametrize("damage", ["reshaped", "truncated"])
+def test_a_resume_checkpoint_that_does_not_fit_is_kept_aside_and_the_run_retrained(
+    damage, data_root, uninterrupted, tmp_path
+):
+    args = [*KILL_ARGS, "--data-root", str(data_root), "--results-dir", str(tmp_path)]
+    assert run_cli(args, fault="1:1:kill").returncode == -signal.SIGKILL
+    ckpt = iter_run_files(tmp_path)[0].parent / "checkpoint.pt"
+    if damage == "reshaped":
+        state = torch.load(ckpt, weights_only=False)
+        torch.save({**state, "model": widened(state["model"])}, ckpt)
+    else:
+        ckpt.write_bytes(ckpt.read_bytes()[:200])
+    before = ckpt.read_bytes()
+    res = run_cli([*args, "--resume"])
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+    (warning,) = [line for line in res.stderr.splitlines() if "checkpoint.pt.unusable" in line]
+    assert str(ckpt) in warning and "the run trains from the start" in warning
+    assert (
+        "does not fit coop on tiny (1 tensors of another shape" if damage == "reshaped" else "cannot be read"
+    ) in warning
+    assert (ckpt.parent / "checkpoint.pt.unusable").read_bytes() == before  # nothing lost
+    (a,), (b,) = records(tmp_path), records(uninterrupted)
+    assert a["status"] == "complete"
+    assert [e["accuracy"] for e in a["evaluations"]] == [e["accuracy"] for e in b["evaluations"]]
+    assert same_model(model_state(tmp_path), model_state(uninterrupted))
+
+
+def test_a_stored_model_that_does_not_fit_is_kept_aside_and_the_run_retrained(data_root, uninterrupted, tmp_path):
+    import shutil
+
+    shutil.copytree(uninterrupted, tmp_path / "r")
+    results = tmp_path / "r"
+    (path,) = iter_run_files(results)
+    rec = json.loads(path.read_text())
+    rec["evaluations"] = rec["evaluations"][:1]  # one evaluation missing: the run is evaluated from model.pt
+    path.write_text(json.dumps(rec))
+    model = path.parent / "model.pt"
+    torch.save(widened(torch.load(model, weights_only=True)), model)
+    res = run_cli([*KILL_ARGS, "--data-root", str(data_root), "--results-dir", str(results)])
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+    (warning,) = [line for line in res.stderr.splitlines() if "model.pt.unusable" in line]
+    assert "does not fit coop on tiny (1 tensors of another shape (first: ctx is [" in warning
+    (a,), (b,) = records(results), records(uninterrupted)
+    assert a["status"] == "complete" and len(a["evaluations"]) == len(b["evaluations"])
+    assert [e["accuracy"] for e in a["evaluations"]] == [e["accuracy"] for e in b["evaluations"]]
+    assert same_model(model_state(results), model_state(uninterrupted))

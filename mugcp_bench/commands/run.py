@@ -47,7 +47,12 @@ def run_options(f):
             show_default=True,
             help="auto, fp32, bf16, fp16 (CUDA autocast) or reference-fp16 (CUDA: the reference code's fp16 regime).",
         ),
-        click.option("--workers", default=None, type=int, help="Data loader workers (default: 0 on CPU, 8 on GPU)."),
+        click.option(
+            "--workers",
+            default=None,
+            type=click.IntRange(min=0),
+            help="Data loader workers (default: 0 on CPU, 8 on GPU).",
+        ),
         click.option("--no-describe", is_flag=True, help="MuGCP: fail if descriptions are missing from the cache."),
         click.option(
             "--tensorboard", is_flag=True, help="Also write TensorBoard event files per run (needs tensorboard)."
