@@ -357,7 +357,7 @@ class MuGCP(Method):
         self._eval_text: torch.Tensor | None = None
         # L_align's bank: the image keys of the training split; their descriptions' s, stacked on first use.
         self._bank_keys: dict[str, None] = {}
-        self._bank: tuple[list[str], torch.Tensor] | None = None
+        self._bank: tuple[torch.Tensor | None, dict[str, int]] | None = None
 
     # --- configuration ------------------------------------------------------------------------------------------
     @staticmethod
@@ -630,24 +630,24 @@ class MuGCP(Method):
         """The contrast set (N, E) — every training description, plus the batch's own not among them — and the index
         of each image's own description in it (B,). `align_bank: false`: the batch's descriptions only."""
         if self.cfg.align_bank:
-            if self._bank is None:
+            if self._bank is None:  # built once per training split: texts, their stacked s, text -> row
                 bank_texts = list(dict.fromkeys(self._texts[k] for k in self._bank_keys if k in self._texts))
                 stack = torch.stack([self._features[t][0] for t in bank_texts]) if bank_texts else None
-                self._bank = (bank_texts, stack)
-            bank_texts, stack = self._bank
+                self._bank = (stack, {t: i for i, t in enumerate(bank_texts)})
+            stack, known = self._bank
             if stack is not None and stack.device != device:  # kept on the training device after first use
                 stack = stack.to(device=device, dtype=torch.float32)
-                self._bank = (bank_texts, stack)
+                self._bank = (stack, known)
         else:
-            bank_texts, stack = [], None
-        index = {t: i for i, t in enumerate(bank_texts)}
-        extra = [t for t in dict.fromkeys(texts) if t not in index]
-        index.update({t: len(bank_texts) + i for i, t in enumerate(extra)})
+            stack, known = None, {}
+        extra = [t for t in dict.fromkeys(texts) if t not in known]  # the batch's own, not in the bank
+        extra_row = {t: len(known) + i for i, t in enumerate(extra)}
         rows = [stack] if stack is not None else []
         if extra:
             rows.append(torch.stack([self._features[t][0] for t in extra]))
-        bank = torch.cat(rows).to(device=device, dtype=torch.float32)  # (N, E)
-        target = torch.tensor([index[t] for t in texts], device=device)  # (B,)
+        bank = rows[0] if len(rows) == 1 else torch.cat(rows)  # no copy of the whole bank when nothing is added
+        bank = bank.to(device=device, dtype=torch.float32)  # (N, E)
+        target = torch.tensor([known[t] if t in known else extra_row[t] for t in texts], device=device)  # (B,)
         return bank, target
 
     def align_loss(self, out: _Pass) -> torch.Tensor:

@@ -58,6 +58,19 @@ class LazyGroup(click.Group):
         return super().resolve_command(ctx, args)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time of each message (as rich's console does), not to the stream
+    that was current when logging was set up (a test's captured stream, closed since)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging(verbose: int) -> None:
     from rich.console import Console
     from rich.logging import RichHandler
@@ -69,7 +82,7 @@ def setup_logging(verbose: int) -> None:
             console=Console(stderr=True), show_path=False, show_time=False, markup=False
         )
     else:  # a log file or a pipe: one line per message, never wrapped at a guessed width (grep finds it whole)
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(levelname)-8s %(message)s"))
     # Warnings logged straight on the root logger come from libraries (open_clip warns "no pretrained weights" on
     # every random init); hide those, not the root level, which would silence every warning of ours too.

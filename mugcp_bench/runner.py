@@ -169,7 +169,7 @@ def plan(
                         runs[key.id] = PlannedRun(key, name, variant, cfg, tcfg, train, evals, record, "")
     _check_records(list(runs.values()), opts.force)
     for run in runs.values():
-        run.action = _action(run, opts)
+        run.action = decide_action(run, opts)
     return list(runs.values())
 
 
@@ -189,7 +189,8 @@ def _check_records(runs: Sequence[PlannedRun], force: bool) -> None:
             log.warning("%s: it is kept as run.json.corrupt and the run trained again", r.record.problem.line())
 
 
-def _action(run: PlannedRun, opts: RunOptions) -> str:
+def decide_action(run: PlannedRun, opts: RunOptions) -> str:
+    """What a run needs from its record: train, resume (from its checkpoint), evaluate (missing targets) or skip."""
     status = run.record.status
     if opts.force or status == "new":
         return "train"

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mugcp_bench.claims import new_token
 from mugcp_bench.errors import UserError
-from mugcp_bench.interrupts import deferred_sigint
+from mugcp_bench.interrupts import StopFile, deferred_sigint
 from mugcp_bench.world import resolve_world
 
 log = logging.getLogger(__name__)
@@ -337,12 +338,15 @@ def run_sweep(options: SweepOptions | None = None, /, *, reporter: Reporter | No
         return result
     tasks = [RunTask(r) for r in runs if r.action != "skip"]
     ctx = WorkContext.capture(opts, backbone_name, pretrained, precision, o.claim_timeout)
+    stop_file = StopFile(results_dir / ".stop" / new_token())  # how runs in other processes learn of a Ctrl-C
+    ctx.stop_file = stop_file.path
     reporter.start(len(tasks))
     try:
         with deferred_sigint():  # first Ctrl-C: stop at the next safe point (docs/protocol.md §4)
             done = {t.id: t for t in executor.run(tasks, ctx, reporter, o.keep_going)}
     finally:
         reporter.close()
+        stop_file.clear()
     result.runs = [
         RunOutcome(r.label, r.key.id, r.record.path, t.action, t.status, t.reason)
         if (t := done.get(r.key.id))

@@ -5,7 +5,8 @@
 - ``FAULT_AT=<epoch>:<step>:<action>[:<n>]`` (0-based; step ``end``: after the epoch's checkpoint) registers a
   callback doing <action> the n-th time (default 1) training reaches that point: ``kill``
   (SIGKILL), ``sigint`` (Ctrl-C), ``enospc`` (the next checkpoint write finds the disk full), ``enospc-record``
-  (the next run.json write does).
+  (the next run.json write does);
+- ``FAULT_STEP_SLEEP=<seconds>``: every training step takes that much longer (runs long enough to interrupt).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
 from dataclasses import dataclass
 
 import torch
@@ -104,6 +106,16 @@ def _fail_next_write(name: str) -> None:
     os.replace = replace
 
 
+class SlowSteps(TrainCallback):
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_step_end(self, info: StepInfo) -> None:
+        time.sleep(self.seconds)
+
+
+if os.environ.get("FAULT_STEP_SLEEP"):
+    add_callback(SlowSteps(float(os.environ["FAULT_STEP_SLEEP"])))
 if os.environ.get("FAULT_AT"):
     e, s, a, *n = os.environ["FAULT_AT"].split(":")
     add_callback(FaultAt(int(e), s, a, int(n[0]) if n else 1))

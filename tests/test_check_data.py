@@ -210,3 +210,18 @@ def test_decode_of_a_clean_tree_is_ok(mini: Path) -> None:
     result = run("--data-root", str(mini), "--datasets", "dtd,imagenet", "--decode")
     assert result.exit_code == 0, result.output
     assert result.stdout.count("OK") == 2
+
+
+def test_the_installed_command_exits_2_on_an_unusable_dataset(damaged: Path) -> None:
+    """Through the console entry point in a subprocess (it once returned 0 where the command said 2)."""
+    import os
+    import subprocess
+    import sys
+
+    Path(get_spec("dtd").load(damaged).test[0].impath).write_bytes(b"")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    argv = [sys.executable, "-m", "mugcp_bench.cli", "check-data", "--data-root", str(damaged)]
+    bad = subprocess.run([*argv, "--datasets", "dtd"], env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "listed images are empty files" in bad.stderr and "Traceback" not in bad.stderr
+    good = subprocess.run([*argv, "--datasets", "eurosat"], env=env, capture_output=True, text=True, timeout=120)
+    assert good.returncode == 0, good.stderr

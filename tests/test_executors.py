@@ -395,3 +395,67 @@ def test_workers_load_the_plugins_the_cli_loaded(data_root, tmp_path, monkeypatc
     assert not result.failed
     (rec,) = records(tmp_path).values()
     assert rec["status"] == "complete" and [a["action"] for a in rec["attempts"]] == ["train", "resume"]
+
+
+def _ctrl_c_after_the_first_checkpoint(results: Path, sent: dict, stop: threading.Event) -> None:
+    """Watch the results for a checkpoint (epoch 1 done) and send this process the SIGINT a Ctrl-C would."""
+    while not stop.is_set():
+        if any(results.glob("runs/**/checkpoint.pt")):
+            os.kill(os.getpid(), signal.SIGINT)
+            sent["at"] = time.time()
+            return
+        time.sleep(0.01)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("executor", ["gpus", "ray"])
+def test_ctrl_c_stops_every_worker_after_its_step_and_a_rerun_equals_uninterrupted(
+    executor, data_root, tmp_path, monkeypatch
+):
+    """The SIGINT reaches only the sweep's process (as `kill -INT`): its workers learn of it through the stop file,
+    checkpoint after their step, record `interrupted`; the sweep raises KeyboardInterrupt (the CLI: exit 130)."""
+    from mugcp_bench import plugins
+
+    kw = {**TINY, "methods": "coop", "datasets": "dtd,eurosat", "seeds": "1", "sets": {"epochs": 3, "batch_size": 2}}
+    monkeypatch.setenv("MUGCP_PLUGINS", "tests.fault_plugins")  # in the workers: 0.1 s more per step
+    monkeypatch.setenv("FAULT_STEP_SLEEP", "0.1")
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parents[1]))
+    if executor == "ray":
+        ray = pytest.importorskip("ray", reason="the ray extra is installed by `make test`")
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+        extra = {"executor": "ray"}
+    else:
+        extra = {"executor": "gpus", "gpus": "cpu:2"}
+    sent: dict = {}
+    stop = threading.Event()
+    watcher = threading.Thread(target=_ctrl_c_after_the_first_checkpoint, args=(tmp_path / "a", sent, stop))
+    watcher.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_sweep(data_root=data_root, results_dir=tmp_path / "a", **extra, **kw)
+    finally:
+        stop.set()
+        watcher.join()
+        if executor == "ray":
+            ray.shutdown()
+        monkeypatch.delenv("FAULT_STEP_SLEEP")  # the reruns below (in this process) at full speed
+        plugins._loaded.discard("tests.fault_plugins")
+        sys.modules.pop("tests.fault_plugins", None)
+    assert sent, "no Ctrl-C was sent (the runs finished before the first checkpoint was seen)"
+    got = records(tmp_path / "a")
+    statuses = sorted(r["status"] for r in got.values())
+    assert "interrupted" in statuses and "failed" not in statuses and "running" not in statuses, statuses
+    for path in iter_run_files(tmp_path / "a"):
+        rec = json.loads(path.read_text())
+        if rec["status"] == "interrupted":
+            assert (path.parent / "checkpoint.pt").is_file()  # after a step (or the epoch the step ended)
+            assert rec["reason"].startswith("interrupted by Ctrl-C at epoch ")
+            assert os.getpid() not in [a["pid"] for a in rec["attempts"]]  # a worker ran it
+    assert not (tmp_path / "a" / ".stop").exists()  # the stop file is gone with the sweep
+    rerun = run_sweep(data_root=data_root, results_dir=tmp_path / "a", **kw)  # resumes from the workers' checkpoints
+    assert not rerun.failed and rerun.trained
+    run_sweep(data_root=data_root, results_dir=tmp_path / "b", **kw)  # uninterrupted, in this process
+    got, want = records(tmp_path / "a"), records(tmp_path / "b")
+    assert got.keys() == want.keys()
+    for rid, rec in want.items():
+        assert comparable(got[rid]) == comparable(rec)

@@ -568,3 +568,47 @@ def test_a_stored_model_that_does_not_fit_is_kept_aside_and_the_run_retrained(da
     assert a["status"] == "complete" and len(a["evaluations"]) == len(b["evaluations"])
     assert [e["accuracy"] for e in a["evaluations"]] == [e["accuracy"] for e in b["evaluations"]]
     assert same_model(model_state(results), model_state(uninterrupted))
+
+
+# --- 3b. Ctrl-C in a terminal reaches the workers too ----------------------------------------------------------------
+@pytest.mark.slow
+def test_ctrl_c_to_the_process_group_under_gpu_workers_exits_130_and_a_rerun_equals_uninterrupted(data_root, tmp_path):
+    """A terminal's Ctrl-C sends SIGINT to the sweep and to every worker: each worker defers it (stops after its
+    step, checkpoint kept), the sweep exits 130 with its one line, no traceback from any process."""
+    import time
+
+    args = ["run", "--methods", "coop", "--datasets", "dtd,eurosat", "--seeds", "1", *BASE]
+    args += ["--set", "epochs=3", "--set", "batch_size=2", "--data-root", str(data_root)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "MUGCP_PLUGINS": PLUGIN}
+    env.pop("FAULT_AT", None)
+    argv = [sys.executable, "-m", "mugcp_bench.cli", *args, "--executor", "gpus", "--gpus", "cpu:2"]
+    proc = subprocess.Popen(
+        [*argv, "--results-dir", str(tmp_path / "a")],
+        env={**env, "FAULT_STEP_SLEEP": "0.1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a shell gives a foreground job
+    )
+    deadline = time.time() + 240
+    while not any((tmp_path / "a").glob("runs/**/checkpoint.pt")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the sweep ended before its first checkpoint"
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert "rerun the same command to resume" in err
+    statuses = sorted(r["status"] for r in records(tmp_path / "a"))
+    assert "interrupted" in statuses and not {"failed", "running"} & set(statuses), statuses
+    rerun = subprocess.run([*argv, "--results-dir", str(tmp_path / "a")], env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    local = run_cli([*args, "--results-dir", str(tmp_path / "b")])
+    assert local.returncode == 0, local.stderr
+    got = {r["id"]: r for r in records(tmp_path / "a")}
+    want = {r["id"]: r for r in records(tmp_path / "b")}
+    assert got.keys() == want.keys()
+    for rid, rec in want.items():
+        assert got[rid]["status"] == "complete"
+        assert [e["accuracy"] for e in got[rid]["evaluations"]] == [e["accuracy"] for e in rec["evaluations"]]
+        assert [h["loss"] for h in got[rid]["history"]] == [h["loss"] for h in rec["history"]]

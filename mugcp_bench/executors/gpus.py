@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 
 from mugcp_bench.errors import UserError
 from mugcp_bench.executors.base import Executor, SafeReporter
-from mugcp_bench.executors.work import RunTask, TaskResult, WorkContext, perform
+from mugcp_bench.executors.work import RunTask, TaskResult, WorkContext, perform_in_worker
+from mugcp_bench.interrupts import StopFile, install_deferred_handler, request_stop, stop_requested
 
 if TYPE_CHECKING:
     from mugcp_bench.sweep import Reporter
@@ -82,13 +83,10 @@ def _init_worker(visible: str | None, threads: int, log_level: int) -> None:
     # as the CLI: library warnings on the root logger (open_clip's "no pretrained weights") are hidden
     handler.addFilter(lambda record: record.name != "root" or record.levelno >= logging.ERROR)
     logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s", handlers=[handler], force=True)
+    install_deferred_handler()  # a terminal's Ctrl-C reaches the workers too: the first one stops after a step
     import torch
 
     torch.set_num_threads(threads)
-
-
-def _perform_in_worker(task: RunTask, ctx: WorkContext) -> TaskResult:
-    return perform(task, ctx)
 
 
 class GpuWorkersExecutor(Executor):
@@ -135,14 +133,14 @@ class GpuWorkersExecutor(Executor):
         def worker(slot: Slot) -> None:
             pool = new_pool(slot)
             try:
-                while not stop.is_set():
+                while not stop.is_set() and not stop_requested():
                     try:
                         task = todo.get_nowait()
                     except queue.Empty:
                         return
                     report.run_started(task.label)
                     try:
-                        result = pool.submit(_perform_in_worker, task, ctx).result()
+                        result = pool.submit(perform_in_worker, task, ctx).result()
                     except BrokenProcessPool:
                         pool.shutdown(wait=False, cancel_futures=True)
                         pool = new_pool(slot)
@@ -161,21 +159,32 @@ class GpuWorkersExecutor(Executor):
                     with lock:
                         results[task.id] = result
                     report.run_finished(result)  # failed or not, the other runs go on
+                    if result.status == "interrupted":  # a Ctrl-C only this worker got: the whole sweep stops
+                        request_stop()
             finally:
                 pool.shutdown(wait=True)
 
+        stop_file = StopFile(ctx.stop_file) if ctx.stop_file else None
         threads = [threading.Thread(target=worker, args=(s,), name=f"worker-{i}") for i, s in enumerate(self.slots)]
         for th in threads:
             th.start()
         try:
-            for th in threads:
-                th.join()
-        except BaseException:
+            while alive := [th for th in threads if th.is_alive()]:
+                alive[0].join(0.2)  # wake up often: the main thread is where Ctrl-C arrives
+                if stop_requested() and not stop.is_set():  # first Ctrl-C: every worker stops after its step
+                    stop.set()
+                    if stop_file is not None:
+                        stop_file.signal()
+        except BaseException:  # a second Ctrl-C: the workers stop after their step, unfinished runs are left
             stop.set()
+            if stop_file is not None:
+                stop_file.signal()
             with lock:
                 for pool in pools:
                     pool.shutdown(wait=False, cancel_futures=True)
             raise
+        if stop.is_set():
+            raise KeyboardInterrupt  # finished runs are recorded, interrupted ones kept their checkpoint
         return [results[t.id] for t in tasks if t.id in results]
 
 

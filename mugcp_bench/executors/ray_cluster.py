@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 
 from mugcp_bench.errors import UserError
 from mugcp_bench.executors.base import Executor, SafeReporter
-from mugcp_bench.executors.work import RunTask, TaskResult, WorkContext, perform
+from mugcp_bench.executors.work import RunTask, TaskResult, WorkContext, perform_in_worker
+from mugcp_bench.interrupts import StopFile, request_stop, stop_requested
 
 if TYPE_CHECKING:
     from mugcp_bench.sweep import Reporter
@@ -38,7 +39,7 @@ def _ray_perform(task: RunTask, ctx: WorkContext, threads: int) -> TaskResult:
     import torch
 
     torch.set_num_threads(threads)  # the task's CPUs (Ray sets OMP_NUM_THREADS, not torch's own count)
-    return perform(task, ctx)
+    return perform_in_worker(task, ctx)
 
 
 class RayExecutor(Executor):
@@ -96,8 +97,14 @@ class RayExecutor(Executor):
             for task in tasks:
                 pending[remote.remote(task, ctx, threads)] = task
                 report.run_started(task.label)
+            stop_file = StopFile(ctx.stop_file) if ctx.stop_file else None
+            stopping = False
             while pending:
-                done, _ = ray.wait(list(pending), num_returns=1)
+                done, _ = ray.wait(list(pending), num_returns=1, timeout=0.2)
+                if stop_requested() and not stopping:  # first Ctrl-C: running tasks stop after their step,
+                    stopping = True  # tasks not yet started return at once, untouched
+                    if stop_file is not None:
+                        stop_file.signal()
                 for ref in done:
                     task = pending.pop(ref)
                     try:
@@ -107,6 +114,8 @@ class RayExecutor(Executor):
                         result = TaskResult(task.id, task.label, "train", "failed", reason)
                     results[task.id] = result
                     report.run_finished(result)
+                    if result.status == "interrupted":  # a Ctrl-C only that task's process got: the sweep stops
+                        request_stop()
         except BaseException:
             for ref in pending:
                 ray.cancel(ref, force=True)
@@ -114,6 +123,8 @@ class RayExecutor(Executor):
         finally:
             if started_here:
                 ray.shutdown()
+        if stopping:
+            raise KeyboardInterrupt  # finished runs are recorded, interrupted ones kept their checkpoint
         return [results[t.id] for t in tasks if t.id in results]
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from mugcp_bench.claims import DEFAULT_TIMEOUT_S, Claim, new_token
 from mugcp_bench.errors import RunFailed, UserError
+from mugcp_bench.interrupts import StopFile, request_stop
 from mugcp_bench.runner import PlannedRun, RunOptions
 from mugcp_bench.store import RunRecord
 
@@ -35,6 +36,7 @@ class WorkContext:
     precision: str
     claim_timeout: float = DEFAULT_TIMEOUT_S
     env: dict[str, str] = field(default_factory=dict)
+    stop_file: str | None = None  # created by the sweep at its first Ctrl-C (interrupts.StopFile): stop every run
 
     @classmethod
     def capture(cls, opts: RunOptions, backbone: str, pretrained: str | None, precision: str, claim_timeout: float):
@@ -80,9 +82,9 @@ class TaskResult:
 
 def next_action(run: PlannedRun, opts: RunOptions) -> str:
     """The action for a run whose claim we hold: a record left `running` has no live owner, so it is picked up."""
-    from mugcp_bench.runner import _action
+    from mugcp_bench.runner import decide_action
 
-    action = _action(run, opts)
+    action = decide_action(run, opts)
     if action == "skip" and run.record.status in ("running", "stale"):
         return "resume" if opts.resume and run.record.checkpoint_path.is_file() else "train"
     return action
@@ -109,6 +111,9 @@ def perform(
     load_plugins()  # a worker did not start through the CLI: out-of-tree methods and callbacks (once per process)
     run = task.run
     base = {"id": task.id, "label": task.label, "host": socket.gethostname(), "pid": os.getpid()}
+    stop = StopFile(ctx.stop_file) if ctx.stop_file else None
+    if stop is not None and stop.seen():  # the sweep was interrupted before this run started: leave it untouched
+        return TaskResult(**base, action="skip", status="not started", reason="the sweep was interrupted")
     claim = Claim(RunRecord(ctx.opts.results_dir, run.key).dir, task.token, ctx.claim_timeout)
     if not claim.acquire():
         holder = claim.previous
@@ -126,6 +131,8 @@ def perform(
         def step(info: dict[str, Any]) -> None:
             if claim.lost is not None:
                 raise ClaimLost(claim.lost.describe())
+            if stop is not None and stop.seen():
+                request_stop()  # the trainer checkpoints after this step and raises RunInterrupted
             if progress is not None:
                 progress(info)
 
@@ -148,4 +155,22 @@ def perform(
         claim.release()
 
 
-__all__ = ["FORWARDED_ENV", "ClaimLost", "RunTask", "TaskResult", "WorkContext", "next_action", "perform"]
+def perform_in_worker(task: RunTask, ctx: WorkContext) -> TaskResult:
+    """`perform` in a worker process (gpus, Ray): an interrupted run (its record says so, its checkpoint kept) is a
+    result, so the worker stays usable and the sweep's process decides what the interruption means."""
+    try:
+        return perform(task, ctx)
+    except KeyboardInterrupt as e:
+        return TaskResult(task.id, task.label, "train", "interrupted", str(e) or "interrupted", socket.gethostname())
+
+
+__all__ = [
+    "FORWARDED_ENV",
+    "ClaimLost",
+    "RunTask",
+    "TaskResult",
+    "WorkContext",
+    "next_action",
+    "perform",
+    "perform_in_worker",
+]
