@@ -28,16 +28,15 @@ from mugcp_bench.protocols import EvalTarget, Protocol, Suite, TrainTarget, plan
 from mugcp_bench.registry import METHODS, suggest
 from mugcp_bench.resources import PeakMemory
 from mugcp_bench.settings import check_ranges
-from mugcp_bench.state_fit import StateMismatch
 from mugcp_bench.store import RunKey, RunRecord, config_hash
 from mugcp_bench.trainer import (
     backbone_precision,
     check_backbone,
     evaluate,
     fit,
+    load_saved_state,
     prepare_method,
     resolve_precision,
-    set_aside,
     set_seed,
 )
 
@@ -216,20 +215,6 @@ def _eval_split(run: PlannedRun, target: EvalTarget, opts: RunOptions):
     return prepare(target.dataset, opts.data_root, None, seed, "all", opts.cache_dir)
 
 
-def _load_model(method: Method, path: Path) -> bool:
-    """Load a run's stored last-epoch model (evaluate-only); False if it cannot be read or does not fit the method
-    (another version of it wrote the file): the file is then kept aside as model.pt.unusable with one warning line."""
-    try:
-        method.load_trainable_state(torch.load(path, map_location="cpu", weights_only=True), source=f"model {path}")
-    except StateMismatch as e:
-        set_aside(path, f"does not fit {method.name} on {method.backbone.name} ({e.problem})", "unusable")
-        return False
-    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: unusable, whatever torch raised
-        set_aside(path, f"cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})", "unusable")
-        return False
-    return True
-
-
 def execute(run: PlannedRun, backbone: Backbone, opts: RunOptions, progress=None) -> None:
     """Train (or resume) and evaluate one run; the record ends complete, failed (then RunFailed is raised) or
     interrupted (Ctrl-C: KeyboardInterrupt / RunInterrupted propagates)."""
@@ -250,7 +235,7 @@ def execute(run: PlannedRun, backbone: Backbone, opts: RunOptions, progress=None
     precision = run.key.precision
     timings = record.data.setdefault("timings", {})
     memory = PeakMemory(device)
-    if run.action == "evaluate" and not _load_model(method, record.model_path):
+    if run.action == "evaluate" and load_saved_state(record.model_path, method, checkpoint=False) is None:
         run.action = "train"  # the stored model cannot be used (kept aside): train it again, evaluate it all again
         record.data["evaluations"] = []
     try:

@@ -233,24 +233,28 @@ def set_aside(path: Path, why: str, suffix: str) -> Path:
     return aside
 
 
-def _usable_checkpoint(path: Path, method: Method) -> dict[str, Any] | None:
-    """The resume checkpoint at `path`, loaded into `method`; None if there is none, or if it cannot be read or does
-    not fit the method (then it is kept aside as checkpoint.pt.unusable with one warning line, and the run trains
-    from the start: the rule of damaged run records, docs/protocol.md §4.6)."""
+CHECKPOINT_KEYS = frozenset({"model", "optimizer", "scheduler", "rng", "epoch"})
+
+
+def load_saved_state(path: Path, method: Method, checkpoint: bool) -> dict[str, Any] | None:
+    """Load a run's resume checkpoint (`checkpoint=True`, returned whole) or stored model (the trainable state) from
+    `path` into `method`. None if there is no file, or if it cannot be read or does not fit the method (another
+    architecture, another version of it): the file is then kept aside as `<name>.unusable` with one warning line and
+    the run trains from the start — the rule of damaged run records (docs/protocol.md §4.6)."""
     if not path.is_file():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if not isinstance(state, dict) or not {"model", "optimizer", "scheduler", "rng", "epoch"} <= state.keys():
-            raise ValueError("is not a checkpoint of this trainer")
-        method.load_trainable_state(state["model"], source=f"checkpoint {path}")
+        saved = torch.load(path, map_location="cpu", weights_only=not checkpoint)
+        if checkpoint and not (isinstance(saved, dict) and CHECKPOINT_KEYS <= saved.keys()):
+            raise ValueError("not a checkpoint of this trainer")
+        method.load_trainable_state(saved["model"] if checkpoint else saved, source=str(path))
     except StateMismatch as e:
         set_aside(path, f"does not fit {method.name} on {method.backbone.name} ({e.problem})", "unusable")
         return None
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file: unusable, whatever torch raised
         set_aside(path, f"cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})", "unusable")
         return None
-    return state
+    return saved
 
 
 def fit(
@@ -296,7 +300,7 @@ def fit(
     scaler = make_scaler(precision, device)
     start_epoch, history, skip, resumed_sums, last_loss = 0, [], 0, {}, float("nan")
     epoch_loader_state = loader_gen.get_state()
-    state = _usable_checkpoint(checkpoint, method) if resume and checkpoint is not None else None
+    state = load_saved_state(checkpoint, method, checkpoint=True) if resume and checkpoint is not None else None
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])

@@ -3,6 +3,7 @@ backbone: the same numbers under every executor, every run trained once, a kille
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -76,12 +78,8 @@ def test_gpu_workers_on_the_cpu_give_the_local_numbers_bit_for_bit(data_root, lo
 
 @pytest.mark.slow
 def test_ray_tasks_on_a_loopback_cluster_give_the_local_numbers_bit_for_bit(data_root, local_results, tmp_path):
-    ray = pytest.importorskip("ray", reason="the ray extra is installed by `make test`")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-    try:
-        result = run_sweep(data_root=data_root, results_dir=tmp_path, executor="ray", **SWEEP)
-    finally:
-        ray.shutdown()
+    with two_workers("ray") as extra:
+        result = run_sweep(data_root=data_root, results_dir=tmp_path, **extra, **SWEEP)
     assert not result.failed and len(result.trained) == 12
     got, want = records(tmp_path), records(local_results)
     assert got.keys() == want.keys()
@@ -145,6 +143,34 @@ def test_two_run_commands_at_once_train_every_run_exactly_once(data_root, tmp_pa
     assert not list(tmp_path.glob(f"runs/**/{CLAIM_FILE}"))  # every claim released
 
 
+@contextlib.contextmanager
+def two_workers(executor: str) -> Iterator[dict]:
+    """`run_sweep` options for two workers: two CPU workers under gpus, or Ray on a loopback cluster of 2 CPUs."""
+    if executor == "gpus":
+        yield {"executor": "gpus", "gpus": "cpu:2"}
+        return
+    ray = pytest.importorskip("ray", reason="the ray extra is installed by `make test`")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    try:
+        yield {"executor": "ray"}
+    finally:
+        ray.shutdown()
+
+
+@contextlib.contextmanager
+def watching(target: Callable[[Path, dict, threading.Event], None], results: Path) -> Iterator[dict]:
+    """Run `target(results, found, stop)` in a thread for the block; yields `found` (what the watcher did)."""
+    found: dict = {}
+    stop = threading.Event()
+    watcher = threading.Thread(target=target, args=(results, found, stop))
+    watcher.start()
+    try:
+        yield found
+    finally:
+        stop.set()
+        watcher.join()
+
+
 def _kill_first_worker_after_its_first_epoch(results: Path, killed: dict, stop: threading.Event) -> None:
     """Watch the results for a checkpoint (epoch 1 done) and SIGKILL the worker named in that run's claim."""
     while not stop.is_set():
@@ -164,23 +190,8 @@ def test_a_worker_killed_mid_run_is_replaced_and_the_run_resumes_to_the_uninterr
 ):
     kw = {**TINY, "methods": "coop", "datasets": "dtd,eurosat", "seeds": "1"}
     kw["sets"] = {"epochs": 3, "batch_size": 2}
-    killed: dict = {}
-    stop = threading.Event()
-    watcher = threading.Thread(target=_kill_first_worker_after_its_first_epoch, args=(tmp_path / "a", killed, stop))
-    if executor == "ray":
-        ray = pytest.importorskip("ray", reason="the ray extra is installed by `make test`")
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-        extra = {"executor": "ray"}
-    else:
-        extra = {"executor": "gpus", "gpus": "cpu:2"}
-    watcher.start()
-    try:
+    with two_workers(executor) as extra, watching(_kill_first_worker_after_its_first_epoch, tmp_path / "a") as killed:
         result = run_sweep(data_root=data_root, results_dir=tmp_path / "a", **extra, **kw)
-    finally:
-        stop.set()
-        watcher.join()
-        if executor == "ray":
-            ray.shutdown()
     assert killed, "no worker was killed (the runs finished before the first checkpoint was seen)"
     assert not result.failed and len(result.trained) == 2
     interrupted = json.loads((killed["run_dir"] / "run.json").read_text())
@@ -420,24 +431,11 @@ def test_ctrl_c_stops_every_worker_after_its_step_and_a_rerun_equals_uninterrupt
     monkeypatch.setenv("MUGCP_PLUGINS", "tests.fault_plugins")  # in the workers: 0.1 s more per step
     monkeypatch.setenv("FAULT_STEP_SLEEP", "0.1")
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parents[1]))
-    if executor == "ray":
-        ray = pytest.importorskip("ray", reason="the ray extra is installed by `make test`")
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-        extra = {"executor": "ray"}
-    else:
-        extra = {"executor": "gpus", "gpus": "cpu:2"}
-    sent: dict = {}
-    stop = threading.Event()
-    watcher = threading.Thread(target=_ctrl_c_after_the_first_checkpoint, args=(tmp_path / "a", sent, stop))
-    watcher.start()
     try:
-        with pytest.raises(KeyboardInterrupt):
-            run_sweep(data_root=data_root, results_dir=tmp_path / "a", **extra, **kw)
+        with two_workers(executor) as extra, watching(_ctrl_c_after_the_first_checkpoint, tmp_path / "a") as sent:
+            with pytest.raises(KeyboardInterrupt):
+                run_sweep(data_root=data_root, results_dir=tmp_path / "a", **extra, **kw)
     finally:
-        stop.set()
-        watcher.join()
-        if executor == "ray":
-            ray.shutdown()
         monkeypatch.delenv("FAULT_STEP_SLEEP")  # the reruns below (in this process) at full speed
         plugins._loaded.discard("tests.fault_plugins")
         sys.modules.pop("tests.fault_plugins", None)
