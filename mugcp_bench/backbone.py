@@ -68,19 +68,71 @@ def register_packaged_configs() -> list[str]:
 register_packaged_configs()
 
 
-def build_transforms(image_size: int, crop_min_scale: float = 0.08) -> tuple[Callable, Callable]:
-    """Train and test transforms of the reference protocol (Dassl, docs/protocol.md §4.1; `crop_min_scale` 0.08)."""
-    normalize = T.Normalize(CLIP_MEAN, CLIP_STD)
-    bicubic = T.InterpolationMode.BICUBIC
+@dataclass(frozen=True)
+class Preprocess:
+    """How the weights expect images: normalisation, resampling and the test resize (open_clip's `preprocess_cfg`).
+
+    OpenAI's CLIP (the reference's weights): CLIP's mean/std, bicubic, resize the shortest side then centre-crop.
+    Other tags were trained with other statistics (e.g. ViT-L-14 `laion2b_s32b_b82k`: mean = std = 0.5; DFN's
+    ViT-H-14: the image squashed to a square), and are fed exactly as open_clip's own preprocessing feeds them.
+    """
+
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    interpolation: str = "bicubic"  # or "bilinear"
+    resize_mode: str = "shortest"  # resize the shortest side + centre crop; "squash": resize to a square
+
+    @classmethod
+    def from_cfg(cls, cfg: dict | None) -> Preprocess:
+        """From an open_clip pretrained or hub `preprocess_cfg` (missing fields keep CLIP's)."""
+        cfg = cfg or {}
+        default = cls()
+        interpolation = str(cfg.get("interpolation") or default.interpolation)
+        resize_mode = str(cfg.get("resize_mode") or default.resize_mode)
+        if interpolation not in ("bicubic", "bilinear") or resize_mode not in ("shortest", "squash"):
+            raise UserError(
+                f"unsupported image preprocessing (interpolation '{interpolation}', resize_mode '{resize_mode}'); "
+                "supported: bicubic or bilinear, shortest or squash"
+            )
+        return cls(
+            tuple(float(x) for x in (cfg.get("mean") or default.mean)),  # type: ignore[arg-type]
+            tuple(float(x) for x in (cfg.get("std") or default.std)),  # type: ignore[arg-type]
+            interpolation,
+            resize_mode,
+        )
+
+    @property
+    def version(self) -> str:
+        """TRANSFORM_VERSION for CLIP's preprocessing (the reference's; run ids unchanged), else with what differs."""
+        if self == Preprocess():
+            return TRANSFORM_VERSION
+        mean, std = ",".join(f"{x:g}" for x in self.mean), ",".join(f"{x:g}" for x in self.std)
+        return f"{TRANSFORM_VERSION}+mean{mean}-std{std}-{self.interpolation}-{self.resize_mode}"
+
+
+CLIP_PREPROCESS = Preprocess()
+
+
+def build_transforms(
+    image_size: int, crop_min_scale: float = 0.08, preprocess: Preprocess = CLIP_PREPROCESS
+) -> tuple[Callable, Callable]:
+    """Train and test transforms of the reference protocol (Dassl, docs/protocol.md §4.1; `crop_min_scale` 0.08),
+    with the weights' normalisation, resampling and test resize (`Preprocess`)."""
+    normalize = T.Normalize(preprocess.mean, preprocess.std)
+    mode = T.InterpolationMode.BICUBIC if preprocess.interpolation == "bicubic" else T.InterpolationMode.BILINEAR
     train = T.Compose(
         [
-            T.RandomResizedCrop(image_size, scale=(crop_min_scale, 1.0), interpolation=bicubic),
+            T.RandomResizedCrop(image_size, scale=(crop_min_scale, 1.0), interpolation=mode),
             T.RandomHorizontalFlip(p=0.5),
             T.ToTensor(),
             normalize,
         ]
     )
-    test = T.Compose([T.Resize(image_size, interpolation=bicubic), T.CenterCrop(image_size), T.ToTensor(), normalize])
+    if preprocess.resize_mode == "squash":
+        resize = [T.Resize((image_size, image_size), interpolation=mode)]
+    else:
+        resize = [T.Resize(image_size, interpolation=mode), T.CenterCrop(image_size)]
+    test = T.Compose([*resize, T.ToTensor(), normalize])
     return train, test
 
 
@@ -131,7 +183,14 @@ def _text_tower(model: nn.Module) -> TextTower:
 class Backbone(nn.Module):
     """A frozen open_clip CLIP with explicit, callback-driven layer loops."""
 
-    def __init__(self, model: nn.Module, name: str, pretrained: str | None, tokenizer: Callable) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        name: str,
+        pretrained: str | None,
+        tokenizer: Callable,
+        preprocess: Preprocess = CLIP_PREPROCESS,
+    ) -> None:
         super().__init__()
         visual = model.visual
         if not hasattr(visual, "conv1") or getattr(visual, "attn_pool", None) is not None:
@@ -159,7 +218,8 @@ class Backbone(nn.Module):
         size = visual.image_size
         self.image_size: int = size[0] if isinstance(size, (tuple, list)) else int(size)
         self.n_vision_tokens: int = visual.positional_embedding.shape[0]
-        self.test_transform = build_transforms(self.image_size)[1]
+        self.preprocess = preprocess
+        self.test_transform = build_transforms(self.image_size, preprocess=preprocess)[1]
         for block in [*visual.transformer.resblocks, *self.text.transformer.resblocks]:
             if not getattr(block.attn, "batch_first", True):
                 raise UserError(f"backbone '{name}' uses sequence-first blocks; open_clip>=3 batch-first is required")
@@ -175,7 +235,12 @@ class Backbone(nn.Module):
     def train_transform(self, crop_min_scale: float = 0.08) -> Callable:
         """Dassl's train transform at this backbone's image size; `crop_min_scale` is RandomResizedCrop's smallest
         area share (0.08 in the reference protocol; a TrainConfig setting)."""
-        return build_transforms(self.image_size, crop_min_scale)[0]
+        return build_transforms(self.image_size, crop_min_scale, self.preprocess)[0]
+
+    @property
+    def transform_version(self) -> str:
+        """What the run config and the feature cache record about the transforms (`Preprocess.version`)."""
+        return self.preprocess.version
 
     def train(self, mode: bool = True) -> Backbone:  # noqa: D102 - the backbone is always in eval mode
         return super().train(False)
@@ -684,7 +749,7 @@ def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def _load_hub(name: str, repo: str, cache_dir: str | None, precision: str = "fp32") -> nn.Module:
+def _load_hub(name: str, repo: str, cache_dir: str | None, precision: str = "fp32") -> tuple[nn.Module, Preprocess]:
     """`hf-hub:ORG/NAME`: open_clip's config (`open_clip_config.json`) and weights from a Hub repo.
 
     The repo's architecture must be `name`'s (the run key and every report name the architecture); the activation
@@ -709,7 +774,8 @@ def _load_hub(name: str, repo: str, cache_dir: str | None, precision: str = "fp3
     path = _hub_file(repo, None, cache_dir, what)
     sd, _, _ = _read_state_dict(Path(path))
     model = _build(name, hub_quick_gelu(repo, model_cfg), precision)
-    return _load_state(model, sd, f"{HF_HUB_PREFIX}{repo} ({path})", name)
+    preprocess = Preprocess.from_cfg(json.loads(Path(config_path).read_text()).get("preprocess_cfg"))
+    return _load_state(model, sd, f"{HF_HUB_PREFIX}{repo} ({path})", name), preprocess
 
 
 def load_backbone(
@@ -729,6 +795,7 @@ def load_backbone(
     (the reference code's fp16 weights, see `REFERENCE_FP16`).
     """
     _check_name(name)
+    preprocess = CLIP_PREPROCESS  # random weights and files: CLIP's (OpenAI's) preprocessing
     if not pretrained or pretrained == "random":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -738,7 +805,7 @@ def load_backbone(
         repo = pretrained.removeprefix(HF_HUB_PREFIX).strip("/")
         if repo.count("/") != 1:
             raise UserError(f"--pretrained '{pretrained}': expected {HF_HUB_PREFIX}ORG/NAME")
-        model = _load_hub(name, repo, cache_dir, precision)
+        model, preprocess = _load_hub(name, repo, cache_dir, precision)
         pretrained = f"{HF_HUB_PREFIX}{repo}"
     elif os.path.isfile(pretrained):
         model = _load_file(name, Path(pretrained), precision)
@@ -747,11 +814,12 @@ def load_backbone(
         raise UserError(f"checkpoint file '{pretrained}' does not exist; pass --pretrained PATH to an existing file")
     else:
         model = _load_tag(name, pretrained, cache_dir, precision)
+        preprocess = Preprocess.from_cfg(open_clip.get_pretrained_cfg(name, pretrained))  # flat: mean, std, ...
     tokenizer = open_clip.get_tokenizer(name)
     vocab = getattr(tokenizer, "vocab_size", None)
     if vocab is not None and vocab < 1000:  # tokenizers can load empty offline without raising
         raise UserError(f"the tokenizer of '{name}' loaded with {vocab} entries; its vocabulary files are missing")
-    return Backbone(model, name, pretrained, tokenizer).to(device)
+    return Backbone(model, name, pretrained, tokenizer, preprocess).to(device)
 
 
 def list_backbones() -> list[str]:

@@ -18,7 +18,7 @@ from filelock import FileLock
 from torch.utils.data import DataLoader
 
 from mugcp_bench.atomic import atomic_torch_save
-from mugcp_bench.backbone import TRANSFORM_VERSION, Backbone
+from mugcp_bench.backbone import Backbone
 from mugcp_bench.datasets.base import Datum, ImageListDataset
 from mugcp_bench.trainer import autocast
 
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 def features_key(backbone: Backbone, items: Sequence[Datum], precision: str) -> str:
     h = hashlib.sha1()
-    h.update(f"{backbone.weights_hash}|{TRANSFORM_VERSION}|{backbone.image_size}|{precision}".encode())
+    h.update(f"{backbone.weights_hash}|{backbone.transform_version}|{backbone.image_size}|{precision}".encode())
     for d in items:  # size and mtime: a replaced or damaged image invalidates the entry
         try:
             st = os.stat(d.impath)

@@ -19,7 +19,7 @@ import torch
 
 from mugcp_bench import predictions
 from mugcp_bench.atomic import atomic_torch_save
-from mugcp_bench.backbone import TRANSFORM_VERSION, Backbone, load_backbone
+from mugcp_bench.backbone import Backbone, load_backbone
 from mugcp_bench.datasets.base import get_spec, prepare
 from mugcp_bench.errors import DiskFull, NonFiniteLoss, RunFailed, RunInterrupted, UserError
 from mugcp_bench.features import image_features
@@ -157,7 +157,7 @@ def plan(
                             shots=train.shots,
                             seed=seed,
                             precision=precision,
-                            config_hash=config_hash([asdict(cfg), asdict(tcfg), TRANSFORM_VERSION]),
+                            config_hash=config_hash([asdict(cfg), asdict(tcfg), backbone.transform_version]),
                             activation=backbone.activation,
                         )
                         if key.id in runs:  # cross-dataset + DG share the source run: merge evaluations
@@ -226,7 +226,11 @@ def execute(run: PlannedRun, backbone: Backbone, opts: RunOptions, progress=None
     data = prepare(run.key.train_dataset, opts.data_root, run.key.shots, run.key.seed, run.key.classes, opts.cache_dir)
     method = method_cls(backbone, data.classnames, run.method_config, template=spec.template, dataset=spec.name)
     prepare_method(method, device, run.key.precision)  # device and parameter dtypes (reference-fp16: as the reference)
-    config = {"method": asdict(run.method_config), "train": asdict(run.train_config), "transform": TRANSFORM_VERSION}
+    config = {
+        "method": asdict(run.method_config),
+        "train": asdict(run.train_config),
+        "transform": backbone.transform_version,
+    }
     record.start(config, method.n_trainable(), run.train_config.eval_batch_size)
     # All parameters the method holds (DCP's official preset keeps a text half that never gets a gradient).
     record.data["method_params"] = sum(p.numel() for p in method.parameters())

@@ -11,6 +11,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import open_clip
 import pytest
 import torch
@@ -349,14 +350,17 @@ def test_openai_format_file_records_quickgelu(tmp_path):
     assert load_backbone("tiny").activation == "gelu"
 
 
-def _tiny_hub_repo(hf_cache: Path, repo: str, model: torch.nn.Module, quick_gelu: bool | None) -> None:
+def _tiny_hub_repo(
+    hf_cache: Path, repo: str, model: torch.nn.Module, quick_gelu: bool | None, preprocess: dict | None = None
+) -> None:
     from safetensors.torch import save_file
 
     snapshot = hf_cache_snapshot(hf_cache, repo)
     model_cfg = open_clip.get_model_config("tiny")
     if quick_gelu is not None:
         model_cfg["quick_gelu"] = quick_gelu
-    config = {"model_cfg": model_cfg, "preprocess_cfg": {"mean": list(CLIP_MEAN), "std": list(CLIP_STD)}}
+    preprocess = preprocess or {"mean": list(CLIP_MEAN), "std": list(CLIP_STD)}
+    config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess}
     (snapshot / "open_clip_config.json").write_text(json.dumps(config))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(snapshot / "open_clip_model.safetensors"))
 
@@ -385,3 +389,58 @@ def test_hub_repo_of_a_quickgelu_tag_is_quickgelu_even_if_its_config_is_silent()
     assert backbone_mod.hub_quick_gelu(repo, {}) is True
     assert backbone_mod.hub_quick_gelu("laion/CLIP-ViT-B-16-laion2B-s34B-b88K", {}) is False
     assert backbone_mod.hub_quick_gelu("acme/x", {"quick_gelu": True}) is True
+
+
+# --- image preprocessing as each tag was trained ----------------------------------------------------------------------
+def _distinct_tag_preprocessing() -> dict[tuple, tuple[str, str]]:
+    """One (architecture, tag) per distinct (mean, std, interpolation, resize_mode) open_clip lists."""
+    out: dict[tuple, tuple[str, str]] = {}
+    for name, tag in open_clip.list_pretrained():
+        cfg = open_clip.get_pretrained_cfg(name, tag)
+        key = (tuple(cfg.get("mean", CLIP_MEAN)), tuple(cfg.get("std", CLIP_STD)))
+        key += (cfg.get("interpolation", "bicubic"), cfg.get("resize_mode", "shortest"))
+        out.setdefault(key, (name, tag))
+    return out
+
+
+@pytest.mark.parametrize("name,tag", sorted(_distinct_tag_preprocessing().values()))
+def test_every_tags_test_images_are_what_open_clips_own_preprocessing_gives(name, tag):
+    """Normalisation, resampling and resize as open_clip feeds that tag (e.g. ViT-L-14 laion2b_s32b_b82k: mean =
+    std = 0.5; DFN: squashed to a square), on a non-square image."""
+    from PIL import Image
+
+    from mugcp_bench.backbone import Preprocess, build_transforms
+
+    cfg = open_clip.get_pretrained_cfg(name, tag)
+    pre = Preprocess.from_cfg(cfg)
+    size = 64
+    theirs = open_clip.image_transform(
+        size,
+        is_train=False,
+        mean=pre.mean,
+        std=pre.std,
+        resize_mode=cfg.get("resize_mode"),
+        interpolation=cfg.get("interpolation"),
+    )
+    ours = build_transforms(size, preprocess=pre)[1]
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (90, 150, 3), dtype=np.uint8))
+    assert torch.allclose(ours(image), theirs(image), atol=1e-5)
+    assert (pre.version == "dassl-rrc0.08-bicubic-v1") == (pre == Preprocess())  # CLIP's: run ids unchanged
+
+
+def test_a_hub_repo_with_other_statistics_is_fed_with_them_and_records_it(hf_cache, tiny_backbone):
+    half = {"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear", "resize_mode": "squash"}
+    _tiny_hub_repo(hf_cache, "acme/tiny-clip-half", tiny_backbone.model, quick_gelu=None, preprocess=half)
+    bb = load_backbone("tiny", "hf-hub:acme/tiny-clip-half")
+    assert (bb.preprocess.mean, bb.preprocess.interpolation, bb.preprocess.resize_mode) == (
+        (0.5,) * 3,
+        "bilinear",
+        "squash",
+    )
+    assert bb.transform_version == "dassl-rrc0.08-bicubic-v1+mean0.5,0.5,0.5-std0.5,0.5,0.5-bilinear-squash"
+    from PIL import Image
+
+    image = Image.new("RGB", (40, 32), (255, 255, 255))
+    assert torch.allclose(bb.test_transform(image), torch.ones(3, 32, 32))  # (1 − 0.5) / 0.5
+    assert tiny_backbone.transform_version == "dassl-rrc0.08-bicubic-v1"  # random weights: CLIP's
