@@ -143,6 +143,24 @@ class CoCoOp(Method):
                 outs.append(self._encode_rows(ctx[img], cls, img))
         return torch.cat(outs).view(b, c, -1)  # (B, C, E)
 
+    def instance_logits(self, image_f: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        """Evaluation logits (B, C) from image features (B, E) and per-image contexts (B, n_ctx, Dt) without ever
+        holding the (B, C, E) text features: each chunk of prompts is reduced to its cosine logits at once, so memory
+        is one chunk plus the (B, C) logits whatever B × C is (BENCHMARKS.md, gap 6). Same numbers as
+        `cosine_logits` on `instance_text_features` up to summation order."""
+        b, c = ctx.shape[0], self.prompts.n_cls
+        total = b * c
+        chunk = self.cfg.text_chunk if self.cfg.text_chunk > 0 else total
+        rows = torch.arange(total, device=ctx.device)
+        image_n = F.normalize(image_f, dim=-1)  # (B, E)
+        cos = []
+        for s in range(0, total, chunk):
+            idx = rows[s : s + chunk]
+            img, cls = idx // c, idx % c
+            text_n = F.normalize(self._encode_rows(ctx[img], cls, img), dim=-1)  # (r, E)
+            cos.append((image_n[img] * text_n).sum(-1))  # (r,)
+        return self.backbone.logit_scale * torch.cat(cos).view(b, c)  # (B, C)
+
     def shared_text_features(self) -> torch.Tensor:
         """Without a Meta-Net the prompts are the same for every image: (C, E), encoded once."""
         embeds = self.prompts.build(self.ctx).to(self.backbone.dtype)  # (C, T, Dt)
@@ -159,6 +177,8 @@ class CoCoOp(Method):
             text_f = cached_text if cached_text is not None else self.shared_text_features()  # (C, E)
         else:
             ctx = self.instance_context(image_f)  # (B, n_ctx, Dt)
+            if not torch.is_grad_enabled():  # evaluation: chunks reduced to logits, no (B, C, E) tensor
+                return self.instance_logits(image_f, ctx)  # (B, C)
             text_f = self.instance_text_features(ctx)  # (B, C, E)
         return cosine_logits(self.backbone.logit_scale, image_f, text_f)  # (B, C)
 

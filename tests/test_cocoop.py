@@ -113,3 +113,20 @@ def test_no_metanet_ablation_is_coop_under_cocoop_budget(batch):
 def test_instance_conditional_flags():
     method = build_method("cocoop")
     assert method.instance_conditional is True and CoCoOp.frozen_image_path is True
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 0])
+def test_evaluation_reduces_each_chunk_to_logits_without_the_full_text_features(chunk, batch, monkeypatch):
+    """predict gives forward's logits, but never concatenates the (B, C, E) text features (BENCHMARKS.md gap 6)."""
+    method = build_method("cocoop", text_chunk=chunk).eval()
+    with torch.enable_grad():  # the training path: (B, C, E) text features, then cosine logits
+        want = method(batch.images).logits.detach()
+    built = []
+    real = method.instance_text_features
+    monkeypatch.setattr(method, "instance_text_features", lambda ctx: built.append(ctx) or real(ctx))
+    method.begin_eval()
+    with torch.no_grad():
+        got = method.predict(batch.images)
+    method.end_eval()
+    assert not built and got.shape == (len(batch.images), len(CLASSNAMES))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
