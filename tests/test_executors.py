@@ -457,3 +457,30 @@ def test_ctrl_c_stops_every_worker_after_its_step_and_a_rerun_equals_uninterrupt
     assert got.keys() == want.keys()
     for rid, rec in want.items():
         assert comparable(got[rid]) == comparable(rec)
+
+
+@pytest.mark.slow
+def test_gpu_workers_report_their_training_steps_to_the_sweeps_reporter(data_root, tmp_path):
+    from mugcp_bench.sweep import Reporter
+
+    class Recording(Reporter):
+        def __init__(self) -> None:
+            self.steps: dict[str, list[tuple[int, int]]] = {}
+            self.finished: list[str] = []
+
+        def step(self, label, info):
+            self.steps.setdefault(label, []).append((info["epoch"], info["step"]))
+
+        def run_finished(self, label, status, reason):
+            self.finished.append(label)
+
+    reporter = Recording()
+    kw = {**TINY, "methods": "coop", "datasets": "dtd,eurosat", "seeds": "1", "sets": {"epochs": 2, "batch_size": 2}}
+    result = run_sweep(
+        data_root=data_root, results_dir=tmp_path, executor="gpus", gpus="cpu:2", reporter=reporter, **kw
+    )
+    assert not result.failed and len(result.trained) == 2
+    assert sorted(reporter.steps) == sorted(reporter.finished)  # every run reported steps from its worker
+    for label, seen in reporter.steps.items():
+        assert seen == sorted(seen), label  # in training order
+        assert {e for e, _ in seen} == {0, 1}  # the last step of every epoch is always reported

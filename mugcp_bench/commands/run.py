@@ -90,6 +90,7 @@ class ConsoleReporter(Reporter):
         self.progress: Progress | None = None
         self.task = None
         self.running: set[str] = set()
+        self.rows: dict[str, Any] = {}  # label -> progress row of a running run
         self.failed = 0
         self.claimed = 0
 
@@ -125,16 +126,27 @@ class ConsoleReporter(Reporter):
 
     def run_started(self, label: str) -> None:
         self.running.add(label)
-        self.progress.update(self.task, description=label, status="", counts=self._counts())
+        self.progress.update(self.task, counts=self._counts())
 
     def step(self, label: str, s: dict[str, Any]) -> None:
+        if label not in self.running:  # a worker's last step report arriving after its run ended
+            return
+        # one row per training run (one under the local executor, one per worker under gpus), gone when it ends
+        row = self.rows.get(label)
+        if row is None:
+            row = self.rows[label] = self.progress.add_task(label, total=None, status="", counts="")
         self.progress.update(
-            self.task,
+            row,
+            total=s["epochs"] * s["steps"],  # the row's bar and count: training steps of the run
+            completed=s["epoch"] * s["steps"] + s["step"] + 1,
             status=f"epoch {s['epoch'] + 1}/{s['epochs']} it {s['step'] + 1}/{s['steps']} "
             f"loss {s['loss']:.3f} lr {s['lr']:.2g} {s['images_per_s']:.0f} img/s",
         )
 
     def run_finished(self, label: str, status: str, reason: str | None) -> None:
+        row = self.rows.pop(label, None)
+        if row is not None:
+            self.progress.remove_task(row)
         self.running.discard(label)
         self.failed += status == "failed"
         self.claimed += status == "running"

@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import queue
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -75,8 +76,14 @@ def parse_gpus(spec: str | None) -> list[Slot]:
     return [Slot("cuda", str(i), 1) for i in ids]
 
 
-def _init_worker(visible: str | None, threads: int, log_level: int) -> None:
+_worker: dict = {"events": None}  # in a worker process: the queue its runs' training steps are reported on
+
+PROGRESS_INTERVAL_S = 0.5  # a worker reports a run's training step at most this often
+
+
+def _init_worker(visible: str | None, threads: int, log_level: int, events=None) -> None:
     """Runs first in every worker, before anything touches CUDA (CUDA reads the variable when it initialises)."""
+    _worker["events"] = events
     if visible is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = visible
     handler = logging.StreamHandler()
@@ -87,6 +94,19 @@ def _init_worker(visible: str | None, threads: int, log_level: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
+
+
+def _perform_reporting_steps(task: RunTask, ctx: WorkContext) -> TaskResult:
+    """`perform_in_worker`, sending (label, step info) to the sweep's process every `PROGRESS_INTERVAL_S`."""
+    events, last = _worker["events"], [0.0]
+
+    def progress(info: dict) -> None:
+        now = time.monotonic()
+        if events is not None and (now - last[0] >= PROGRESS_INTERVAL_S or info["step"] + 1 == info["steps"]):
+            last[0] = now
+            events.put((task.label, dict(info)))
+
+    return perform_in_worker(task, ctx, progress)
 
 
 class GpuWorkersExecutor(Executor):
@@ -121,10 +141,20 @@ class GpuWorkersExecutor(Executor):
         pools: list[ProcessPoolExecutor] = []
         mp = multiprocessing.get_context("spawn")
         level = logging.getLogger().getEffectiveLevel()
+        events = mp.Queue()  # (label, step info) from the workers' training loops
+        draining = threading.Event()
+
+        def drain() -> None:
+            while not draining.is_set():
+                try:
+                    label, info = events.get(timeout=0.2)
+                except (queue.Empty, OSError, EOFError, ValueError):
+                    continue
+                report.step(label, info)
 
         def new_pool(slot: Slot) -> ProcessPoolExecutor:
             pool = ProcessPoolExecutor(
-                1, mp_context=mp, initializer=_init_worker, initargs=(slot.visible, slot.threads, level)
+                1, mp_context=mp, initializer=_init_worker, initargs=(slot.visible, slot.threads, level, events)
             )
             with lock:
                 pools.append(pool)
@@ -140,7 +170,7 @@ class GpuWorkersExecutor(Executor):
                         return
                     report.run_started(task.label)
                     try:
-                        result = pool.submit(perform_in_worker, task, ctx).result()
+                        result = pool.submit(_perform_reporting_steps, task, ctx).result()
                     except BrokenProcessPool:
                         pool.shutdown(wait=False, cancel_futures=True)
                         pool = new_pool(slot)
@@ -166,6 +196,8 @@ class GpuWorkersExecutor(Executor):
 
         stop_file = StopFile(ctx.stop_file) if ctx.stop_file else None
         threads = [threading.Thread(target=worker, args=(s,), name=f"worker-{i}") for i, s in enumerate(self.slots)]
+        drainer = threading.Thread(target=drain, name="worker-progress", daemon=True)
+        drainer.start()
         for th in threads:
             th.start()
         try:
@@ -183,6 +215,10 @@ class GpuWorkersExecutor(Executor):
                 for pool in pools:
                     pool.shutdown(wait=False, cancel_futures=True)
             raise
+        finally:
+            draining.set()
+            drainer.join()
+            events.close()
         if stop.is_set():
             raise KeyboardInterrupt  # finished runs are recorded, interrupted ones kept their checkpoint
         return [results[t.id] for t in tasks if t.id in results]

@@ -155,11 +155,13 @@ def perform(
         claim.release()
 
 
-def perform_in_worker(task: RunTask, ctx: WorkContext) -> TaskResult:
+def perform_in_worker(
+    task: RunTask, ctx: WorkContext, progress: Callable[[dict[str, Any]], None] | None = None
+) -> TaskResult:
     """`perform` in a worker process (gpus, Ray): an interrupted run (its record says so, its checkpoint kept) is a
     result, so the worker stays usable and the sweep's process decides what the interruption means."""
     try:
-        return perform(task, ctx)
+        return perform(task, ctx, progress=progress)
     except KeyboardInterrupt as e:
         return TaskResult(task.id, task.label, "train", "interrupted", str(e) or "interrupted", socket.gethostname())
 
