@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -223,7 +223,7 @@ class _Pass:
 
     logits: torch.Tensor  # (B, C)
     image_features: torch.Tensor  # (B, E)
-    text_features: torch.Tensor  # (B, C, E) or (C, E) when the text is not instance-conditional
+    text_features: torch.Tensor | None  # (B, C, E) or (C, E) when not instance-conditional; None from predict
     text_prompts: torch.Tensor  # (text_depth, B | 1, n_slots, Dt): layer 0 = input prompts, then deep prompts
     vcps: list[torch.Tensor]  # VCP_0 … VCP_{J−1}, each (B, M_v, Dv)
     evidence: list[torch.Tensor]  # pooled read-out r_l of each AMG layer l = 1 … J−1, each (B, Dv)
@@ -587,32 +587,47 @@ class MuGCP(Method):
         shared = self.prompts.shared_len
         return self.backbone.encode_text(embeds, tokens, layer_fn, shared_prefix=shared, prefix_index=group)
 
-    def _text_features(self, prompts: torch.Tensor) -> torch.Tensor:
-        """(L_t, 1, n, Dt) -> (C, E) shared class features; (L_t, B, n, Dt) -> (B, C, E)."""
+    def _text_chunks(self, prompts: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(image index (r,), text features (r, E)) per chunk of rows, row r = (image r // C, class r % C); the
+        embeddings are built per chunk, so memory is bounded by the chunk, not by B × C."""
         cp = self.prompts
-        shared = not self.instance_conditional
         batch, n_cls = prompts.shape[1], cp.n_cls
-        rows = batch * n_cls  # row r = (image r // C, class r % C)
+        rows = batch * n_cls
         chunk = self.cfg.text_chunk if self.cfg.text_chunk > 0 else rows
         prompts = prompts.to(cp.token_suffix.dtype)
-        feats = []
-        for start in range(0, rows, chunk):  # embeddings built per chunk: memory bounded by the chunk, not B x C
+        for start in range(0, rows, chunk):
             idx = torch.arange(start, min(start + chunk, rows), device=prompts.device)
             img, cls = idx // n_cls, idx % n_cls
             embeds = torch.cat([cp.token_prefix[cls], prompts[0, img], cp.token_suffix[cls]], dim=1)  # (r, T, Dt)
             deep = prompts[1:, img] if self.text_depth > 1 else None  # (L_t−1, r, n, Dt)
             if torch.is_grad_enabled() and rows > chunk:  # training: recompute each chunk in the backward pass
-                out = checkpoint(self._encode_rows, embeds, cp.tokens[cls], deep, img, use_reentrant=False)
+                yield img, checkpoint(self._encode_rows, embeds, cp.tokens[cls], deep, img, use_reentrant=False)
             else:
-                out = self._encode_rows(embeds, cp.tokens[cls], deep, img)
-            feats.append(out)  # (r, E)
-        out = torch.cat(feats).view(batch, n_cls, -1)  # (B, C, E)
-        return out[0] if shared else out
+                yield img, self._encode_rows(embeds, cp.tokens[cls], deep, img)  # (r, E)
 
-    def _run(self, images: torch.Tensor, keys: Sequence[str] | None, use_cache: bool = False) -> _Pass:
+    def _text_features(self, prompts: torch.Tensor) -> torch.Tensor:
+        """(L_t, 1, n, Dt) -> (C, E) shared class features; (L_t, B, n, Dt) -> (B, C, E)."""
+        batch, n_cls = prompts.shape[1], self.prompts.n_cls
+        out = torch.cat([feats for _, feats in self._text_chunks(prompts)]).view(batch, n_cls, -1)  # (B, C, E)
+        return out[0] if not self.instance_conditional else out
+
+    def _text_logits(self, prompts: torch.Tensor, image_f: torch.Tensor) -> torch.Tensor:
+        """Evaluation logits (B, C) of per-image prompts (L_t, B, n, Dt) and image features (B, E), each text chunk
+        reduced to its cosine logits at once: no (B, C, E) tensor (BENCHMARKS.md, gap 6); `cosine_logits` of
+        `_text_features` up to summation order."""
+        image_n = F.normalize(image_f, dim=-1)  # (B, E)
+        cos = [(image_n[img] * F.normalize(feats, dim=-1)).sum(-1) for img, feats in self._text_chunks(prompts)]
+        return self.backbone.logit_scale * torch.cat(cos).view(prompts.shape[1], self.prompts.n_cls)  # (B, C)
+
+    def _run(
+        self, images: torch.Tensor, keys: Sequence[str] | None, use_cache: bool = False, logits_only: bool = False
+    ) -> _Pass:
         s, big_s, pad, texts = self._scp_batch(keys, images.device)
         image_f, vcps, evidence, s_tildes = self._image_pass(images, s, big_s, pad)  # (B, E)
         prompts = self._text_prompts(s, vcps, images.shape[0])  # (L_t, B | 1, n_slots, Dt)
+        if logits_only and self.instance_conditional and not torch.is_grad_enabled():  # predict: no (B, C, E)
+            logits = self._text_logits(prompts, image_f)  # (B, C)
+            return _Pass(logits, image_f, None, prompts, vcps, evidence, s_tildes, s, texts)
         if use_cache and self._eval_text is not None:
             text_f = self._eval_text
         else:
@@ -703,7 +718,7 @@ class MuGCP(Method):
 
     @torch.no_grad()
     def predict(self, images, keys=None, image_features=None) -> torch.Tensor:
-        return self._run(images, keys, use_cache=True).logits
+        return self._run(images, keys, use_cache=True, logits_only=True).logits
 
     def forward_details(self, images: torch.Tensor, keys: Sequence[str] | None = None) -> _Pass:
         """Everything one forward computes (VCPs, evidence, S~s, text prompts and features) — for tests and analysis."""

@@ -464,3 +464,22 @@ def test_run_at_batch_1_records_a_nonzero_alignment_loss_every_epoch(tmp_path, c
     record = json.loads(path.read_text())
     assert (record["config"]["train"]["batch_size"], record["config"]["train"]["accum_steps"]) == (1, 4)
     assert len(record["history"]) == 2 and all(epoch["loss_align"] > 0.01 for epoch in record["history"])
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 0])
+def test_evaluation_reduces_each_text_chunk_to_logits_without_the_full_text_features(chunk, batch, monkeypatch):
+    """predict gives the training path's logits without building the (B, C, E) text features (BENCHMARKS.md gap 6)."""
+    method = mugcp(batch, text_chunk=chunk).eval()
+    with torch.no_grad():  # instance terms on: every image its own prompts
+        method.alpha.fill_(0.5)
+        method.beta.fill_(0.5)
+    with torch.enable_grad():  # the training path: (B, C, E) text features, then cosine logits
+        want = method(batch.images, batch.keys).logits.detach()
+    built = []
+    real = method._text_features
+    monkeypatch.setattr(method, "_text_features", lambda prompts: built.append(prompts) or real(prompts))
+    method.begin_eval()
+    got = method.predict(batch.images, batch.keys)
+    method.end_eval()
+    assert method.instance_conditional and not built and got.shape == want.shape
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
