@@ -778,6 +778,20 @@ def _load_hub(name: str, repo: str, cache_dir: str | None, precision: str = "fp3
     return _load_state(model, sd, f"{HF_HUB_PREFIX}{repo} ({path})", name), preprocess
 
 
+def _sidecar_preprocess(path: Path) -> Preprocess:
+    """A checkpoint file's preprocessing: the `preprocess_cfg` of an `open_clip_config.json` beside it (how open_clip
+    and the Hub store a model: a downloaded repo folder keeps it), else CLIP's."""
+    sidecar = path.parent / "open_clip_config.json"
+    if not sidecar.is_file():
+        return CLIP_PREPROCESS
+    try:
+        cfg = json.loads(sidecar.read_text()).get("preprocess_cfg")
+    except (OSError, ValueError, AttributeError) as e:
+        raise UserError(f"'{sidecar}' beside --pretrained '{path}' is not an open_clip config ({e})") from None
+    log.info("image preprocessing of '%s' from %s", path, sidecar)
+    return Preprocess.from_cfg(cfg)
+
+
 def load_backbone(
     name: str = "tiny",
     pretrained: str | None = None,
@@ -809,6 +823,7 @@ def load_backbone(
         pretrained = f"{HF_HUB_PREFIX}{repo}"
     elif os.path.isfile(pretrained):
         model = _load_file(name, Path(pretrained), precision)
+        preprocess = _sidecar_preprocess(Path(pretrained))
         pretrained = str(Path(pretrained).resolve())
     elif os.path.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
         raise UserError(f"checkpoint file '{pretrained}' does not exist; pass --pretrained PATH to an existing file")

@@ -444,3 +444,17 @@ def test_a_hub_repo_with_other_statistics_is_fed_with_them_and_records_it(hf_cac
     image = Image.new("RGB", (40, 32), (255, 255, 255))
     assert torch.allclose(bb.test_transform(image), torch.ones(3, 32, 32))  # (1 − 0.5) / 0.5
     assert tiny_backbone.transform_version == "dassl-rrc0.08-bicubic-v1"  # random weights: CLIP's
+
+
+def test_a_checkpoint_file_takes_the_preprocessing_of_the_open_clip_config_beside_it(tmp_path, tiny_backbone):
+    weights = tmp_path / "repo" / "open_clip_pytorch_model.bin"
+    weights.parent.mkdir()
+    torch.save(tiny_backbone.model.state_dict(), weights)
+    assert load_backbone("tiny", str(weights)).transform_version == "dassl-rrc0.08-bicubic-v1"  # no sidecar: CLIP's
+    half = {"mean": [0.5] * 3, "std": [0.5] * 3}
+    (weights.parent / "open_clip_config.json").write_text(json.dumps({"model_cfg": {}, "preprocess_cfg": half}))
+    bb = load_backbone("tiny", str(weights))
+    assert bb.preprocess.mean == (0.5,) * 3 and "+mean0.5,0.5,0.5" in bb.transform_version
+    (weights.parent / "open_clip_config.json").write_text("{broken")
+    with pytest.raises(UserError, match="is not an open_clip config"):
+        load_backbone("tiny", str(weights))
