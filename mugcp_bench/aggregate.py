@@ -6,6 +6,7 @@ published numbers or another method in `mugcp_bench.comparison`.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 
@@ -46,22 +47,44 @@ def _method_rank(method: str) -> tuple[int, int, str]:
     return (1, 0, method)
 
 
-def assign_entries(frame: pd.DataFrame, with_shots: bool) -> pd.DataFrame:
-    """Add `entry` and `setting` columns: the method label, suffixed with the setting fields that vary for it."""
+def config_labels(frame: pd.DataFrame) -> pd.Series:
+    """Per row, the settings that tell its run apart from other runs of the same method label and setting ("n_ctx=4,
+    lr=0.002"; "" where the group has one config): what `report --by-config` adds to the entry."""
+    labels = pd.Series("", index=frame.index, dtype=object)
+    if "config" not in frame or frame.empty:
+        return labels
+    for _key, sub in frame.groupby(["method_label", "setting"], sort=False):
+        configs = {c: json.loads(c) for c in sub["config"].dropna().unique()}
+        if len(configs) < 2:
+            continue
+        keys = sorted({k for cfg in configs.values() for k in cfg})
+        varying = [k for k in keys if len({json.dumps(cfg.get(k), sort_keys=True) for cfg in configs.values()}) > 1]
+        named = {c: ", ".join(f"{k}={cfg.get(k)}" for k in varying) for c, cfg in configs.items()}
+        labels.loc[sub.index] = sub["config"].map(named).fillna("")
+    return labels
+
+
+def assign_entries(frame: pd.DataFrame, with_shots: bool, by_config: bool = False) -> pd.DataFrame:
+    """Add `entry` and `setting` columns: the method label, suffixed with the setting fields that vary for it, and with
+    `by_config` the method or training settings that differ between its runs (`config_labels`)."""
     frame = frame.copy()
     fields = [*SETTING_FIELDS, *(["shots"] if with_shots else [])]
     frame["setting"] = ["|".join(str(v) for v in vals) for vals in frame[fields].itertuples(index=False)]
-    entry = pd.Series(frame["method_label"].to_numpy(), index=frame.index, dtype=object)
+    suffix = pd.Series("", index=frame.index, dtype=object)
     for _label, sub in frame.groupby("method_label", sort=False):
         varying = [f for f in fields if sub[f].astype(str).nunique() > 1]
         if varying:
-            suffix = (
+            suffix.loc[sub.index] = (
                 sub[varying]
                 .astype(str)
                 .apply(lambda r, v=varying: ", ".join(f"{x}-shot" if f == "shots" else x for f, x in zip(v, r)), axis=1)
             )
-            entry.loc[sub.index] = sub["method_label"] + " (" + suffix + ")"
-    frame["entry"] = entry
+    if by_config:
+        named = config_labels(frame)
+        frame["setting"] = frame["setting"] + "|" + named  # runs of another config: another entry everywhere
+        suffix = (suffix + ", " + named).where((suffix != "") & (named != ""), suffix + named)
+    label = frame["method_label"].astype(object)
+    frame["entry"] = label.where(suffix == "", label + " (" + suffix + ")")
     return frame
 
 
@@ -136,7 +159,7 @@ def build_table(frame: pd.DataFrame, kind: str, options: Options) -> Table | Non
     sub = _kind_frame(frame, kind)
     if sub.empty:
         return None
-    sub = assign_entries(sub, with_shots=kind != "few_shot")
+    sub = assign_entries(sub, with_shots=kind != "few_shot", by_config=options.by_config)
     if kind == "base2novel":
         sub = sub.assign(group=sub["classes"].astype(str))
     elif kind == "few_shot":
@@ -276,7 +299,8 @@ def _notes(table: Table, sub: pd.DataFrame, options: Options, n_dup: int, n_avg:
     if n_dup:
         table.note(
             "duplicates",
-            f"{n_dup} duplicate run(s) of the same seed (different config): the most recently written is used.",
+            f"{n_dup} duplicate run(s) of the same seed (different config): the most recently written is used "
+            "(--by-config shows each config as its own entry).",
         )
     _leakage_notes(table, sub)
 

@@ -53,11 +53,11 @@ def efficiency_tables(results: Results, options: Options) -> list[RowTable]:
         runs = runs[runs["method_label"].isin(keep) | runs["method"].isin(keep)]
     present = set(runs["train_protocol"].dropna())
     ordered = [p for p in TRAIN_PROTOCOLS if p in present] + sorted(present - set(TRAIN_PROTOCOLS))
-    return [_table(str(p), runs[runs["train_protocol"] == p]) for p in ordered]
+    return [_table(str(p), runs[runs["train_protocol"] == p], options.by_config) for p in ordered]
 
 
-def _table(protocol: str, runs: pd.DataFrame) -> RowTable:
-    runs = assign_entries(runs, with_shots=protocol != "few_shot")
+def _table(protocol: str, runs: pd.DataFrame, by_config: bool = False) -> RowTable:
+    runs = assign_entries(runs, with_shots=protocol != "few_shot", by_config=by_config)
     runs = runs.assign(device_label=runs["device_name"].fillna(runs["device"]).fillna("–").astype(str))
     rows, data = [], []
     for entry in entry_table(runs)["entry"]:

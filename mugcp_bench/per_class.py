@@ -83,7 +83,7 @@ def per_class_tables(results: Results, datasets: Sequence[str], options: Options
         sub = frame[frame["row"] == key]
         made = []
         for (protocol, classes), part in sub.groupby(["eval_protocol", "classes"], sort=False):
-            table = _table(part, key, str(protocol), str(classes))
+            table = _table(part, key, str(protocol), str(classes), options.by_config)
             if table is not None:
                 made.append(table)
         if not made:
@@ -95,9 +95,9 @@ def per_class_tables(results: Results, datasets: Sequence[str], options: Options
     return tables
 
 
-def _table(part: pd.DataFrame, key: str, protocol: str, classes: str) -> Table | None:
+def _table(part: pd.DataFrame, key: str, protocol: str, classes: str, by_config: bool = False) -> Table | None:
     few = protocol == "few_shot"
-    part = assign_entries(part, with_shots=not few)
+    part = assign_entries(part, with_shots=not few, by_config=by_config)
     part = part.assign(group=part["shots"].astype(int).astype(str) if few else "acc")
     values, classnames, missing = _per_class_values(part)
     if values.empty:

@@ -19,6 +19,7 @@ class Options:
     seeds: tuple[int, ...] | None = None  # expected seeds (others are dropped); default: those present per method
     methods: tuple[str, ...] | None = None  # method labels (a bare method name also selects its variants)
     vs: str | None = None  # "paper" or a method entry to compute Δ against
+    by_config: bool = False  # runs of one method with other settings (`run --grid`, --set) are separate entries
 
     @property
     def value_column(self) -> str:

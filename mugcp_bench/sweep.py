@@ -11,6 +11,8 @@ run.json. Printing is the caller's: pass a `Reporter` to follow the plan and the
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import logging
 import os
 import tempfile
@@ -65,6 +67,29 @@ def parse_sets(sets: Sequence[str] | Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
+def parse_grid(grid: Sequence[str] | Mapping[str, Any]) -> dict[str, list[str]]:
+    """('n_ctx=4,8', 'lr=0.002,0.01') or {'n_ctx': [4, 8]} -> {'n_ctx': ['4', '8'], ...}: the settings a sweep
+    crosses (every combination is a run of its own; values are type-checked like --set)."""
+    if isinstance(grid, Mapping):
+        items = [(str(k), v if isinstance(v, (list, tuple)) else str(v).split(",")) for k, v in grid.items()]
+    else:
+        items = []
+        for g in grid:
+            if "=" not in g:
+                raise UserError(f"--grid '{g}': expected key=v1,v2,..., e.g. --grid n_ctx=4,8,16")
+            k, v = g.split("=", 1)
+            items.append((k, v.split(",")))
+    out: dict[str, list[str]] = {}
+    for k, values in items:
+        key, vals = k.strip(), [str(x).strip() for x in values]
+        if not key or not vals or any(not x for x in vals):
+            raise UserError(f"--grid {k}={','.join(vals)}: give a setting and one or more values, e.g. n_ctx=4,8")
+        if key in out:
+            raise UserError(f"--grid {key} is given twice; put all its values in one: --grid {key}=v1,v2")
+        out[key] = list(dict.fromkeys(vals))
+    return out
+
+
 def check_writable(results_dir: Path) -> None:
     try:
         results_dir.mkdir(parents=True, exist_ok=True)
@@ -112,6 +137,7 @@ class SweepOptions:
     recipe: str | None = None
     results_dir: str | Path = "results"
     sets: Sequence[str] | Mapping[str, Any] = ()
+    grid: Sequence[str] | Mapping[str, Any] = ()  # settings to cross: every combination is its own run
     dry_run: bool = False
     force: bool = False
     resume: bool = True
@@ -264,7 +290,7 @@ def run_sweep(options: SweepOptions | None = None, /, *, reporter: Reporter | No
     from mugcp_bench.executors import build_executor
     from mugcp_bench.executors.work import RunTask, WorkContext, next_action
     from mugcp_bench.protocols import get_protocol
-    from mugcp_bench.runner import RunOptions, get_backbone, plan, resolve_methods, summarize
+    from mugcp_bench.runner import PlannedRun, RunOptions, get_backbone, plan, resolve_methods, summarize
     from mugcp_bench.trainer import resolve_precision
 
     o = options if options is not None else SweepOptions(**kw)
@@ -284,6 +310,11 @@ def run_sweep(options: SweepOptions | None = None, /, *, reporter: Reporter | No
     if any(s < 0 for s in seeds):
         raise UserError(f"--seeds {o.seeds}: seeds must be >= 0")
     overrides = parse_sets(o.sets)
+    grid = parse_grid(o.grid)
+    clash = sorted(set(grid) & set(overrides))
+    if clash:
+        raise UserError(f"--grid {clash[0]} is also given with --set; give it in one of them")
+    combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] or [{}]
     if not o.claim_timeout > 0:
         raise UserError(f"--claim-timeout {o.claim_timeout}: must be a positive number of seconds")
     executor = build_executor(o.executor, o.gpus, o.ray_address, o.ray_gpus_per_run, o.ray_cpus_per_run)
@@ -322,7 +353,12 @@ def run_sweep(options: SweepOptions | None = None, /, *, reporter: Reporter | No
         tensorboard=o.tensorboard,
     )
     backbone = get_backbone(backbone_name, pretrained, device, precision)
-    runs = plan(opts, backbone, method_names, protocols, suite, datasets, shots, seeds, o.variants)
+    planned: dict[str, PlannedRun] = {}
+    for combo in combos:  # every combination planned (and so validated) before the first run starts
+        combo_opts = dataclasses.replace(opts, overrides={**overrides, **combo})
+        for r in plan(combo_opts, backbone, method_names, protocols, suite, datasets, shots, seeds, o.variants):
+            planned.setdefault(r.key.id, r)
+    runs = list(planned.values())
     for r in runs:  # left `running` by an owner whose claim is gone or stale (another host, crashed): pick it up
         if r.action == "skip" and r.record.status == "running" and not _claimed(r.record.dir, o.claim_timeout):
             r.action = next_action(r, opts)

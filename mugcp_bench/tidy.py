@@ -5,6 +5,7 @@ The store is read as plain JSON files (schema 1, written by the trainer); nothin
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -41,7 +42,16 @@ EVAL_COLUMNS = ["eval_protocol", "eval_dataset", "classes", "n", "accuracy", "ac
 TIDY_COLUMNS = ["run_id", "status", *KEY_COLUMNS, *EVAL_COLUMNS]
 # Not part of the documented tidy schema, kept at the end: needed to resolve duplicate runs of one seed, and the
 # per-image predictions behind an evaluation (absolute path, its SHA-256, the SHA-256 of the test list it scored).
-EXTRA_COLUMNS = ["config_hash", "path", "mtime", "n_classes", "predictions", "predictions_sha256", "test_sha256"]
+EXTRA_COLUMNS = [
+    "config_hash",
+    "config",  # the run's method and training settings, canonical JSON (`report --by-config` names entries by them)
+    "path",
+    "mtime",
+    "n_classes",
+    "predictions",
+    "predictions_sha256",
+    "test_sha256",
+]
 # What a run cost (the efficiency table): parameters, timings, throughput, peak memory and device.
 COST_COLUMNS = [
     "trainable_params",
@@ -57,7 +67,7 @@ COST_COLUMNS = [
     "device",
     "device_name",
 ]
-RUN_COLUMNS = ["run_id", "status", "reason", *KEY_COLUMNS, "config_hash", "path", "mtime", *COST_COLUMNS]
+RUN_COLUMNS = ["run_id", "status", "reason", *KEY_COLUMNS, "config_hash", "config", "path", "mtime", *COST_COLUMNS]
 # One row per run x training epoch; loss parts appear as loss_<part> columns after these.
 HISTORY_COLUMNS = ["run_id", *KEY_COLUMNS, "epoch", "loss", "lr", "images_per_s", "seconds"]
 
@@ -169,6 +179,13 @@ def _key_fields(record: dict) -> dict:
     }
 
 
+def _config_json(record: dict) -> str:
+    """The run's method and training settings as one flat canonical JSON object (their keys never overlap)."""
+    config = record.get("config") or {}
+    flat = {**(config.get("method") or {}), **(config.get("train") or {})}
+    return json.dumps(flat, sort_keys=True, default=str)
+
+
 def _float(value: object) -> float:
     return float(value) if value is not None else np.nan
 
@@ -224,6 +241,7 @@ def records_to_tables(records: list[tuple[Path, dict]]) -> tuple[pd.DataFrame, p
         base = {"run_id": record.get("id"), "status": record.get("status"), **_key_fields(record)}
         extra = {
             "config_hash": (record.get("key") or {}).get("config_hash"),
+            "config": _config_json(record),
             "path": str(path),
             "mtime": path.stat().st_mtime if path.exists() else np.nan,
         }

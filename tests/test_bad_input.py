@@ -32,6 +32,12 @@ CASES = [
     ([*RUN, "--set", "epochs=1.5"], "epochs"),
     ([*RUN, "--set", "n_ctxx=4"], "Did you mean 'n_ctx'"),
     ([*RUN, "--set", "lr"], "expected key=value"),
+    ([*RUN, "--grid", "n_ctx"], "expected key=v1,v2"),
+    ([*RUN, "--grid", "n_ctx=4,"], "give a setting and one or more values"),
+    ([*RUN, "--grid", "n_ctx=4,0"], "n_ctx"),  # every combination is checked before the first run
+    ([*RUN, "--grid", "n_ctxx=4,8"], "Did you mean 'n_ctx'"),
+    ([*RUN, "--grid", "n_ctx=4,8", "--set", "n_ctx=2"], "also given with --set"),
+    ([*RUN, "--grid", "lr=0.1", "--grid", "lr=0.2"], "is given twice"),
     ([*RUN, "--precision", "fp8"], "fp8"),
     ([*RUN, "--precision", "reference-fp16", "--device", "cpu"], "reference-fp16"),
     ([*RUN, "--device", "tpu"], "tpu"),

@@ -109,6 +109,12 @@ def _format(fmt: str | None, out: Path | None) -> str:
 )
 @click.option("--efficiency", is_flag=True, help="Add the efficiency table: parameters, time, images/s, memory.")
 @click.option(
+    "--by-config",
+    is_flag=True,
+    help="Runs of one method with other settings (run --grid, --set) are separate entries, named by the settings "
+    "that differ (default: the most recently written run of each seed).",
+)
+@click.option(
     "--confusion",
     default=None,
     metavar="RUN",
@@ -130,6 +136,7 @@ def report(
     methods: str | None,
     per_class: str | None,
     efficiency: bool,
+    by_config: bool,
     confusion: str | None,
 ) -> None:
     """Aggregate seeds and datasets into paper-style tables, Δ against published numbers or a method (with paired
@@ -148,6 +155,7 @@ def report(
             seeds=_seeds(seeds),
             methods=_split(methods),
             vs=vs,
+            by_config=by_config,
         )
         results = load_results(results_dir)
         counts = results.status_counts()

@@ -36,6 +36,13 @@ def run_options(f):
         click.option("--recipe", default=None, help="paper or toy (default: paper; toy in the toy world)."),
         click.option("--results-dir", default="results", show_default=True, type=click.Path(path_type=Path)),
         click.option("--set", "sets", multiple=True, help="Override a setting: --set epochs=2 --set n_ctx=8."),
+        click.option(
+            "--grid",
+            "grid",
+            multiple=True,
+            help="Cross settings: --grid n_ctx=4,16 --grid lr=0.002,0.01 (every combination is its own run; "
+            "report --by-config tells them apart).",
+        ),
         click.option("--dry-run", is_flag=True, help="Show how many runs there are, done and to train."),
         click.option("--force", is_flag=True, help="Retrain runs that are already complete."),
         click.option("--resume/--no-resume", default=True, show_default=True, help="Resume from epoch checkpoints."),
