@@ -460,7 +460,8 @@ def test_ctrl_c_stops_every_worker_after_its_step_and_a_rerun_equals_uninterrupt
 
 
 @pytest.mark.slow
-def test_gpu_workers_report_their_training_steps_to_the_sweeps_reporter(data_root, tmp_path):
+@pytest.mark.parametrize("executor", ["gpus", "ray"])
+def test_workers_report_their_training_steps_to_the_sweeps_reporter(executor, data_root, tmp_path):
     from mugcp_bench.sweep import Reporter
 
     class Recording(Reporter):
@@ -476,9 +477,8 @@ def test_gpu_workers_report_their_training_steps_to_the_sweeps_reporter(data_roo
 
     reporter = Recording()
     kw = {**TINY, "methods": "coop", "datasets": "dtd,eurosat", "seeds": "1", "sets": {"epochs": 2, "batch_size": 2}}
-    result = run_sweep(
-        data_root=data_root, results_dir=tmp_path, executor="gpus", gpus="cpu:2", reporter=reporter, **kw
-    )
+    with two_workers(executor) as extra:
+        result = run_sweep(data_root=data_root, results_dir=tmp_path, reporter=reporter, **extra, **kw)
     assert not result.failed and len(result.trained) == 2
     assert sorted(reporter.steps) == sorted(reporter.finished)  # every run reported steps from its worker
     for label, seen in reporter.steps.items():

@@ -13,7 +13,6 @@ import multiprocessing
 import os
 import queue
 import threading
-import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from mugcp_bench.errors import UserError
 from mugcp_bench.executors.base import Executor, SafeReporter
-from mugcp_bench.executors.work import RunTask, TaskResult, WorkContext, perform_in_worker
+from mugcp_bench.executors.work import RunTask, TaskResult, WorkContext, perform_in_worker, step_reporter
 from mugcp_bench.interrupts import StopFile, install_deferred_handler, request_stop, stop_requested
 
 if TYPE_CHECKING:
@@ -78,8 +77,6 @@ def parse_gpus(spec: str | None) -> list[Slot]:
 
 _worker: dict = {"events": None}  # in a worker process: the queue its runs' training steps are reported on
 
-PROGRESS_INTERVAL_S = 0.5  # a worker reports a run's training step at most this often
-
 
 def _init_worker(visible: str | None, threads: int, log_level: int, events=None) -> None:
     """Runs first in every worker, before anything touches CUDA (CUDA reads the variable when it initialises)."""
@@ -97,16 +94,9 @@ def _init_worker(visible: str | None, threads: int, log_level: int, events=None)
 
 
 def _perform_reporting_steps(task: RunTask, ctx: WorkContext) -> TaskResult:
-    """`perform_in_worker`, sending (label, step info) to the sweep's process every `PROGRESS_INTERVAL_S`."""
-    events, last = _worker["events"], [0.0]
-
-    def progress(info: dict) -> None:
-        now = time.monotonic()
-        if events is not None and (now - last[0] >= PROGRESS_INTERVAL_S or info["step"] + 1 == info["steps"]):
-            last[0] = now
-            events.put((task.label, dict(info)))
-
-    return perform_in_worker(task, ctx, progress)
+    """`perform_in_worker`, sending (label, step info) to the sweep's process through the worker's queue."""
+    events = _worker["events"]
+    return perform_in_worker(task, ctx, step_reporter(task.label, events.put) if events is not None else None)
 
 
 class GpuWorkersExecutor(Executor):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from mugcp_bench.errors import UserError
 from mugcp_bench.executors.base import Executor, SafeReporter
-from mugcp_bench.executors.work import RunTask, TaskResult, WorkContext, perform_in_worker
+from mugcp_bench.executors.work import RunTask, TaskResult, WorkContext, perform_in_worker, step_reporter
 from mugcp_bench.interrupts import StopFile, request_stop, stop_requested
 
 if TYPE_CHECKING:
@@ -35,11 +35,12 @@ def require_ray():
     return ray
 
 
-def _ray_perform(task: RunTask, ctx: WorkContext, threads: int) -> TaskResult:
+def _ray_perform(task: RunTask, ctx: WorkContext, threads: int, events=None) -> TaskResult:
     import torch
 
     torch.set_num_threads(threads)  # the task's CPUs (Ray sets OMP_NUM_THREADS, not torch's own count)
-    return perform_in_worker(task, ctx)
+    progress = step_reporter(task.label, events.put_nowait) if events is not None else None
+    return perform_in_worker(task, ctx, progress)  # training steps go to the sweep through the Ray queue
 
 
 class RayExecutor(Executor):
@@ -93,14 +94,24 @@ class RayExecutor(Executor):
         report = SafeReporter(reporter)
         pending = {}
         results: dict[str, TaskResult] = {}
+        from ray.util.queue import Queue
+
+        events = Queue(actor_options={"num_cpus": 0})  # (label, step info) from the tasks (an actor, no CPU held)
+
+        def drain() -> None:
+            n = events.qsize()
+            for label, info in events.get_nowait_batch(n) if n else []:
+                report.step(label, info)
+
         try:
             for task in tasks:
-                pending[remote.remote(task, ctx, threads)] = task
+                pending[remote.remote(task, ctx, threads, events)] = task
                 report.run_started(task.label)
             stop_file = StopFile(ctx.stop_file) if ctx.stop_file else None
             stopping = False
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1, timeout=0.2)
+                drain()
                 if stop_requested() and not stopping:  # first Ctrl-C: running tasks stop after their step,
                     stopping = True  # tasks not yet started return at once, untouched
                     if stop_file is not None:
@@ -121,6 +132,7 @@ class RayExecutor(Executor):
                 ray.cancel(ref, force=True)
             raise
         finally:
+            events.shutdown()
             if started_here:
                 ray.shutdown()
         if stopping:

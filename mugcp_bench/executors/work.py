@@ -155,6 +155,26 @@ def perform(
         claim.release()
 
 
+PROGRESS_INTERVAL_S = 0.5  # a worker reports a run's training step at most this often (and every epoch's last)
+
+
+def step_reporter(label: str, send: Callable[[tuple[str, dict[str, Any]]], None]) -> Callable[[dict[str, Any]], None]:
+    """A `perform` progress callback for a worker process: `send((label, step info))` at most every
+    `PROGRESS_INTERVAL_S` and on the last step of every epoch; a failed send never stops the run."""
+    last = [0.0]
+
+    def progress(info: dict[str, Any]) -> None:
+        now = time.monotonic()
+        if now - last[0] >= PROGRESS_INTERVAL_S or info["step"] + 1 == info["steps"]:
+            last[0] = now
+            try:
+                send((label, dict(info)))
+            except Exception as e:  # noqa: BLE001 - progress is best effort
+                log.debug("progress of %s not sent: %s", label, e)
+
+    return progress
+
+
 def perform_in_worker(
     task: RunTask, ctx: WorkContext, progress: Callable[[dict[str, Any]], None] | None = None
 ) -> TaskResult:
