@@ -158,19 +158,27 @@ def scan_files(items: Iterable[Datum]) -> FileScan:
     return scan
 
 
-def decode_problem(path: str) -> str | None:
-    """Why the image at `path` cannot be used (missing, empty, not an image, truncated), or None if it decodes.
+# What opening and decoding a bad image file raises (PIL: OSError for missing and truncated files, its
+# UnidentifiedImageError for non-images, ValueError / SyntaxError for some malformed headers).
+IMAGE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError)
 
-    Decodes the whole image as the loader does (`convert("RGB")`), so truncated files are found too.
-    """
+
+def read_rgb(path: str | os.PathLike[str]) -> Image.Image:
+    """The image at `path`, fully decoded as RGB (truncated files fail here, not later); raises one of IMAGE_ERRORS.
+    The one way images are read: the training and test loader, `check-data --decode` and the describers."""
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def decode_problem(path: str) -> str | None:
+    """Why the image at `path` cannot be used (missing, empty, not an image, truncated), or None if it decodes."""
     try:
         if os.stat(path).st_size == 0:
             return "empty (0 bytes)"
-        with Image.open(path) as im:
-            im.convert("RGB")
+        read_rgb(path)
     except FileNotFoundError:
         return "missing"
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:  # PIL raises SyntaxError on bad headers
+    except IMAGE_ERRORS as e:
         return " ".join(f"{type(e).__name__}: {e}".split())
     return None
 
@@ -565,9 +573,8 @@ class ImageListDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[Any, int, int]:
         d = self.items[index]
         try:
-            with Image.open(d.impath) as im:
-                image = im.convert("RGB")  # forces decoding: truncated files fail here
-        except (OSError, UnidentifiedImageError, ValueError) as e:
+            image = read_rgb(d.impath)
+        except IMAGE_ERRORS as e:
             which = f"dataset {self.dataset}" if self.dataset else f"dataset folder '{d.relpath.split('/', 1)[0]}'"
             reason = "missing" if isinstance(e, FileNotFoundError) else f"unreadable ({type(e).__name__}: {e})"
             reason = " ".join(reason.split())  # one line

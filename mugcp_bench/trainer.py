@@ -225,9 +225,9 @@ def _first_non_finite(parts: dict[str, torch.Tensor]) -> tuple[str, float]:
     return "loss", float(parts["loss"].detach().float())
 
 
-def set_aside(path: Path, why: str, suffix: str) -> Path:
-    """Keep an unusable file beside its place as `<name>.<suffix>` (replacing an older one) and say so in one line."""
-    aside = path.with_name(f"{path.name}.{suffix}")
+def _set_aside(path: Path, why: str) -> Path:
+    """Keep an unusable file beside its place as `<name>.unusable` (replacing an older one) and say so in one line."""
+    aside = path.with_name(f"{path.name}.unusable")
     path.replace(aside)
     log.warning("%s %s; kept aside as %s, the run trains from the start", path, why, aside.name)
     return aside
@@ -249,10 +249,10 @@ def load_saved_state(path: Path, method: Method, checkpoint: bool) -> dict[str, 
             raise ValueError("not a checkpoint of this trainer")
         method.load_trainable_state(saved["model"] if checkpoint else saved, source=str(path))
     except StateMismatch as e:
-        set_aside(path, f"does not fit {method.name} on {method.backbone.name} ({e.problem})", "unusable")
+        _set_aside(path, f"does not fit {method.name} on {method.backbone.name} ({e.problem})")
         return None
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file: unusable, whatever torch raised
-        set_aside(path, f"cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})", "unusable")
+        _set_aside(path, f"cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
         return None
     return saved
 

@@ -14,13 +14,12 @@ from mugcp_bench.registry import DESCRIBERS, suggest
 
 def open_rgb(item: Any):
     """The image of an item as an RGB PIL image; UserError naming the file when it is missing or unreadable."""
-    from PIL import Image, UnidentifiedImageError
+    from mugcp_bench.datasets.base import IMAGE_ERRORS, read_rgb
 
     path = image_path(item)
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError) as e:
+        return read_rgb(path)
+    except IMAGE_ERRORS as e:
         what = type(e).__name__
         raise UserError(f"image {path} is missing or unreadable ({what}); re-download or re-extract it") from None
 

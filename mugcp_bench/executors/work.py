@@ -195,4 +195,5 @@ __all__ = [
     "next_action",
     "perform",
     "perform_in_worker",
+    "step_reporter",
 ]
