@@ -13,7 +13,7 @@ Each (backbone, class count) runs in a fresh worker process; inside it every met
 the naive path, the same trainable weights) and the two are measured interleaved on the same synthetic inputs
 (random images of the backbone's size, random labels, class names "class 17 thing"), so a shared, noisy CPU slows
 both alike. The DataLoader is kept out of the timing. The training step and the evaluation loop are the ones of
-``mugcp_bench.trainer.fit`` / ``evaluate`` (autocast, cross-entropy + the method's extra losses, SGD).
+``mugcp_bench.engine.trainer.fit`` / ``evaluate`` (autocast, cross-entropy + the method's extra losses, SGD).
 
 Peak memory is the peak over a phase minus the memory at its start. On CUDA ``max_memory_allocated``; on CPU the
 peak of live tensor storages (counted at the dispatcher, `live_tensor_tracker`: what the method holds, whatever the
@@ -365,7 +365,7 @@ def eval_pair(
     """Evaluation of every path on the same synthetic test images (the instances hold the same weights)."""
     import torch
 
-    from mugcp_bench.trainer import autocast
+    from mugcp_bench.engine.trainer import autocast
 
     ours = methods["ours"]
     timer, meter = Timer(device), MemoryMeter(device)
@@ -452,8 +452,8 @@ def bench_method(
     import torch
     import torch.nn.functional as F
 
+    from mugcp_bench.engine.trainer import autocast, make_optimizer
     from mugcp_bench.methods.base import TrainConfig
-    from mugcp_bench.trainer import autocast, make_optimizer
 
     items, extra = mugcp_setup() if name == "mugcp" else ([], {})
     methods, t_keys = build_paths(name, backbone, classnames, prof.recipe, extra, paths)
@@ -541,8 +541,8 @@ def worker(spec: dict[str, Any]) -> None:
     """Measure every method for one (backbone, class count); one JSON line per method on stdout."""
     import torch
 
-    from mugcp_bench.backbone import load_backbone
-    from mugcp_bench.trainer import resolve_precision
+    from mugcp_bench.engine.trainer import resolve_precision
+    from mugcp_bench.model.backbone import load_backbone
 
     logging.basicConfig(level=logging.WARNING)
     CLOCK["now"] = CLOCKS[spec.get("clock", "wall")]

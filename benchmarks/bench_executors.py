@@ -57,7 +57,7 @@ def main() -> None:
     else:
         data_root = Path(args.data_root)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MUGCP_CACHE": str(work / "cache")}
-    base = [sys.executable, "-m", "mugcp_bench.cli", "-q", "run", "--methods", args.methods]
+    base = [sys.executable, "-m", "mugcp_bench.commands.cli", "-q", "run", "--methods", args.methods]
     base += ["--datasets", args.datasets, "--seeds", args.seeds, "--data-root", str(data_root)]
     base += ["--backbone", args.backbone, "--pretrained", args.pretrained, "--device", args.device]
     base += ["--set", f"epochs={args.epochs}", "--json"]

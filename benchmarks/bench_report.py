@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mugcp_bench.aggregate import build_report  # noqa: E402
-from mugcp_bench.report_model import Options  # noqa: E402
-from mugcp_bench.tidy import load_results  # noqa: E402
+from mugcp_bench.report.aggregate import build_report  # noqa: E402
+from mugcp_bench.report.structure import Options  # noqa: E402
+from mugcp_bench.report.tidy import load_results  # noqa: E402
 from tests.synthetic_results import Split, write_b2n_store  # noqa: E402
 
 # (base test images, base classes), (novel test images, novel classes) of the CoOp splits

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mugcp_bench.backbone import Backbone
 from mugcp_bench.errors import UserError
+from mugcp_bench.model.backbone import Backbone
+from mugcp_bench.model.state_fit import StateMismatch, state_mismatch
 from mugcp_bench.registry import METHODS, suggest
-from mugcp_bench.state_fit import StateMismatch, state_mismatch
 
 log = logging.getLogger(__name__)
 

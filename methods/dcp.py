@@ -57,10 +57,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mugcp_bench.backbone import Backbone
 from mugcp_bench.errors import UserError
 from mugcp_bench.methods.base import TOY_TRAIN, Method, MethodOutput, cosine_logits
 from mugcp_bench.methods.prompts import ClassPrompts, init_context
+from mugcp_bench.model.backbone import Backbone
 from mugcp_bench.registry import METHODS
 
 FUSING_MODES = ("mean", "first", "max", "none")

@@ -6,7 +6,7 @@ the paper says, what it leaves open, what we chose and why (this is the second r
 design faults, listed in docs/methods/mugcp.md §7.6).
 
 - SCP (semantic conditional prompts): a per-image description (a describer, cached by
-  `mugcp_bench.description_cache`) encoded once by the frozen text encoder (`Backbone.encode_text_states`): s (E,)
+  `mugcp_bench.describers.cache`) encoded once by the frozen text encoder (`Backbone.encode_text_states`): s (E,)
   the normalised EOT feature and S (L, Dt) the final-layer token states after ln_final. A meta-net (shared hidden
   layer, one output layer per prompted text layer) maps s to M_t text tokens P_scp,l(x) for every text layer l.
 - AMG (attention mutual guidance) at vision layers l = 1 … J−1: queries Q_l = E_l + W_q s attend (pre-LN MHA + MLP,
@@ -47,10 +47,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mugcp_bench.description_cache import DescriptionCache
+from mugcp_bench.describers.cache import DescriptionCache
+from mugcp_bench.describers.image_keys import item_key
+from mugcp_bench.describers.leakage import leakage_fraction, mask_classnames
 from mugcp_bench.errors import UserError
-from mugcp_bench.image_keys import item_key
-from mugcp_bench.leakage import leakage_fraction, mask_classnames
 from mugcp_bench.methods.base import TOY_TRAIN, Method, MethodOutput, cosine_logits
 from mugcp_bench.methods.prompts import ClassPrompts, clean_classname, init_context
 from mugcp_bench.registry import DESCRIBERS, METHODS, suggest

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from mugcp_bench.backbone import Backbone
+from mugcp_bench.model.backbone import Backbone
 
 
 def clean_classname(name: str) -> str:

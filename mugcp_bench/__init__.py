@@ -13,11 +13,11 @@ from typing import Any
 __version__ = "0.1.0"
 
 _API = {
-    "run_sweep": "mugcp_bench.sweep",
-    "SweepOptions": "mugcp_bench.sweep",
-    "SweepResult": "mugcp_bench.sweep",
-    "Reporter": "mugcp_bench.sweep",
-    "load_results": "mugcp_bench.tidy",
+    "run_sweep": "mugcp_bench.runs.sweep",
+    "SweepOptions": "mugcp_bench.runs.sweep",
+    "SweepResult": "mugcp_bench.runs.sweep",
+    "Reporter": "mugcp_bench.runs.sweep",
+    "load_results": "mugcp_bench.report.tidy",
 }
 __all__ = ["__version__", *_API]
 

@@ -1,7 +1,7 @@
 """Out-of-tree extensions: ``MUGCP_PLUGINS=pkg.module,other`` imports those modules when the CLI starts.
 
 A plugin module registers what it brings at import time: a method (``@METHODS.register("mine")``), a dataset, a
-describer, or a training callback (`mugcp_bench.callbacks.add_callback`).
+describer, or a training callback (`mugcp_bench.engine.callbacks.add_callback`).
 """
 
 from __future__ import annotations

@@ -114,4 +114,4 @@ class Registry(Generic[T]):
 METHODS: Registry[Any] = Registry("method", ["mugcp_bench.methods"])
 DATASETS: Registry[Any] = Registry("dataset", ["mugcp_bench.datasets"])
 DESCRIBERS: Registry[Any] = Registry("describer", ["mugcp_bench.describers"])
-BACKBONES: Registry[Any] = Registry("backbone", ["mugcp_bench.backbone"])
+BACKBONES: Registry[Any] = Registry("backbone", ["mugcp_bench.model.backbone"])

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from mugcp_bench.cli import main
-from mugcp_bench.store import iter_run_files
+from mugcp_bench.commands.cli import main
+from mugcp_bench.store.records import iter_run_files
 
 
 def cli(argv: list[str], capsys) -> tuple[int, str, str]:

@@ -23,6 +23,6 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_backbone():
-    from mugcp_bench.backbone import load_backbone
+    from mugcp_bench.model.backbone import load_backbone
 
     return load_backbone("tiny")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mugcp_bench.callbacks import StepInfo, TrainCallback, add_callback
+from mugcp_bench.engine.callbacks import StepInfo, TrainCallback, add_callback
 from mugcp_bench.methods.base import MethodOutput
 from mugcp_bench.methods.coop import CoOp, CoOpConfig
 from mugcp_bench.registry import METHODS

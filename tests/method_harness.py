@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mugcp_bench.backbone import Backbone, load_backbone
 from mugcp_bench.datasets.base import Datum
 from mugcp_bench.methods.base import Method, split_overrides
+from mugcp_bench.model.backbone import Backbone, load_backbone
 from mugcp_bench.registry import METHODS
 
 CLASSNAMES = ("red circle", "blue square", "green_triangle", "yellow star", "purple heart")

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from mugcp_bench import predictions
+from mugcp_bench.store import predictions
 
 
 @dataclass(frozen=True)

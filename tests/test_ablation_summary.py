@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from mugcp_bench.aggregate import build_report
 from mugcp_bench.commands.report import report
-from mugcp_bench.tidy import load_results
+from mugcp_bench.report.aggregate import build_report
+from mugcp_bench.report.tidy import load_results
 from tests.synthetic_results import Split, write_run
 
 SPLIT = Split(n=100, n_classes=5)

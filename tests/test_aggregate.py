@@ -9,12 +9,12 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from mugcp_bench.aggregate import build_table, prepare
 from mugcp_bench.protocols import real_suite
-from mugcp_bench.reference_results import AVERAGE, load_published
-from mugcp_bench.report_model import Options
-from mugcp_bench.statistics import derive, hm, seed_cells, t_halfwidth
-from mugcp_bench.tidy import records_to_frames
+from mugcp_bench.report.aggregate import build_table, prepare
+from mugcp_bench.report.published import AVERAGE, load_published
+from mugcp_bench.report.statistics import derive, hm, seed_cells, t_halfwidth
+from mugcp_bench.report.structure import Options
+from mugcp_bench.report.tidy import records_to_frames
 
 FIVE = ["zsclip", "coop", "cocoop", "maple", "promptsrc"]
 B2N_DATASETS = list(real_suite().base2novel)
@@ -238,7 +238,7 @@ def test_rounded_uses_one_decimal_per_seed_values() -> None:
 
 
 def test_one_method_under_two_settings_gets_two_columns_and_paper_delta_only_for_vit_b16() -> None:
-    from mugcp_bench.comparison import attach_paper
+    from mugcp_bench.report.comparison import attach_paper
 
     records = [b2n_record("coop", "dtd", s, 79.0 + s, 41.0) for s in (1, 2, 3)]
     for s in (1, 2, 3):

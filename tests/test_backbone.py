@@ -16,9 +16,9 @@ import open_clip
 import pytest
 import torch
 
-import mugcp_bench.backbone as backbone_mod
-from mugcp_bench.backbone import CLIP_MEAN, CLIP_STD, Backbone, load_backbone
+import mugcp_bench.model.backbone as backbone_mod
 from mugcp_bench.errors import UserError
+from mugcp_bench.model.backbone import CLIP_MEAN, CLIP_STD, Backbone, load_backbone
 
 TEXTS = ["a photo of a dog.", "a much longer caption about a red striped circle on grass", "x"]
 
@@ -174,7 +174,7 @@ def test_bad_pretrained_values(tmp_path):
 
 OFFLINE_SCRIPT = """
 import sys, time
-from mugcp_bench.backbone import load_backbone
+from mugcp_bench.model.backbone import load_backbone
 from mugcp_bench.errors import UserError
 t0 = time.perf_counter()
 try:
@@ -201,7 +201,7 @@ def test_cli_openai_offline_one_line(tmp_path):
         [
             sys.executable,
             "-m",
-            "mugcp_bench.cli",
+            "mugcp_bench",
             "run",
             "--methods",
             "coop",
@@ -326,15 +326,15 @@ def test_quickgelu_tags_that_open_clip_builds_with_gelu_are_many():
 def test_quickgelu_architecture_and_openai_named_file(tmp_path, tiny_backbone, caplog):
     path = tmp_path / "tiny-openai.pt"  # open_clip format: no OpenAI marker, only the name says so
     torch.save(tiny_backbone.model.state_dict(), path)
-    with caplog.at_level(logging.WARNING, logger="mugcp_bench.backbone"):
+    with caplog.at_level(logging.WARNING, logger="mugcp_bench.model.backbone"):
         gelu = load_backbone("tiny", str(path))
-    (line,) = [r.getMessage() for r in caplog.records if r.name == "mugcp_bench.backbone"]
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "mugcp_bench.model.backbone"]
     assert "mentions 'openai'" in line and "pass --backbone tiny-quickgelu" in line
     assert gelu.activation == "gelu"
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="mugcp_bench.backbone"):
+    with caplog.at_level(logging.WARNING, logger="mugcp_bench.model.backbone"):
         quick = load_backbone("tiny-quickgelu", str(path))
-    assert quick.activation == "quickgelu" and not [r for r in caplog.records if r.name == "mugcp_bench.backbone"]
+    assert quick.activation == "quickgelu" and not [r for r in caplog.records if r.name == "mugcp_bench.model.backbone"]
     assert quick.weights_hash == gelu.weights_hash == tiny_backbone.weights_hash
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -409,7 +409,7 @@ def test_every_tags_test_images_are_what_open_clips_own_preprocessing_gives(name
     std = 0.5; DFN: squashed to a square), on a non-square image."""
     from PIL import Image
 
-    from mugcp_bench.backbone import Preprocess, build_transforms
+    from mugcp_bench.model.backbone import Preprocess, build_transforms
 
     cfg = open_clip.get_pretrained_cfg(name, tag)
     pre = Preprocess.from_cfg(cfg)

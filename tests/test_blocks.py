@@ -6,9 +6,9 @@ import pytest
 import torch
 from open_clip.transformer import CustomResidualAttentionBlock
 
-from mugcp_bench import blocks
-from mugcp_bench.backbone import Backbone, load_backbone
 from mugcp_bench.methods.prompts import ClassPrompts, init_context
+from mugcp_bench.model import blocks
+from mugcp_bench.model.backbone import Backbone, load_backbone
 from tests.method_harness import CLASSNAMES, build_method
 
 TOL = 1e-5

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from mugcp_bench import predictions
-from mugcp_bench.aggregate import build_report
-from mugcp_bench.bootstrap import BootstrapConfig, CorrectnessCache, image_counts, table_replicates
 from mugcp_bench.commands.report import report
-from mugcp_bench.reference_results import AVERAGE
-from mugcp_bench.report_model import Options
-from mugcp_bench.statistics import hm
-from mugcp_bench.tidy import load_results
+from mugcp_bench.report.aggregate import build_report
+from mugcp_bench.report.bootstrap import BootstrapConfig, CorrectnessCache, image_counts, table_replicates
+from mugcp_bench.report.published import AVERAGE
+from mugcp_bench.report.statistics import hm
+from mugcp_bench.report.structure import Options
+from mugcp_bench.report.tidy import load_results
+from mugcp_bench.store import predictions
 from tests.synthetic_results import Split, write_b2n_store
 
 FIXTURES = Path(__file__).parent / "fixtures"

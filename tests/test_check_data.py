@@ -220,7 +220,7 @@ def test_the_installed_command_exits_2_on_an_unusable_dataset(damaged: Path) -> 
 
     Path(get_spec("dtd").load(damaged).test[0].impath).write_bytes(b"")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    argv = [sys.executable, "-m", "mugcp_bench.cli", "check-data", "--data-root", str(damaged)]
+    argv = [sys.executable, "-m", "mugcp_bench", "check-data", "--data-root", str(damaged)]
     bad = subprocess.run([*argv, "--datasets", "dtd"], env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "listed images are empty files" in bad.stderr and "Traceback" not in bad.stderr
     good = subprocess.run([*argv, "--datasets", "eurosat"], env=env, capture_output=True, text=True, timeout=120)

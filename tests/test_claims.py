@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from mugcp_bench.claims import CLAIM_FILE, Claim, read_holder
+from mugcp_bench.store.claims import CLAIM_FILE, Claim, read_holder
 
 
 def foreign_claim(run_dir: Path, heartbeat: float, token: str = "someone-else") -> None:
@@ -86,7 +86,7 @@ def test_an_unreadable_claim_counts_as_no_claim(tmp_path):
 
 RACE = """
 import sys, time
-from mugcp_bench.claims import Claim
+from mugcp_bench.store.claims import Claim
 run_dir, start = sys.argv[1], float(sys.argv[2])
 claim = Claim(run_dir, timeout=30)
 while time.time() < start:

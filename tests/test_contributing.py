@@ -59,7 +59,7 @@ def test_dataset_example_registers_with_its_names(tmp_path: Path):
 def test_describer_example_describes_through_the_command(tmp_path: Path, monkeypatch):
     from mugcp_bench.commands.describe import describe
     from mugcp_bench.describers import DescriberOptions
-    from mugcp_bench.description_cache import DescriptionCache
+    from mugcp_bench.describers.cache import DescriptionCache
     from mugcp_bench.toy.suite import DATASETS as TOY
     from mugcp_bench.toy.suite import SuiteSizes, write_dataset
     from tests.test_describers import write_images

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mugcp_bench.backbone import REFERENCE_FP16, load_backbone
-from mugcp_bench.cli import main
-from mugcp_bench.store import iter_run_files
-from mugcp_bench.trainer import evaluate, prepare_method
+from mugcp_bench.commands.cli import main
+from mugcp_bench.engine.trainer import evaluate, prepare_method
+from mugcp_bench.model.backbone import REFERENCE_FP16, load_backbone
+from mugcp_bench.store.records import iter_run_files
 from tests.method_harness import CLASSNAMES, build_method, write_items
 from tests.miniature import build_miniature
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from mugcp_bench.datapaths import default_cache_dir, resolve_data_root
 from mugcp_bench.datasets import dataset_names, get_spec, prepare
 from mugcp_bench.datasets.base import DatasetProblem
 from mugcp_bench.errors import UserError
+from mugcp_bench.paths import default_cache_dir, resolve_data_root
 from mugcp_bench.registry import DATASETS
 from tests.miniature import ALL_NAMES, MINI_CLASSNAMES, build_miniature, write_image
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mugcp_bench.backbone import load_backbone
 from mugcp_bench.errors import UserError
 from mugcp_bench.methods.base import get_method
 from mugcp_bench.methods.dcp import DCP, DCPInstance, DCPPaper, injection_blocks
+from mugcp_bench.model.backbone import load_backbone
 from mugcp_bench.registry import METHODS
 
 CLASSES = ["cat", "dog", "sports car", "tree", "hot air balloon"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mugcp_bench.store import iter_run_files
+from mugcp_bench.store.records import iter_run_files
 from tests.cli_harness import cli
 
 

@@ -28,9 +28,9 @@ from mugcp_bench.describers import (
     describe_items,
     ensure_descriptions,
 )
-from mugcp_bench.description_cache import DescriptionCache
+from mugcp_bench.describers.cache import DescriptionCache
+from mugcp_bench.describers.image_keys import image_sha1
 from mugcp_bench.errors import UserError
-from mugcp_bench.image_keys import image_sha1
 from mugcp_bench.registry import DESCRIBERS
 from tests.method_harness import shared_tiny_backbone
 
@@ -376,7 +376,7 @@ def test_corrupted_cache_lines_are_reported_and_regenerated(tmp_path, caplog):
     path.write_text("".join(lines))
     fresh = DescriptionCache(tmp_path / "cache")
     counter = CountingDescriber()
-    with caplog.at_level(logging.WARNING, logger="mugcp_bench.description_cache"):
+    with caplog.at_level(logging.WARNING, logger="mugcp_bench.describers.cache"):
         again = ensure_descriptions(items, counter, fresh)
     assert counter.calls == 2
     assert again == texts and "a forged description" not in again.values()

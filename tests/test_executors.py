@@ -19,8 +19,8 @@ import torch
 from filelock import FileLock
 
 from mugcp_bench import run_sweep
-from mugcp_bench.claims import CLAIM_FILE, LOCK_FILE, read_holder
-from mugcp_bench.store import iter_run_files
+from mugcp_bench.store.claims import CLAIM_FILE, LOCK_FILE, read_holder
+from mugcp_bench.store.records import iter_run_files
 from tests.miniature import build_miniature
 
 TINY = {"backbone": "tiny", "pretrained": "random", "recipe": "toy"}
@@ -89,7 +89,7 @@ def test_ray_tasks_on_a_loopback_cluster_give_the_local_numbers_bit_for_bit(data
 
 
 def test_without_ray_the_ray_executor_exits_2_with_the_install_line(data_root, tmp_path, monkeypatch, capsys):
-    from mugcp_bench.cli import main
+    from mugcp_bench.commands.cli import main
 
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
     argv = ["run", "--methods", "coop", "--datasets", "dtd", "--data-root", str(data_root), *CLI_TINY]
@@ -112,7 +112,7 @@ def test_without_ray_the_ray_executor_exits_2_with_the_install_line(data_root, t
     ],
 )
 def test_bad_executor_options_one_line_exit_2(extra, message, data_root, tmp_path, capsys):
-    from mugcp_bench.cli import main
+    from mugcp_bench.commands.cli import main
 
     if "--gpus" in extra and extra[-1] == "0" and torch.cuda.is_available():
         extra = [*extra[:-1], str(torch.cuda.device_count())]
@@ -128,7 +128,7 @@ def test_bad_executor_options_one_line_exit_2(extra, message, data_root, tmp_pat
 @pytest.mark.slow
 def test_two_run_commands_at_once_train_every_run_exactly_once(data_root, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    argv = [sys.executable, "-m", "mugcp_bench.cli", "run", "--methods", "coop", "--datasets", "dtd,eurosat"]
+    argv = [sys.executable, "-m", "mugcp_bench", "run", "--methods", "coop", "--datasets", "dtd,eurosat"]
     argv += ["--seeds", "1,2", "--data-root", str(data_root), *CLI_TINY, "--set", "epochs=2", "--json"]
     argv += ["--results-dir", str(tmp_path)]
     procs = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in "ab"]
@@ -208,7 +208,7 @@ def test_a_worker_killed_mid_run_is_replaced_and_the_run_resumes_to_the_uninterr
 
 
 def test_a_run_claimed_elsewhere_is_left_to_its_owner_then_taken_over_once_stale(data_root, tmp_path, capsys):
-    from mugcp_bench.cli import main
+    from mugcp_bench.commands.cli import main
 
     kw = {**TINY, "methods": "coop", "datasets": "dtd", "seeds": "1,2", "sets": {"epochs": 1}}
     plan = run_sweep(data_root=data_root, results_dir=tmp_path, dry_run=True, **kw)
@@ -238,7 +238,7 @@ def test_a_run_claimed_elsewhere_is_left_to_its_owner_then_taken_over_once_stale
 
 @pytest.mark.slow
 def test_a_diverging_run_is_recorded_failed_with_its_reason_the_others_complete_exit_1(data_root, tmp_path, capsys):
-    from mugcp_bench.cli import main
+    from mugcp_bench.commands.cli import main
 
     argv = ["run", "--methods", "zsclip,coop", "--datasets", "dtd,eurosat", "--seeds", "1", "--data-root"]
     argv += [str(data_root), *CLI_TINY, "--set", "epochs=3", "--set", "lr=1e30", "--results-dir", str(tmp_path)]
@@ -260,9 +260,9 @@ FEATURES = """
 import sys, time
 from pathlib import Path
 import torch
-from mugcp_bench.backbone import load_backbone
+from mugcp_bench.model.backbone import load_backbone
 from mugcp_bench.datasets.base import prepare
-from mugcp_bench.features import image_features
+from mugcp_bench.engine.features import image_features
 
 root, cache, log, start = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), float(sys.argv[4])
 torch.manual_seed(0)
@@ -310,10 +310,10 @@ def test_two_processes_needing_the_same_image_features_build_them_once(data_root
 
 
 def test_a_run_whose_claim_is_taken_over_stops_and_leaves_the_record_to_the_new_owner(data_root, tmp_path):
-    from mugcp_bench.datapaths import default_cache_dir
-    from mugcp_bench.executors.work import RunTask, WorkContext, perform
+    from mugcp_bench.paths import default_cache_dir
     from mugcp_bench.protocols import REAL_SUITE, get_protocol
-    from mugcp_bench.runner import RunOptions, get_backbone, plan
+    from mugcp_bench.runs.executors.work import RunTask, WorkContext, perform
+    from mugcp_bench.runs.runner import RunOptions, get_backbone, plan
 
     opts = RunOptions(tmp_path, data_root, default_cache_dir(), recipe="toy", overrides={"epochs": "3"})
     bb = get_backbone("tiny", None, "cpu")
@@ -343,7 +343,7 @@ from pathlib import Path
 from mugcp_bench.datasets.base import prepare
 from mugcp_bench.describers.base import Describer
 from mugcp_bench.describers.cached import describe_items
-from mugcp_bench.description_cache import DescriptionCache
+from mugcp_bench.describers.cache import DescriptionCache
 
 root, cache, log, start, out = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
 
@@ -366,7 +366,7 @@ Path(out).write_text(repr(sorted(outcome.texts.items())))
 
 def test_two_processes_missing_the_same_descriptions_describe_each_image_once(data_root, tmp_path):
     from mugcp_bench.datasets.base import prepare
-    from mugcp_bench.image_keys import image_sha1
+    from mugcp_bench.describers.image_keys import image_sha1
 
     log = race_two(DESCRIPTIONS, data_root, tmp_path, "describe_calls.txt", 6.0, "texts{}.txt")
     distinct = {image_sha1(d) for d in prepare("dtd", data_root, None, 1, "all").test}
@@ -462,7 +462,7 @@ def test_ctrl_c_stops_every_worker_after_its_step_and_a_rerun_equals_uninterrupt
 @pytest.mark.slow
 @pytest.mark.parametrize("executor", ["gpus", "ray"])
 def test_workers_report_their_training_steps_to_the_sweeps_reporter(executor, data_root, tmp_path):
-    from mugcp_bench.sweep import Reporter
+    from mugcp_bench.runs.sweep import Reporter
 
     class Recording(Reporter):
         def __init__(self) -> None:

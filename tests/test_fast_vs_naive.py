@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from mugcp_bench.backbone import load_backbone
-from mugcp_bench.features import image_features
+from mugcp_bench.engine.features import image_features
+from mugcp_bench.engine.trainer import evaluate
 from mugcp_bench.methods.base import Method
+from mugcp_bench.model.backbone import load_backbone
 from mugcp_bench.registry import METHODS
-from mugcp_bench.trainer import evaluate
 from tests.method_harness import CLASSNAMES, build_method, load_images, write_items
 
 # A long class name: the cut sits after its EOT, so the other prompts keep padding inside the cut sequence.

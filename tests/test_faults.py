@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mugcp_bench.store import iter_run_files
+from mugcp_bench.store.records import iter_run_files
 from tests.cli_harness import cli, records
 from tests.miniature import build_miniature
 
@@ -46,13 +46,17 @@ def fault_plugin(monkeypatch):
 
 
 def run_cli(args: list[str], fault: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`python -m mugcp_bench.cli ARGS` in a subprocess with the fault plugin loaded (FAULT_AT=`fault`)."""
+    """`python -m mugcp_bench.commands.cli ARGS` in a subprocess with the fault plugin loaded (FAULT_AT=`fault`)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "MUGCP_PLUGINS": PLUGIN}
     env.pop("FAULT_AT", None)
     if fault:
         env["FAULT_AT"] = fault
     return subprocess.run(
-        [sys.executable, "-m", "mugcp_bench.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "mugcp_bench", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -180,7 +184,7 @@ def test_ctrl_c_in_the_second_run_keeps_the_first(data_root, tmp_path):
 def test_readme_callback_example_fails_its_run_with_the_message(data_root, tmp_path, capsys):
     import re
 
-    from mugcp_bench.callbacks import global_callbacks, remove_callback
+    from mugcp_bench.engine.callbacks import global_callbacks, remove_callback
 
     block = next(
         b
@@ -360,7 +364,7 @@ def test_every_setting_out_of_range_is_one_line_before_any_run(setting, message,
 def test_every_method_default_and_recipe_is_in_range():
     from mugcp_bench.methods.base import TrainConfig, apply_overrides, split_overrides
     from mugcp_bench.registry import METHODS
-    from mugcp_bench.settings import check_ranges
+    from mugcp_bench.runs.settings import check_ranges
 
     check_ranges(TrainConfig(), "training")
     for name in METHODS.names():
@@ -442,7 +446,7 @@ def test_unreadable_paths_are_one_line_naming_them(data_root, tmp_path, monkeypa
 def test_an_os_error_reaching_the_cli_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
     import errno
 
-    from mugcp_bench import tidy
+    from mugcp_bench.report import tidy
 
     def denied(results_dir):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path / "runs"))
@@ -474,7 +478,7 @@ def test_a_killed_but_unreaped_process_is_dead_so_its_run_is_resumed():
     (the record stayed `running` without accuracies)."""
     import time
 
-    from mugcp_bench.store import pid_alive
+    from mugcp_bench.store.records import pid_alive
 
     child = subprocess.Popen([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])
     stat = Path(f"/proc/{child.pid}/stat")
@@ -502,7 +506,7 @@ def test_a_killed_but_unreaped_process_is_dead_so_its_run_is_resumed():
 def test_backbone_weights_of_another_architecture_are_one_line_before_any_run(
     file_arch, backbone, what, data_root, tmp_path, capsys
 ):
-    from mugcp_bench.backbone import load_backbone
+    from mugcp_bench.model.backbone import load_backbone
 
     weights = tmp_path / f"{file_arch}.pt"
     torch.save(load_backbone(file_arch).model.state_dict(), weights)
@@ -581,7 +585,7 @@ def test_ctrl_c_to_the_process_group_under_gpu_workers_exits_130_and_a_rerun_equ
     args += ["--set", "epochs=3", "--set", "batch_size=2", "--data-root", str(data_root)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "MUGCP_PLUGINS": PLUGIN}
     env.pop("FAULT_AT", None)
-    argv = [sys.executable, "-m", "mugcp_bench.cli", *args, "--executor", "gpus", "--gpus", "cpu:2"]
+    argv = [sys.executable, "-m", "mugcp_bench", *args, "--executor", "gpus", "--gpus", "cpu:2"]
     proc = subprocess.Popen(
         [*argv, "--results-dir", str(tmp_path / "a")],
         env={**env, "FAULT_STEP_SLEEP": "0.1"},

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mugcp_bench.datasets.base import Datum
-from mugcp_bench.leakage import leakage_fraction, mask_classnames, mentions_class
+from mugcp_bench.describers.leakage import leakage_fraction, mask_classnames, mentions_class
 
 
 @pytest.mark.parametrize(

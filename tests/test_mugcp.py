@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from mugcp_bench.describers import MLLMDescriber
-from mugcp_bench.description_cache import DescriptionCache
+from mugcp_bench.describers.cache import DescriptionCache
 from mugcp_bench.errors import UserError
 from mugcp_bench.methods.base import split_overrides
 from mugcp_bench.registry import METHODS
@@ -449,8 +449,8 @@ def test_no_describe_fails_before_describing(tmp_path):
 def test_run_at_batch_1_records_a_nonzero_alignment_loss_every_epoch(tmp_path, capsys):
     """The cross-dataset source recipe's regime (batch 1 x accumulation 4) end to end: the run record's per-epoch
     loss parts hold L_align > 0 (the first reconstruction recorded exactly 0 there)."""
-    from mugcp_bench.cli import main
-    from mugcp_bench.store import iter_run_files
+    from mugcp_bench.commands.cli import main
+    from mugcp_bench.store.records import iter_run_files
     from tests.miniature import build_miniature
 
     root = build_miniature(tmp_path / "data", ["eurosat"])

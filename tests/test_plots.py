@@ -10,10 +10,10 @@ from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 from matplotlib.legend import Legend
 
-from mugcp_bench.aggregate import build_report
-from mugcp_bench.plots import METHOD_COLORS, make_plots, method_color, report_figures
-from mugcp_bench.report_model import Options
-from mugcp_bench.tidy import load_results
+from mugcp_bench.report.aggregate import build_report
+from mugcp_bench.report.plots import METHOD_COLORS, make_plots, method_color, report_figures
+from mugcp_bench.report.structure import Options
+from mugcp_bench.report.tidy import load_results
 
 RESULTS = Path(__file__).parent / "fixtures" / "results"
 EXPECTED = {"b2n_hm_per_dataset", "b2n_base_vs_novel", "b2n_hm_radar", "few_shot_curves", "ablation_base2novel"}
@@ -76,6 +76,6 @@ def test_make_plots_writes_png_and_pdf(fixture_report, tmp_path: Path) -> None:
 def test_plots_without_data_are_skipped(tmp_path: Path, caplog) -> None:
     shutil.copytree(RESULTS / "runs" / "xd", tmp_path / "runs" / "xd")
     report = build_report(load_results(tmp_path), None, Options())
-    with caplog.at_level("INFO", logger="mugcp_bench.plots"):
+    with caplog.at_level("INFO", logger="mugcp_bench.report.plots"):
         assert make_plots(report, tmp_path / "plots") == []
     assert "skipping the few-shot curves" in caplog.text

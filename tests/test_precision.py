@@ -20,14 +20,15 @@ from click.testing import CliRunner
 from PIL import Image
 from torch import nn
 
-from mugcp_bench import comparison, trainer
-from mugcp_bench.backbone import REFERENCE_FP16, load_backbone
-from mugcp_bench.cli import main
+from mugcp_bench.commands.cli import main
 from mugcp_bench.commands.report import report
+from mugcp_bench.engine import trainer
 from mugcp_bench.errors import UserError
 from mugcp_bench.methods.base import Fp32LayerNorm, Method, TrainConfig
+from mugcp_bench.model.backbone import REFERENCE_FP16, load_backbone
 from mugcp_bench.registry import METHODS
-from mugcp_bench.store import RunKey
+from mugcp_bench.report import comparison
+from mugcp_bench.store.records import RunKey
 from tests.method_harness import CLASSNAMES, build_method, make_batch, prepare, total_loss, write_items
 
 CPU = torch.device("cpu")
@@ -298,7 +299,7 @@ def test_report_vs_paper_stops_flagging_reference_fp16_runs(tmp_path):
 
 def test_planned_runs_record_the_backbone_activation(tmp_path):
     from mugcp_bench.protocols import REAL_SUITE, get_protocol
-    from mugcp_bench.runner import RunOptions, plan
+    from mugcp_bench.runs.runner import RunOptions, plan
 
     opts = RunOptions(results_dir=tmp_path, data_root=tmp_path, cache_dir=tmp_path, recipe="toy")
     keys = {}

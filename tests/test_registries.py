@@ -11,15 +11,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from mugcp_bench.backbone import load_backbone
 from mugcp_bench.commands.listing import list_cmd
 from mugcp_bench.datasets import check_datasets, get_spec, prepare
 from mugcp_bench.describers import Describer, DescriberOptions, build_describer, describe_items
-from mugcp_bench.description_cache import DescriptionCache
+from mugcp_bench.describers.cache import DescriptionCache
 from mugcp_bench.errors import UserError
+from mugcp_bench.model.backbone import load_backbone
 from mugcp_bench.protocols import ROLES
 from mugcp_bench.registry import BACKBONES, DATASETS, DESCRIBERS, Registry
-from mugcp_bench.tidy import dataset_display, dataset_key
+from mugcp_bench.report.tidy import dataset_display, dataset_key
 from tests.miniature import ALL_NAMES
 
 

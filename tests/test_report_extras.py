@@ -10,15 +10,15 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from mugcp_bench.aggregate import build_report
 from mugcp_bench.commands.report import report
-from mugcp_bench.comparison import paper_average_rows
 from mugcp_bench.datasets.checks import dataset_names
-from mugcp_bench.plots import confusion_figures, curve_figures
 from mugcp_bench.protocols import real_suite
 from mugcp_bench.registry import DATASETS
-from mugcp_bench.report_model import Options
-from mugcp_bench.tidy import dataset_display, dataset_key, load_results
+from mugcp_bench.report.aggregate import build_report
+from mugcp_bench.report.comparison import paper_average_rows
+from mugcp_bench.report.plots import confusion_figures, curve_figures
+from mugcp_bench.report.structure import Options
+from mugcp_bench.report.tidy import dataset_display, dataset_key, load_results
 from tests.synthetic_results import Split, write_b2n_store
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -38,7 +38,7 @@ def test_per_class_table_and_hardest_classes(tmp_path: Path) -> None:
     per_class = cells[cells["table"] == "per_class_dtd_base2novel_base"]
     assert len(per_class[per_class["entry"] == "coop"]) == 24 + 1  # 24 base classes and the class-balanced mean
     # a class's accuracy is the share of its test images predicted right, averaged over seeds
-    from mugcp_bench import predictions
+    from mugcp_bench.store import predictions
 
     tidy = results.tidy[(results.tidy["method"] == "coop") & (results.tidy["classes"] == "base")]
     per_seed = []

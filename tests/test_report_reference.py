@@ -1,11 +1,11 @@
-"""The packaged published numbers (mugcp_bench/reference/published.csv): schema, completeness, provenance."""
+"""The packaged published numbers (mugcp_bench/report/published.csv): schema, completeness, provenance."""
 
 from __future__ import annotations
 
 import pandas as pd
 import pytest
 
-from mugcp_bench.reference_results import (
+from mugcp_bench.report.published import (
     COLUMNS,
     load_published,
     lookup,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mugcp_bench.errors import UserError
-from mugcp_bench.tidy import TIDY_COLUMNS, dataset_display, dataset_key, dataset_rank, load_results
+from mugcp_bench.report.tidy import TIDY_COLUMNS, dataset_display, dataset_key, dataset_rank, load_results
 
 RESULTS = Path(__file__).parent / "fixtures" / "results"
 
@@ -55,7 +55,7 @@ def test_dataset_names() -> None:
 
 def test_quickgelu_and_gelu_runs_are_separate_entries(tmp_path: Path) -> None:
     """The same weights built with another activation are another setting: never averaged into one entry."""
-    from mugcp_bench.aggregate import assign_entries
+    from mugcp_bench.report.aggregate import assign_entries
     from tests.synthetic_results import Split, write_run
 
     split = Split(n=20, n_classes=4)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mugcp_bench.registry import METHODS
-from mugcp_bench.store import iter_run_files
+from mugcp_bench.store.records import iter_run_files
 from tests.cli_harness import cli, records
 from tests.miniature import build_miniature
 
@@ -64,9 +64,9 @@ def test_cross_dataset_and_domain_generalization_share_one_source_run(data_root,
 
 @pytest.mark.parametrize("method", ["coop", "maple"])
 def test_cached_evaluation_equals_naive(data_root, tmp_path, method):
-    from mugcp_bench.datapaths import default_cache_dir
+    from mugcp_bench.paths import default_cache_dir
     from mugcp_bench.protocols import REAL_SUITE, get_protocol
-    from mugcp_bench.runner import RunOptions, execute, get_backbone, plan
+    from mugcp_bench.runs.runner import RunOptions, execute, get_backbone, plan
 
     accs = []
     for fast in (True, False):

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
+from mugcp_bench.engine.trainer import lr_trace
 from mugcp_bench.methods.base import TrainConfig
-from mugcp_bench.trainer import lr_trace
 
 
 def reference(lr: float, epochs: int) -> list[float]:

@@ -10,8 +10,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from mugcp_bench.datapaths import resolve_data_root
 from mugcp_bench.errors import UserError
+from mugcp_bench.paths import resolve_data_root
 
 
 def _count(n: int | None) -> str:

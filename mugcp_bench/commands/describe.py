@@ -79,15 +79,15 @@ def describe(
 ) -> None:
     """Describe every image a protocol uses and store the texts in the shared description cache (resumable)."""
     from mugcp_bench import describers
-    from mugcp_bench.datapaths import default_cache_dir
     from mugcp_bench.datasets.checks import require_datasets
     from mugcp_bench.describers import AUTO, DescriberOptions, build_describer
-    from mugcp_bench.description_cache import DescriptionCache
-    from mugcp_bench.leakage import leakage_fraction
+    from mugcp_bench.describers.cache import DescriptionCache
+    from mugcp_bench.describers.leakage import leakage_fraction
+    from mugcp_bench.paths import default_cache_dir
     from mugcp_bench.registry import DESCRIBERS
-    from mugcp_bench.sweep import parse_ints
-    from mugcp_bench.sweep import resolve_device as _device
-    from mugcp_bench.world import resolve_world
+    from mugcp_bench.runs.sweep import parse_ints
+    from mugcp_bench.runs.sweep import resolve_device as _device
+    from mugcp_bench.runs.world import resolve_world
 
     name = AUTO if describer_name.strip().lower() == AUTO else DESCRIBERS.canonical(describer_name)
     if shots < 1:
@@ -103,7 +103,7 @@ def describe(
 
     def get_backbone():
         if "backbone" not in loaded:
-            from mugcp_bench.runner import get_backbone as shared_backbone
+            from mugcp_bench.runs.runner import get_backbone as shared_backbone
 
             loaded["backbone"] = shared_backbone(backbone_name, weights, dev)
         return loaded["backbone"]

@@ -47,7 +47,7 @@ def list_cmd(what: str, show_all: bool) -> None:
     elif what == "backbones":
         import open_clip
 
-        from mugcp_bench.backbone import list_backbones
+        from mugcp_bench.model.backbone import list_backbones
         from mugcp_bench.registry import BACKBONES
 
         table.add_column("backbone")

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import click
 
-from mugcp_bench.aggregate import REPORT_PROTOCOLS, build_report
 from mugcp_bench.atomic import atomic_write_text
-from mugcp_bench.efficiency import efficiency_tables
 from mugcp_bench.errors import UserError
-from mugcp_bench.per_class import per_class_tables
-from mugcp_bench.plots import confusion_figures, make_plots, save_figure
-from mugcp_bench.report_model import Options
-from mugcp_bench.tables import FORMATS, SUFFIX_FORMATS, render
-from mugcp_bench.tidy import load_results
+from mugcp_bench.report.aggregate import REPORT_PROTOCOLS, build_report
+from mugcp_bench.report.efficiency import efficiency_tables
+from mugcp_bench.report.per_class import per_class_tables
+from mugcp_bench.report.plots import confusion_figures, make_plots, save_figure
+from mugcp_bench.report.structure import Options
+from mugcp_bench.report.tables import FORMATS, SUFFIX_FORMATS, render
+from mugcp_bench.report.tidy import load_results
 
 log = logging.getLogger(__name__)
 

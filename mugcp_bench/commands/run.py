@@ -1,4 +1,4 @@
-"""`mugcp-bench run` and `mugcp-bench ablate`: option parsing and printing; the sweep is `mugcp_bench.sweep`."""
+"""`mugcp-bench run` and `mugcp-bench ablate`: option parsing and printing; the sweep is `mugcp_bench.runs.sweep`."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from mugcp_bench.errors import RunFailed
-from mugcp_bench.sweep import DEFAULT_METHODS, Reporter, SweepOptions, SweepPlan, run_sweep
+from mugcp_bench.runs.sweep import DEFAULT_METHODS, Reporter, SweepOptions, SweepPlan, run_sweep
 
 
 def run_options(f):
@@ -206,7 +206,7 @@ def run(methods: str, **kw) -> None:
 def ablate(method: str, drops: tuple[str, ...], **kw) -> None:
     """Run METHOD and, for each --drop X, its variant no-X (its own keyed run) under the same options."""
     from mugcp_bench.registry import METHODS
-    from mugcp_bench.runner import variant_overrides
+    from mugcp_bench.runs.runner import variant_overrides
 
     name = METHODS.canonical(method)
     cls = METHODS.get(name)

@@ -3,7 +3,7 @@
 docs/methods/mugcp.md §7.3 (A) (our design). Every describer is deterministic, registered by lowercase name in
 `mugcp_bench.registry.DESCRIBERS`, and has an ``id`` (name + model revision + settings) and a versioned
 ``prompt_id``; together with the image's content hash they key the description cache
-(`mugcp_bench.description_cache`). One module per describer:
+(`mugcp_bench.describers.cache`). One module per describer:
 
 - ``mllm`` (`.mllm`): any transformers image-text-to-text / vision-to-sequence model (hub id or local folder).
 - ``file`` (`.file`): imports a JSONL of ``{"image": path, "text": ...}`` (paths absolute or data-root relative).

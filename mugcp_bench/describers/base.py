@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from mugcp_bench.describers.image_keys import image_path
 from mugcp_bench.errors import UserError
-from mugcp_bench.image_keys import image_path
 from mugcp_bench.registry import DESCRIBERS, suggest
 
 
@@ -33,7 +33,7 @@ class DescriberOptions:
     prompt_id: str | None = None
     file: str | None = None  # file: the JSONL
     data_root: str | None = None  # file: root for relative paths
-    backbone: Any = None  # interrogator: a mugcp_bench.backbone.Backbone
+    backbone: Any = None  # interrogator: a mugcp_bench.model.backbone.Backbone
     device: str | None = None  # mllm: where the model runs (default: cuda if available)
     batch_size: int | None = None
     scene_drop: float = 0.2  # scene: probability an attribute is left out

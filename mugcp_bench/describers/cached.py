@@ -12,10 +12,10 @@ from typing import Any
 from filelock import FileLock
 
 from mugcp_bench.describers.base import Describer
+from mugcp_bench.describers.cache import DescriptionCache, Entry
+from mugcp_bench.describers.image_keys import image_sha1, item_key
 from mugcp_bench.describers.scene import scene_metadata
-from mugcp_bench.description_cache import DescriptionCache, Entry
 from mugcp_bench.errors import UserError
-from mugcp_bench.image_keys import image_sha1, item_key
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from mugcp_bench.describers.base import Describer, DescriberOptions
+from mugcp_bench.describers.image_keys import image_path, image_sha1
 from mugcp_bench.errors import UserError
-from mugcp_bench.image_keys import image_path, image_sha1
 from mugcp_bench.registry import DESCRIBERS
 
 _METADATA_MEMO: dict[str, dict[str, dict] | None] = {}

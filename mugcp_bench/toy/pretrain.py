@@ -43,7 +43,7 @@ from mugcp_bench.toy.suite import DATASETS, ToyDataset
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "toy-clip"
-CONFIG_PATH = Path(__file__).resolve().parent.parent / "model_configs" / f"{MODEL_NAME}.json"
+CONFIG_PATH = Path(__file__).resolve().parent.parent / "model" / "configs" / f"{MODEL_NAME}.json"
 
 
 def register_model_config() -> None:

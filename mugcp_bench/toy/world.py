@@ -117,7 +117,7 @@ def ensure_toy_world(
     force: discard a cached world with the same key and prepare it again.
     """
     if cache_dir is None:
-        from mugcp_bench.datapaths import default_cache_dir
+        from mugcp_bench.paths import default_cache_dir
 
         cache_dir = default_cache_dir()
     settings = world_settings(steps, quick)

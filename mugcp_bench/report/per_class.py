@@ -13,15 +13,15 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from mugcp_bench import predictions
-from mugcp_bench.aggregate import GROUP_LABELS, assign_entries, entry_table, prepare
 from mugcp_bench.errors import UserError
 from mugcp_bench.protocols import short_title
-from mugcp_bench.reference_results import AVERAGE
 from mugcp_bench.registry import suggest
-from mugcp_bench.report_model import Column, Options, Table
-from mugcp_bench.statistics import seed_cells
-from mugcp_bench.tidy import Results, dataset_display, dataset_key
+from mugcp_bench.report.aggregate import GROUP_LABELS, assign_entries, entry_table, prepare
+from mugcp_bench.report.published import AVERAGE
+from mugcp_bench.report.statistics import seed_cells
+from mugcp_bench.report.structure import Column, Options, Table
+from mugcp_bench.report.tidy import Results, dataset_display, dataset_key
+from mugcp_bench.store import predictions
 
 log = logging.getLogger(__name__)
 

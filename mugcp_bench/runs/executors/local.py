@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from mugcp_bench.executors.base import Executor, SafeReporter
-from mugcp_bench.executors.work import RunTask, TaskResult, WorkContext, perform
-from mugcp_bench.interrupts import stop_requested
+from mugcp_bench.engine.interrupts import stop_requested
+from mugcp_bench.runs.executors.base import Executor, SafeReporter
+from mugcp_bench.runs.executors.work import RunTask, TaskResult, WorkContext, perform
 
 if TYPE_CHECKING:
-    from mugcp_bench.sweep import Reporter
+    from mugcp_bench.runs.sweep import Reporter
 
 
 class LocalExecutor(Executor):

@@ -60,8 +60,8 @@ def resolve_world(
     cache_dir: Path | None = None,
 ) -> World:
     """Resolve (and for the toy world, prepare) the world; unknown dataset names raise `UserError` now."""
-    from mugcp_bench.datapaths import default_cache_dir, resolve_data_root
     from mugcp_bench.datasets.checks import dataset_names
+    from mugcp_bench.paths import default_cache_dir, resolve_data_root
 
     if datasets is not None and not isinstance(datasets, str):
         datasets = ",".join(datasets)

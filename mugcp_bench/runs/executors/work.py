@@ -14,11 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mugcp_bench.claims import DEFAULT_TIMEOUT_S, Claim, new_token
+from mugcp_bench.engine.interrupts import StopFile, request_stop
 from mugcp_bench.errors import RunFailed, UserError
-from mugcp_bench.interrupts import StopFile, request_stop
-from mugcp_bench.runner import PlannedRun, RunOptions
-from mugcp_bench.store import RunRecord
+from mugcp_bench.runs.runner import PlannedRun, RunOptions
+from mugcp_bench.store.claims import DEFAULT_TIMEOUT_S, Claim, new_token
+from mugcp_bench.store.records import RunRecord
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class TaskResult:
 
 def next_action(run: PlannedRun, opts: RunOptions) -> str:
     """The action for a run whose claim we hold: a record left `running` has no live owner, so it is picked up."""
-    from mugcp_bench.runner import decide_action
+    from mugcp_bench.runs.runner import decide_action
 
     action = decide_action(run, opts)
     if action == "skip" and run.record.status in ("running", "stale"):
@@ -104,7 +104,7 @@ def perform(
 ) -> TaskResult:
     """Claim, (re)decide, execute and release one run; never raises for a failed run (see `TaskResult`)."""
     from mugcp_bench.plugins import load_plugins
-    from mugcp_bench.runner import execute, get_backbone
+    from mugcp_bench.runs.runner import execute, get_backbone
 
     for k, v in ctx.env.items():
         os.environ.setdefault(k, v)

@@ -14,7 +14,7 @@ Explicit layer loops with a callback, written once for every method:
   whose prompts in one tower depend on the other tower's previous layer (DCP, MuGCP).
 
 With no prompts and no callback the loops equal open_clip's ``encode_image`` / ``encode_text`` (to float rounding:
-the blocks run on ``scaled_dot_product_attention``, `mugcp_bench.blocks`; ``fused_attention = False`` calls
+the blocks run on ``scaled_dot_product_attention``, `mugcp_bench.model.blocks`; ``fused_attention = False`` calls
 open_clip's block modules instead).
 """
 
@@ -36,14 +36,14 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import transforms as T
 
-from mugcp_bench import blocks
 from mugcp_bench.errors import UserError
+from mugcp_bench.model import blocks
+from mugcp_bench.model.state_fit import StateMismatch, state_mismatch
 from mugcp_bench.registry import BACKBONES, suggest
-from mugcp_bench.state_fit import StateMismatch, state_mismatch
 
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).parent / "model_configs"
+CONFIG_DIR = Path(__file__).parent / "configs"
 # CLIP's normalisation (docs/protocol.md §4.1).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -202,7 +202,7 @@ class Backbone(nn.Module):
         # Exact EOT truncation of text sequences; False reproduces the reference code's full-length passes
         # (benchmarks compare both).
         self.eot_truncation = True
-        # Block forwards on fused attention (mugcp_bench.blocks) where a block allows it; False: open_clip's modules.
+        # Block forwards on fused attention (model/blocks.py) where a block allows it; False: open_clip's modules.
         self.fused_attention = True
         # Shared-prefix text encoding where the caller declares a shared prefix; False: every row runs whole.
         self.prefix_sharing = True

@@ -1,4 +1,4 @@
-"""Published reference numbers (package data `mugcp_bench/reference/published.csv`) with their provenance.
+"""Published reference numbers (package data `mugcp_bench/report/published.csv`) with their provenance.
 
 One row per number: method, protocol, dataset, metric, value, source, table, confidence, read_off_plot.
 Provenance and the transcription rules: results/reference/README.md.
@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from mugcp_bench.protocols import PROTOCOL_NAMES
-from mugcp_bench.tidy import dataset_key
+from mugcp_bench.report.tidy import dataset_key
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ _METHOD_ALIASES = {"clip": "zsclip", "zeroshot": "zsclip", "zeroshotclip": "zscl
 
 def published_csv_path() -> Path:
     """Location of the packaged CSV (works for editable and regular installs)."""
-    return Path(str(resources.files("mugcp_bench") / "reference" / "published.csv"))
+    return Path(str(resources.files("mugcp_bench.report") / "published.csv"))
 
 
 def published_method(method: str) -> str:

@@ -19,13 +19,13 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from mugcp_bench.engine.interrupts import StopFile, install_deferred_handler, request_stop, stop_requested
 from mugcp_bench.errors import UserError
-from mugcp_bench.executors.base import Executor, SafeReporter
-from mugcp_bench.executors.work import RunTask, TaskResult, WorkContext, perform_in_worker, step_reporter
-from mugcp_bench.interrupts import StopFile, install_deferred_handler, request_stop, stop_requested
+from mugcp_bench.runs.executors.base import Executor, SafeReporter
+from mugcp_bench.runs.executors.work import RunTask, TaskResult, WorkContext, perform_in_worker, step_reporter
 
 if TYPE_CHECKING:
-    from mugcp_bench.sweep import Reporter
+    from mugcp_bench.runs.sweep import Reporter
 
 log = logging.getLogger(__name__)
 

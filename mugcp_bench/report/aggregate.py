@@ -1,7 +1,7 @@
 """Report tables from the tidy table: entries (columns), rows, seed and dataset aggregation, footnotes, ablations.
 
-The statistics live in `mugcp_bench.statistics`, the data model in `mugcp_bench.report_model`, the Δ against
-published numbers or another method in `mugcp_bench.comparison`.
+The statistics live in `mugcp_bench.report.statistics`, the data model in `mugcp_bench.report.structure`, the Δ against
+published numbers or another method in `mugcp_bench.report.comparison`.
 """
 
 from __future__ import annotations
@@ -13,16 +13,16 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from mugcp_bench.ablation_summary import ablation_summaries
-from mugcp_bench.bootstrap import BootstrapConfig, CorrectnessCache, attach_intervals
-from mugcp_bench.comparison import attach_method, attach_paper
 from mugcp_bench.errors import UserError
 from mugcp_bench.protocols import PROTOCOL_NAMES, PROTOCOLS, short_title
-from mugcp_bench.reference_results import AVERAGE
 from mugcp_bench.registry import suggest
-from mugcp_bench.report_model import Column, Options, Report, Table
-from mugcp_bench.statistics import derive, seed_cells, unusual_seeds
-from mugcp_bench.tidy import Results, dataset_display, dataset_key, dataset_rank
+from mugcp_bench.report.ablation_summary import ablation_summaries
+from mugcp_bench.report.bootstrap import BootstrapConfig, CorrectnessCache, attach_intervals
+from mugcp_bench.report.comparison import attach_method, attach_paper
+from mugcp_bench.report.published import AVERAGE
+from mugcp_bench.report.statistics import derive, seed_cells, unusual_seeds
+from mugcp_bench.report.structure import Column, Options, Report, Table
+from mugcp_bench.report.tidy import Results, dataset_display, dataset_key, dataset_rank
 
 log = logging.getLogger(__name__)
 

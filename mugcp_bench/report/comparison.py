@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 
 from mugcp_bench.protocols import real_suite
-from mugcp_bench.reference_results import AVERAGE, CONFIDENCE_MARKERS, load_published, published_method
-from mugcp_bench.report_model import Table
+from mugcp_bench.report.published import AVERAGE, CONFIDENCE_MARKERS, load_published, published_method
+from mugcp_bench.report.structure import Table
 
 PAPER_BACKBONE = "vitb16"  # the published tables use CLIP ViT-B/16 with 16 shots
 PAPER_SHOTS = 16

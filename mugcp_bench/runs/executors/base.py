@@ -6,10 +6,10 @@ import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from mugcp_bench.executors.work import RunTask, TaskResult, WorkContext
+from mugcp_bench.runs.executors.work import RunTask, TaskResult, WorkContext
 
 if TYPE_CHECKING:
-    from mugcp_bench.sweep import Reporter
+    from mugcp_bench.runs.sweep import Reporter
 
 
 class Executor:
@@ -19,7 +19,7 @@ class Executor:
 
     def device(self, requested: str) -> str:
         """The device the runs will use, given the sweep's `--device`; checks the executor's options."""
-        from mugcp_bench.sweep import resolve_device
+        from mugcp_bench.runs.sweep import resolve_device
 
         return resolve_device(requested)
 

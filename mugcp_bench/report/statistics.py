@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from mugcp_bench.reference_results import AVERAGE
+from mugcp_bench.report.published import AVERAGE
 
 
 def hm(base: float, novel: float) -> float:

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mugcp_bench.claims import new_token
+from mugcp_bench.engine.interrupts import StopFile, deferred_sigint
 from mugcp_bench.errors import UserError
-from mugcp_bench.interrupts import StopFile, deferred_sigint
-from mugcp_bench.world import resolve_world
+from mugcp_bench.runs.world import resolve_world
+from mugcp_bench.store.claims import new_token
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ class SweepOptions:
     no_describe: bool = False
     tensorboard: bool = False  # TensorBoard event files per run (needs the tensorboard package)
     quick_toy: bool = False
-    executor: str = "local"  # local | gpus | ray (mugcp_bench.executors)
+    executor: str = "local"  # local | gpus | ray (mugcp_bench.runs.executors)
     gpus: str | None = None  # gpus: "0,1,3" or "cpu:2" (default: every visible CUDA device)
     ray_address: str | None = None  # ray: "auto" or HOST:PORT (default: a local Ray instance)
     ray_gpus_per_run: float | None = None  # ray: GPUs per run task (default 1 on CUDA, 0 on the CPU)
@@ -213,7 +213,7 @@ class SweepResult:
 
     def records(self) -> list[dict[str, Any]]:
         """The run.json of every run of this sweep that has one."""
-        from mugcp_bench.tidy import read_run
+        from mugcp_bench.report.tidy import read_run
 
         out = []
         for r in self.runs:
@@ -224,8 +224,8 @@ class SweepResult:
         return out
 
     def table(self, complete_only: bool = True):
-        """Tidy pandas DataFrame (one row per run x evaluation, `mugcp_bench.tidy` columns) of this sweep's runs."""
-        from mugcp_bench.tidy import read_run, records_to_frames
+        """Tidy pandas DataFrame (one row per run x evaluation, `report.tidy` columns) of this sweep's runs."""
+        from mugcp_bench.report.tidy import read_run, records_to_frames
 
         pairs = [(r.path, rec) for r in self.runs if r.path.is_file() and (rec := read_run(r.path)) is not None]
         _, tidy = records_to_frames(pairs)
@@ -268,8 +268,8 @@ class Reporter:
 
 
 def _claimed(run_dir: Path, timeout: float) -> bool:
-    """Whether someone holds a live claim on the run (`mugcp_bench.claims`)."""
-    from mugcp_bench.claims import read_holder
+    """Whether someone holds a live claim on the run (`mugcp_bench.store.claims`)."""
+    from mugcp_bench.store.claims import read_holder
 
     holder = read_holder(run_dir)
     return holder is not None and holder.is_live(timeout)
@@ -285,13 +285,13 @@ def run_sweep(options: SweepOptions | None = None, /, *, reporter: Reporter | No
     """
     import torch
 
-    from mugcp_bench.datapaths import default_cache_dir
     from mugcp_bench.datasets.checks import require_datasets
-    from mugcp_bench.executors import build_executor
-    from mugcp_bench.executors.work import RunTask, WorkContext, next_action
+    from mugcp_bench.engine.trainer import resolve_precision
+    from mugcp_bench.paths import default_cache_dir
     from mugcp_bench.protocols import get_protocol
-    from mugcp_bench.runner import PlannedRun, RunOptions, get_backbone, plan, resolve_methods, summarize
-    from mugcp_bench.trainer import resolve_precision
+    from mugcp_bench.runs.executors import build_executor
+    from mugcp_bench.runs.executors.work import RunTask, WorkContext, next_action
+    from mugcp_bench.runs.runner import PlannedRun, RunOptions, get_backbone, plan, resolve_methods, summarize
 
     o = options if options is not None else SweepOptions(**kw)
     if options is not None and kw:
@@ -323,7 +323,7 @@ def run_sweep(options: SweepOptions | None = None, /, *, reporter: Reporter | No
     results_dir = Path(o.results_dir)
     check_writable(results_dir)
     if o.tensorboard:
-        from mugcp_bench.tensorboard_events import require_tensorboard
+        from mugcp_bench.runs.tensorboard_events import require_tensorboard
 
         require_tensorboard()
     cache_dir = default_cache_dir()

@@ -23,14 +23,14 @@ import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler
 
 from mugcp_bench.atomic import atomic_torch_save
-from mugcp_bench.backbone import REFERENCE_FP16, Backbone
-from mugcp_bench.callbacks import StepInfo, TrainCallback, global_callbacks
 from mugcp_bench.datasets.base import Datum, ImageListDataset
+from mugcp_bench.engine.callbacks import StepInfo, TrainCallback, global_callbacks
+from mugcp_bench.engine.interrupts import stop_requested
 from mugcp_bench.errors import NonFiniteLoss, RunInterrupted, UserError
-from mugcp_bench.interrupts import stop_requested
 from mugcp_bench.methods.base import Method, TrainConfig
+from mugcp_bench.model.backbone import REFERENCE_FP16, Backbone
+from mugcp_bench.model.state_fit import StateMismatch
 from mugcp_bench.registry import suggest
-from mugcp_bench.state_fit import StateMismatch
 
 log = logging.getLogger(__name__)
 

@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from mugcp_bench import predictions
-from mugcp_bench.reference_results import AVERAGE
-from mugcp_bench.report_model import Table
+from mugcp_bench.report.published import AVERAGE
+from mugcp_bench.report.structure import Table
+from mugcp_bench.store import predictions
 
 log = logging.getLogger(__name__)
 

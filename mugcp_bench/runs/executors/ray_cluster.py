@@ -13,13 +13,13 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from mugcp_bench.engine.interrupts import StopFile, request_stop, stop_requested
 from mugcp_bench.errors import UserError
-from mugcp_bench.executors.base import Executor, SafeReporter
-from mugcp_bench.executors.work import RunTask, TaskResult, WorkContext, perform_in_worker, step_reporter
-from mugcp_bench.interrupts import StopFile, request_stop, stop_requested
+from mugcp_bench.runs.executors.base import Executor, SafeReporter
+from mugcp_bench.runs.executors.work import RunTask, TaskResult, WorkContext, perform_in_worker, step_reporter
 
 if TYPE_CHECKING:
-    from mugcp_bench.sweep import Reporter
+    from mugcp_bench.runs.sweep import Reporter
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class RayExecutor(Executor):
         self._device = "cpu"
 
     def device(self, requested: str) -> str:
-        from mugcp_bench.sweep import resolve_device
+        from mugcp_bench.runs.sweep import resolve_device
 
         require_ray()
         self._device = resolve_device(requested)

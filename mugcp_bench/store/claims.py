@@ -43,7 +43,7 @@ def new_token() -> str:
 
 
 def _pid_alive(pid: int) -> bool:
-    from mugcp_bench.store import pid_alive  # one liveness rule (zombies are dead)
+    from mugcp_bench.store.records import pid_alive  # one liveness rule (zombies are dead)
 
     return pid_alive(pid)
 

@@ -18,8 +18,8 @@ from rich.console import Console
 from rich.table import Table as RichTable
 from rich.text import Text
 
-from mugcp_bench.reference_results import AVERAGE
-from mugcp_bench.report_model import Column, Options, Report, RowTable, Table
+from mugcp_bench.report.published import AVERAGE
+from mugcp_bench.report.structure import Column, Options, Report, RowTable, Table
 
 FORMATS = ("table", "md", "latex", "csv")
 SUFFIX_FORMATS = {".md": "md", ".markdown": "md", ".tex": "latex", ".csv": "csv", ".txt": "table"}

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mugcp_bench.atomic import atomic_write_text
-from mugcp_bench.datapaths import default_cache_dir
+from mugcp_bench.paths import default_cache_dir
 
 try:  # POSIX advisory locks; elsewhere appends are still whole lines
     import fcntl

@@ -17,7 +17,7 @@ import pandas as pd
 from mugcp_bench.datasets.base import title_case
 from mugcp_bench.errors import UserError
 from mugcp_bench.registry import DATASETS
-from mugcp_bench.store import load_record
+from mugcp_bench.store.records import load_record
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from mugcp_bench.report_model import RowTable, Table
-from mugcp_bench.statistics import AVERAGE
+from mugcp_bench.report.statistics import AVERAGE
+from mugcp_bench.report.structure import RowTable, Table
 
 
 def _hm(base: float, novel: float) -> float:

@@ -1,12 +1,12 @@
 """Executors: how a sweep's planned runs are spread out. `local` (this process), `gpus` (a worker process per
 device) and `ray` (a Ray task per run). All of them run `executors.work.perform` on each run, which takes the run's
-claim first (`mugcp_bench.claims`), so two sweeps on one results directory never train the same run twice."""
+claim first (`mugcp_bench.store.claims`), so two sweeps on one results directory never train the same run twice."""
 
 from __future__ import annotations
 
 from mugcp_bench.errors import UserError
-from mugcp_bench.executors.base import Executor
 from mugcp_bench.registry import suggest
+from mugcp_bench.runs.executors.base import Executor
 
 EXECUTORS = ("local", "gpus", "ray")
 
@@ -28,14 +28,14 @@ def build_executor(
     if ray_opts and key != "ray":
         raise UserError(f"--ray-* options need --executor ray (not {key})")
     if key == "gpus":
-        from mugcp_bench.executors.gpus import GpuWorkersExecutor
+        from mugcp_bench.runs.executors.gpus import GpuWorkersExecutor
 
         return GpuWorkersExecutor(gpus)
     if key == "ray":
-        from mugcp_bench.executors.ray_cluster import RayExecutor
+        from mugcp_bench.runs.executors.ray_cluster import RayExecutor
 
         return RayExecutor(ray_address, ray_gpus_per_run, ray_cpus_per_run)
-    from mugcp_bench.executors.local import LocalExecutor
+    from mugcp_bench.runs.executors.local import LocalExecutor
 
     return LocalExecutor()
 

@@ -17,19 +17,11 @@ from typing import Any
 
 import torch
 
-from mugcp_bench import predictions
 from mugcp_bench.atomic import atomic_torch_save
-from mugcp_bench.backbone import Backbone, load_backbone
 from mugcp_bench.datasets.base import get_spec, prepare
-from mugcp_bench.errors import DiskFull, NonFiniteLoss, RunFailed, RunInterrupted, UserError
-from mugcp_bench.features import image_features
-from mugcp_bench.methods.base import Method, TrainConfig, apply_overrides, split_overrides
-from mugcp_bench.protocols import EvalTarget, Protocol, Suite, TrainTarget, plan_protocol
-from mugcp_bench.registry import METHODS, suggest
-from mugcp_bench.resources import PeakMemory
-from mugcp_bench.settings import check_ranges
-from mugcp_bench.store import RunKey, RunRecord, config_hash
-from mugcp_bench.trainer import (
+from mugcp_bench.engine.features import image_features
+from mugcp_bench.engine.resources import PeakMemory
+from mugcp_bench.engine.trainer import (
     backbone_precision,
     check_backbone,
     evaluate,
@@ -39,6 +31,14 @@ from mugcp_bench.trainer import (
     resolve_precision,
     set_seed,
 )
+from mugcp_bench.errors import DiskFull, NonFiniteLoss, RunFailed, RunInterrupted, UserError
+from mugcp_bench.methods.base import Method, TrainConfig, apply_overrides, split_overrides
+from mugcp_bench.model.backbone import Backbone, load_backbone
+from mugcp_bench.protocols import EvalTarget, Protocol, Suite, TrainTarget, plan_protocol
+from mugcp_bench.registry import METHODS, suggest
+from mugcp_bench.runs.settings import check_ranges
+from mugcp_bench.store import predictions
+from mugcp_bench.store.records import RunKey, RunRecord, config_hash
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def resolve_configs(
     cfg = method_cls.make_config({**rm, **variant_cfg})
     cfg = apply_overrides(cfg, um, method_cls.name)
     tcfg = apply_overrides(apply_overrides(TrainConfig(), rt, "training"), ut, "training")
-    check_ranges(tcfg, "training")  # every setting within its range, at planning time (mugcp_bench/settings.py)
+    check_ranges(tcfg, "training")  # every setting within its range, at planning time (mugcp_bench/runs/settings.py)
     check_ranges(cfg, f"method '{method_cls.name}'")
     return cfg, tcfg
 
@@ -333,7 +333,7 @@ def execute(run: PlannedRun, backbone: Backbone, opts: RunOptions, progress=None
             timings["eval_images_per_s"] = round(n_eval / max(time.perf_counter() - t_eval, 1e-9), 2)
         _record_resources(record.data, memory.stop(), keep_peak=run.action == "evaluate")
         if opts.tensorboard:
-            from mugcp_bench.tensorboard_events import write_run_events
+            from mugcp_bench.runs.tensorboard_events import write_run_events
 
             write_run_events(record.dir, record.data)
         record.finish("complete")

@@ -21,13 +21,13 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FixedLocator, NullLocator
 
-from mugcp_bench import predictions
 from mugcp_bench.atomic import atomic_path
 from mugcp_bench.errors import UserError
-from mugcp_bench.reference_results import AVERAGE
-from mugcp_bench.report_model import Report, Table
-from mugcp_bench.statistics import seedwise_average
-from mugcp_bench.tidy import dataset_display
+from mugcp_bench.report.published import AVERAGE
+from mugcp_bench.report.statistics import seedwise_average
+from mugcp_bench.report.structure import Report, Table
+from mugcp_bench.report.tidy import dataset_display
+from mugcp_bench.store import predictions
 
 log = logging.getLogger(__name__)
 

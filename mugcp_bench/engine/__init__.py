@@ -1,0 +1,1 @@
+"""Training and evaluation of one method: the trainer, precision, callbacks, feature cache, resources."""

@@ -1,0 +1,1 @@
+"""Sweeps: options, planning, the job that runs one run, executors, progress, the data world."""

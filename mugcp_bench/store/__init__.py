@@ -1,0 +1,1 @@
+"""The results store: run records, claims on runs, per-image predictions. Never imports torch."""
