@@ -71,6 +71,13 @@ class Method(nn.Module):
     frozen_image_path: ClassVar[bool] = False
     # Reconstructed from a paper without code: reports say so.
     reconstructed: ClassVar[bool] = False
+    # How the method looks in reports: its place in the tables' method order (lower first; zero-shot CLIP 0, the
+    # proposed methods last), its plot colour (None: one picked from its name) and whether `run` without --methods
+    # includes it. `run` writes them into every run record, so `report` orders and colours entries without importing
+    # any method (the report never imports torch).
+    report_order: ClassVar[int] = 500
+    color: ClassVar[str | None] = None
+    in_default_set: ClassVar[bool] = False
     # Parameters the reference code keeps in fp32 under its fp16 regime (`--precision reference-fp16`), as fnmatch
     # patterns over `named_parameters()` names ("compound_prompts_text.*"; "*" keeps every parameter fp32). Every
     # other parameter is cast to fp16, except LayerNorm's (see `to_reference_fp16`).

@@ -49,6 +49,9 @@ class CoCoOp(Method):
     """Conditional Context Optimization (Zhou et al., CVPR 2022)."""
 
     name = "cocoop"
+    report_order = 200
+    color = "#ff7f0e"
+    in_default_set = True
     Config = CoCoOpConfig
     frozen_image_path = True
     # reference-fp16: context and Meta-Net in fp16 (trainers/cocoop.py: clip_model.dtype, meta_net.half() for fp16)

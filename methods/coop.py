@@ -73,6 +73,9 @@ class CoOp(SharedTextMethod):
     """Context Optimization (Zhou et al., IJCV 2022): n_ctx learnable text tokens shared by all classes."""
 
     name = "coop"
+    report_order = 100
+    color = "#1f77b4"
+    in_default_set = True
     Config = CoOpConfig
     frozen_image_path = True
     reference_fp32 = ()  # reference-fp16: the context in fp16 (trainers/coop.py builds it in clip_model.dtype)

@@ -194,6 +194,9 @@ class DCP(Method):
     §6.7)."""
 
     name = "dcp"
+    report_order = 900
+    color = "#8c564b"
+    in_default_set = True
     Config = DCPConfig
     # reference-fp16: prompts and CMPA in fp16 except its LayerNorms (trainers/cmpa.py builds the prompts in
     # clip_model.dtype; clip/model.py convert_weights converts CMPA's Linear and attention weights)

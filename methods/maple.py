@@ -51,6 +51,9 @@ class MaPLe(SharedTextMethod):
     """Multi-modal Prompt Learning (Khattak et al., CVPR 2023)."""
 
     name = "maple"
+    report_order = 400
+    color = "#2ca02c"
+    in_default_set = True
     Config = MaPLeConfig
     # reference-fp16: ctx and proj in fp16 (trainers/maple.py: clip_model.dtype, proj.half()); the deep text prompts
     # and their projections stay fp32 (created without a dtype, never converted) and are cast to fp16 where they

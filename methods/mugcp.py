@@ -238,6 +238,9 @@ class MuGCP(Method):
     visual evidence against a bank of training descriptions."""
 
     name = "mugcp"
+    report_order = 950
+    color = "#d62728"
+    in_default_set = True
     Config = MuGCPConfig
     reconstructed = True
     # reference-fp16 (our design, no reference code): every MuGCP parameter stays fp32 and its modules compute in fp32

@@ -34,6 +34,9 @@ class ZeroShotCLIP(Method):
     """Frozen CLIP with hand-written prompts: nothing trains (epochs 0)."""
 
     name = "zsclip"
+    report_order = 0
+    color = "#7f7f7f"
+    in_default_set = True
     Config = ZSCLIPConfig
     frozen_image_path = True
     recipes = {

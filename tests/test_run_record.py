@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from mugcp_bench.engine.callbacks import StepInfo, TrainCallback
 from mugcp_bench.engine.resources import MEASURES
 from mugcp_bench.engine.trainer import evaluate, fit
 from mugcp_bench.methods.base import TrainConfig
@@ -74,9 +75,10 @@ def test_history_survives_a_resume(tmp_path) -> None:
     cfg = TrainConfig(epochs=3, batch_size=4, lr=0.01)
     checkpoint = tmp_path / "checkpoint.pt"
 
-    def stop_in_epoch_2(state: dict) -> None:
-        if state["epoch"] == 1:
-            raise KeyboardInterrupt
+    class StopInEpoch2(TrainCallback):
+        def on_step_end(self, info: StepInfo) -> None:
+            if info.epoch == 1:
+                raise KeyboardInterrupt
 
     method = build_method("coop", backbone)
     with pytest.raises(KeyboardInterrupt):
@@ -89,7 +91,7 @@ def test_history_survives_a_resume(tmp_path) -> None:
             "fp32",
             1,
             checkpoint,
-            progress=stop_in_epoch_2,
+            callbacks=[StopInEpoch2()],
         )
     resumed = fit(build_method("coop", backbone), items, cfg, backbone.test_transform, torch.device("cpu"), "fp32", 1,
                   checkpoint, resume=True)  # fmt: skip

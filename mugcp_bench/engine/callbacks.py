@@ -7,8 +7,9 @@ exception ends the run as failed with its message as the reason.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -21,10 +22,17 @@ class StepInfo:
     steps: int
     loss: float
     checkpoint: Path | None  # the run's checkpoint file (after on_epoch_end: written for this epoch)
+    lr: float = 0.0  # the epoch's learning rate (first parameter group)
+    images_per_s: float = 0.0  # training throughput since the run (or its resume) started
+
+    def as_dict(self) -> dict[str, Any]:
+        """The plain values (what a worker process sends to the sweep's progress display)."""
+        return {k: v for k, v in asdict(self).items() if k != "checkpoint"}
 
 
 class TrainCallback:
-    """Base class; override what you need. Every method is a no-op here."""
+    """Base class; override what you need. Every method is a no-op here. The one channel of training events:
+    progress displays, a sweep's stop request and claim checks are callbacks too."""
 
     def on_step_end(self, info: StepInfo) -> None:
         """After the optimizer step (or accumulation) of step `info.step`."""

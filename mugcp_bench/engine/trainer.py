@@ -268,7 +268,6 @@ def fit(
     checkpoint: Path | None = None,
     resume: bool = False,
     workers: int = 0,
-    progress: Callable[[dict[str, Any]], None] | None = None,
     dataset: str = "",
     callbacks: Sequence[TrainCallback] = (),
 ) -> FitResult:
@@ -279,7 +278,7 @@ def fit(
     a mid-epoch checkpoint (epoch, step, optimizer, scheduler, RNG and loader state) is written and `RunInterrupted`
     raised; resuming from it continues exactly where the run stopped (with `workers=0`: loader workers' augmentation
     RNG cannot be replayed without loading the skipped images). `callbacks` (and `callbacks.add_callback`'s) are
-    called after every step and epoch.
+    called after every step and epoch: the one channel of training events (progress displays are callbacks).
     """
     callbacks = [*callbacks, *global_callbacks()]
     loader_gen = torch.Generator().manual_seed(seed)
@@ -375,20 +374,8 @@ def fit(
                 opt.zero_grad(set_to_none=True)
             n_images += images.shape[0]
             epoch_images += images.shape[0]
-            if progress:
-                rate = n_images / max(time.perf_counter() - t0, 1e-9)
-                progress(
-                    {
-                        "epoch": epoch,
-                        "epochs": cfg.epochs,
-                        "step": step,
-                        "steps": steps,
-                        "loss": last_loss,
-                        "lr": lr,
-                        "images_per_s": rate,
-                    }
-                )
-            info = StepInfo(epoch, cfg.epochs, step, steps, last_loss, checkpoint)
+            rate = n_images / max(time.perf_counter() - t0, 1e-9)
+            info = StepInfo(epoch, cfg.epochs, step, steps, last_loss, checkpoint, lr, rate)
             for cb in callbacks:
                 cb.on_step_end(info)
             if stop_requested() and boundary and step + 1 < steps:
@@ -406,7 +393,8 @@ def fit(
             raise NonFiniteLoss(epoch, cfg.epochs, steps - 1, steps, f"parameter {bad[0]}", bad[1])
         save(epoch, None, loss_sums)
         log.info("epoch %d/%d  loss %.4f  lr %.3g", epoch + 1, cfg.epochs, last_loss, lr)
-        info = StepInfo(epoch, cfg.epochs, steps - 1, steps, last_loss, checkpoint)
+        rate = n_images / max(time.perf_counter() - t0, 1e-9)
+        info = StepInfo(epoch, cfg.epochs, steps - 1, steps, last_loss, checkpoint, lr, rate)
         for cb in callbacks:
             cb.on_epoch_end(info)
         if stop_requested() and epoch + 1 < cfg.epochs:

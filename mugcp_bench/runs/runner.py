@@ -19,6 +19,7 @@ import torch
 
 from mugcp_bench.atomic import atomic_torch_save
 from mugcp_bench.datasets.base import get_spec, prepare
+from mugcp_bench.engine.callbacks import TrainCallback
 from mugcp_bench.engine.features import image_features
 from mugcp_bench.engine.resources import PeakMemory
 from mugcp_bench.engine.trainer import (
@@ -215,7 +216,7 @@ def _eval_split(run: PlannedRun, target: EvalTarget, opts: RunOptions):
     return prepare(target.dataset, opts.data_root, None, seed, "all", opts.cache_dir)
 
 
-def execute(run: PlannedRun, backbone: Backbone, opts: RunOptions, progress=None) -> None:
+def execute(run: PlannedRun, backbone: Backbone, opts: RunOptions, callbacks: Sequence[TrainCallback] = ()) -> None:
     """Train (or resume) and evaluate one run; the record ends complete, failed (then RunFailed is raised) or
     interrupted (Ctrl-C: KeyboardInterrupt / RunInterrupted propagates)."""
     device = torch.device(opts.device)
@@ -266,7 +267,7 @@ def execute(run: PlannedRun, backbone: Backbone, opts: RunOptions, progress=None
                     checkpoint=record.checkpoint_path,
                     resume=run.action == "resume",
                     workers=opts.workers,
-                    progress=progress,
+                    callbacks=callbacks,
                     dataset=spec.name,
                 )
                 timings["train_s"] = round(res.train_s, 3)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from mugcp_bench.engine.callbacks import StepInfo, TrainCallback
 from mugcp_bench.engine.interrupts import StopFile, request_stop
 from mugcp_bench.errors import RunFailed, UserError
 from mugcp_bench.runs.runner import PlannedRun, RunOptions
@@ -128,16 +129,19 @@ def perform(
         attempts.append({"action": run.action, "host": base["host"], "pid": base["pid"], "time": time.time()})
         backbone = get_backbone(ctx.backbone, ctx.pretrained, ctx.opts.device, ctx.precision)
 
-        def step(info: dict[str, Any]) -> None:
-            if claim.lost is not None:
-                raise ClaimLost(claim.lost.describe())
-            if stop is not None and stop.seen():
-                request_stop()  # the trainer checkpoints after this step and raises RunInterrupted
-            if progress is not None:
-                progress(info)
+        class Watch(TrainCallback):
+            """Stops training when the claim is lost or the sweep asks to stop; forwards progress."""
+
+            def on_step_end(self, info: StepInfo) -> None:
+                if claim.lost is not None:
+                    raise ClaimLost(claim.lost.describe())
+                if stop is not None and stop.seen():
+                    request_stop()  # the trainer checkpoints after this step and raises RunInterrupted
+                if progress is not None:
+                    progress(info.as_dict())
 
         try:
-            execute(run, backbone, ctx.opts, progress=step)
+            execute(run, backbone, ctx.opts, callbacks=[Watch()])
         except ClaimLost as e:
             log.warning("%s: the claim was taken over by %s; leaving the run to it", task.label, e)
             return TaskResult(**base, action=run.action, status="running", reason=f"claim taken over by {e}")
