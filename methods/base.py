@@ -47,6 +47,27 @@ class TrainConfig:
 TOY_TRAIN: dict[str, Any] = {"crop_min_scale": 1.0}
 
 
+@dataclass(frozen=True)
+class Provenance:
+    """Where a recipe comes from: the repository and commit its settings were read from, the config file per train
+    protocol (base2novel, xd, few_shot) and a note on what was chosen where the authors give nothing. Every run record
+    names its recipe's provenance, and `report` prints it when two recipes of one method are in a table."""
+
+    repo: str  # "KaiyangZhou/CoOp"; "" for recipes of our own design (the toy recipes)
+    commit: str = ""
+    configs: dict[str, str] = field(default_factory=dict)  # train protocol -> config file in the repo
+    note: str = ""
+
+    def for_protocol(self, train_protocol: str) -> dict[str, str]:
+        """The record's `provenance` entry for one train protocol."""
+        return {
+            "repo": self.repo,
+            "commit": self.commit,
+            "config": self.configs.get(train_protocol, ""),
+            "note": self.note,
+        }
+
+
 @dataclass
 class MethodOutput:
     """What a forward returns: logits (B, C) and extra losses (already weighted; the trainer adds cross-entropy)."""
@@ -78,6 +99,8 @@ class Method(nn.Module):
     report_order: ClassVar[int] = 500
     color: ClassVar[str | None] = None
     in_default_set: ClassVar[bool] = False
+    # recipe name -> where its settings come from (`Provenance`); recipes without an entry are our own design
+    provenance: ClassVar[dict[str, Provenance]] = {}
     # Parameters the reference code keeps in fp32 under its fp16 regime (`--precision reference-fp16`), as fnmatch
     # patterns over `named_parameters()` names ("compound_prompts_text.*"; "*" keeps every parameter fp32). Every
     # other parameter is cast to fp16, except LayerNorm's (see `to_reference_fp16`).
