@@ -30,7 +30,6 @@ from filelock import FileLock
 
 from mugcp_bench.atomic import atomic_torch_save
 from mugcp_bench.datasets.base import Datum
-from mugcp_bench.engine import features
 from mugcp_bench.model.backbone import Backbone
 
 log = logging.getLogger(__name__)
@@ -203,6 +202,8 @@ def frozen_image_features(
     transform): `engine.features.image_features` (same key: weights, transform version, precision, image list with
     sizes and modification times) plus an in-process layer, so every method of a process reads them once. The
     tensor is shared with the cache: do not modify it in place."""
+    from mugcp_bench.engine import features  # not at import time: features imports the trainer, which imports methods
+
     folder = Path(cache_dir) if cache_dir is not None else _cache_dir
     key = f"img|{features.features_key(backbone, items, precision)}|{backbone.device.type}"
     if key in _MEMORY:
