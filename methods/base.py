@@ -25,6 +25,13 @@ from mugcp_bench.registry import METHODS, suggest
 log = logging.getLogger(__name__)
 
 
+# Optimizers a recipe may name (Dassl's OPTIM.NAME values we support; KaiyangZhou/Dassl.pytorch
+# dassl/optim/optimizer.py): SGD with momentum, Adam (coupled L2 weight decay) and AdamW (decoupled).
+OPTIMIZERS = ("sgd", "adam", "adamw")
+_ADAM_SETTINGS = {"adam_beta1": 0.9, "adam_beta2": 0.999, "adam_eps": 1e-8}  # torch's and Dassl's defaults
+_SGD_SETTINGS = {"momentum": 0.9}
+
+
 @dataclass
 class TrainConfig:
     """Optimisation settings of a run (Dassl's defaults, docs/protocol.md §4)."""
@@ -41,6 +48,28 @@ class TrainConfig:
     # RandomResizedCrop's smallest area share in training (Dassl: 0.08). The toy recipes crop less: 32-px toy images
     # have no detail to spare and the toy CLIP never saw crops in pretraining.
     crop_min_scale: float = 0.08
+    # sgd | adam | adamw (Dassl OPTIM.NAME); the adam_* settings apply to adam and adamw, momentum to sgd only
+    optimizer: str = "sgd"
+    adam_beta1: float = field(default=0.9, metadata={"range": (0, 1, True, False)})  # Dassl OPTIM.ADAM_BETA1
+    adam_beta2: float = field(default=0.999, metadata={"range": (0, 1, True, False)})  # Dassl OPTIM.ADAM_BETA2
+    # torch's default 1e-8 (stock Dassl passes none); TCP's README asks for 1e-3 (its paper recipe sets it)
+    adam_eps: float = field(default=1e-8, metadata={"range": (0, None, False, False)})
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(
+                f"--set optimizer={self.optimizer}: unknown optimizer.{suggest(self.optimizer, OPTIMIZERS)} "
+                f"Use one of {', '.join(OPTIMIZERS)}."
+            )
+        # a setting the chosen optimizer ignores is refused, never silently recorded
+        ignored = _ADAM_SETTINGS if self.optimizer == "sgd" else _SGD_SETTINGS
+        for key, default in ignored.items():
+            if getattr(self, key) != default:
+                users = "adam and adamw" if key.startswith("adam_") else "sgd"
+                raise UserError(
+                    f"--set {key}={getattr(self, key)}: {key} applies to {users} only, and this run uses "
+                    f"optimizer={self.optimizer}; also --set {key}={default:g}, or pick an optimizer that uses it"
+                )
 
 
 # Training settings shared by every method's `toy` recipe.
@@ -66,6 +95,17 @@ class Provenance:
             "config": self.configs.get(train_protocol, ""),
             "note": self.note,
         }
+
+
+@dataclass
+class ParamGroup:
+    """A named group of trainable parameters with its own learning rate: ``lr_scale`` × the recipe's `lr`
+    (Method.param_groups). The warm-up epoch sets every group to `warmup_lr`; then each group follows the cosine
+    from its own base LR (Dassl's ConstantWarmupScheduler over CosineAnnealingLR)."""
+
+    name: str
+    params: list[nn.Parameter]
+    lr_scale: float = 1.0
 
 
 @dataclass
@@ -189,6 +229,34 @@ class Method(nn.Module):
 
     def n_trainable(self) -> int:
         return sum(p.numel() for p in self.trainable_parameters())
+
+    # --- optimisation hooks (engine/trainer.py calls them; defaults: one group, nothing accumulated) ---------------
+    def param_groups(self) -> list[ParamGroup] | None:
+        """Named parameter groups with their own LR scale, together holding every trainable parameter exactly once;
+        None (default): one group at the recipe's LR. The run history records each named group's LR per epoch
+        (``lr_<name>``)."""
+        return None
+
+    def on_train_start(self, epochs: int) -> None:
+        """Before the first epoch of a fit (fresh or resumed, before a checkpoint's state is loaded): reset what the
+        method accumulates over training."""
+
+    def on_epoch_end(self, epoch: int, epochs: int) -> None:
+        """After epoch `epoch` (0-based) of `epochs`: after its last optimizer step and LR step, before its checkpoint
+        is written (PromptSRC accumulates its Gaussian-weighted prompt average here)."""
+
+    def on_train_end(self) -> None:
+        """After the last epoch's `on_epoch_end`, before the last checkpoint is written: swap in the final state
+        (PromptSRC loads the aggregated prompts). Not called again when a run resumes from its last checkpoint."""
+
+    def accumulated_state(self) -> dict[str, Any]:
+        """What the method accumulates over training (tensors, numbers), saved in every checkpoint, mid-epoch ones
+        too, so that a resumed run ends with the same weights as an uninterrupted one."""
+        return {}
+
+    def load_accumulated_state(self, state: dict[str, Any]) -> None:
+        """Restore `accumulated_state()` from a checkpoint. Raise `StateMismatch` *before changing anything* when the
+        state does not fit (the checkpoint is then kept aside and the run trains from the start)."""
 
     # --- the reference precision regime ---------------------------------------------------------------------------
     def to_reference_fp16(self) -> Method:

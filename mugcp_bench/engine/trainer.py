@@ -1,8 +1,12 @@
-"""One trainer for every method: SGD + Dassl's warm-up/cosine schedule, autocast, per-epoch checkpoints, resume.
+"""One trainer for every method: Dassl's optimizers and warm-up/cosine schedule, autocast, per-epoch checkpoints,
+resume.
 
-Follows Dassl's `SimpleTrainer` semantics (docs/protocol.md §4): SGD momentum 0.9, weight decay 5e-4 on every trainable
-parameter, a constant warm-up epoch at 1e-5, then a cosine shifted by one epoch, stepped once per epoch; the
-last-epoch model is the final model (no model selection).
+Follows Dassl's `SimpleTrainer` semantics (docs/protocol.md §4): by default SGD momentum 0.9, weight decay 5e-4 on
+every trainable parameter, a constant warm-up epoch at 1e-5, then a cosine shifted by one epoch, stepped once per
+epoch; the last-epoch model is the final model (no model selection). A recipe may choose Adam or AdamW
+(`engine.optim`) and a method may name parameter groups with their own LR (`Method.param_groups`), hook the end of
+every epoch (`Method.on_epoch_end`) and swap in its final state at the end (`Method.on_train_end`); what it
+accumulates (`Method.accumulated_state`) is saved in every checkpoint.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ from mugcp_bench.atomic import atomic_torch_save
 from mugcp_bench.datasets.base import Datum, ImageListDataset
 from mugcp_bench.engine.callbacks import StepInfo, TrainCallback, global_callbacks
 from mugcp_bench.engine.interrupts import stop_requested
+from mugcp_bench.engine.optim import group_lrs, make_optimizer
+from mugcp_bench.engine.optim import lr_lambda as lr_lambda  # re-exported: the schedule lives in engine.optim
+from mugcp_bench.engine.optim import lr_trace as lr_trace
 from mugcp_bench.errors import NonFiniteLoss, RunInterrupted, UserError
 from mugcp_bench.methods.base import Method, TrainConfig
 from mugcp_bench.model.backbone import REFERENCE_FP16, Backbone
@@ -106,37 +113,6 @@ def prepare_method(method: Method, device: torch.device, precision: str) -> Meth
     return method
 
 
-def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
-    """Multiplier of the base LR at epoch e: warm-up at a constant `warmup_lr`, then a cosine shifted by the
-    warm-up (Dassl ConstantWarmupScheduler around CosineAnnealingLR(T_max=epochs)):
-    lr(e) = warmup_lr for e < W, else ½·LR·(1 + cos(π·(e − W)/epochs))."""
-
-    def factor(epoch: int) -> float:
-        if epoch < cfg.warmup_epochs:
-            return cfg.warmup_lr / cfg.lr
-        return 0.5 * (1.0 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / cfg.epochs))
-
-    return factor
-
-
-def lr_trace(cfg: TrainConfig) -> list[float]:
-    """The per-epoch learning rates the trainer uses (read off a real optimizer and scheduler)."""
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    out = []
-    for _ in range(cfg.epochs):
-        out.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    return out
-
-
-def make_optimizer(method: Method, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, Any]:
-    params = method.trainable_parameters()
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, dampening=0)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-
-
 def make_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
     """A gradient scaler for fp16 autocast on CUDA only; reference-fp16 updates its fp16 parameters unscaled."""
     return torch.amp.GradScaler("cuda") if precision == "fp16" and device.type == "cuda" else None
@@ -149,7 +125,8 @@ class FitResult:
     last_loss: float
     images_per_s: float
     # one dict per epoch (resumed runs include the epochs before the resume): epoch, loss, loss_ce and loss_<part>
-    # for each extra loss, lr, images_per_s, seconds
+    # for each extra loss, lr (the first parameter group's), lr_<group> for each group a method names,
+    # images_per_s, seconds
     history: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -247,6 +224,8 @@ def load_saved_state(path: Path, method: Method, checkpoint: bool) -> dict[str, 
         saved = torch.load(path, map_location="cpu", weights_only=not checkpoint)
         if checkpoint and not (isinstance(saved, dict) and CHECKPOINT_KEYS <= saved.keys()):
             raise ValueError("not a checkpoint of this trainer")
+        if checkpoint:  # what the method accumulated (PromptSRC's prompt average); checked before anything loads
+            method.load_accumulated_state(saved.get("method_state", {}))
         method.load_trainable_state(saved["model"] if checkpoint else saved, source=str(path))
     except StateMismatch as e:
         _set_aside(path, f"does not fit {method.name} on {method.backbone.name} ({e.problem})")
@@ -273,6 +252,10 @@ def fit(
 ) -> FitResult:
     """Train `method` on `items` for `cfg.epochs`; save a checkpoint after every epoch; resume from one.
 
+    After each epoch's last optimizer step and LR step the method's `on_epoch_end(epoch, epochs)` runs, after the
+    last one also its `on_train_end()` (a final swap of its state), both before that epoch's checkpoint is written;
+    every checkpoint holds the method's `accumulated_state()`. The history records each named parameter group's LR.
+
     Every step checks that the loss (each part) and, without a gradient scaler, the gradients are finite
     (`NonFiniteLoss` otherwise, before the optimizer step). A first Ctrl-C stops after the current optimizer step:
     a mid-epoch checkpoint (epoch, step, optimizer, scheduler, RNG and loader state) is written and `RunInterrupted`
@@ -296,10 +279,16 @@ def fit(
     )
     keys = [d.relpath for d in items]
     opt, sched = make_optimizer(method, cfg)
+    named_groups = method.param_groups() is not None  # record lr_<group> per epoch
     scaler = make_scaler(precision, device)
     start_epoch, history, skip, resumed_sums, last_loss = 0, [], 0, {}, float("nan")
     epoch_loader_state = loader_gen.get_state()
-    state = load_saved_state(checkpoint, method, checkpoint=True) if resume and checkpoint is not None else None
+    method.on_train_start(cfg.epochs)
+    state = None
+    if resume and checkpoint is not None:
+        state = load_saved_state(checkpoint, method, checkpoint=True)
+        if state is None:  # training starts afresh; an unusable checkpoint may have left accumulated state behind
+            method.on_train_start(cfg.epochs)
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -327,6 +316,7 @@ def fit(
             "rng": _rng_state(loader_gen),
             "history": history,
             "last_loss": last_loss,
+            "method_state": method.accumulated_state(),
         }
         if step is not None:
             state |= {"epoch_loader": epoch_loader_state, "loss_sums": {k: float(v) for k, v in loss_sums.items()}}
@@ -334,6 +324,7 @@ def fit(
 
     method.train()
     for epoch in range(start_epoch, cfg.epochs):
+        lrs = group_lrs(opt)
         lr = opt.param_groups[0]["lr"]
         opt.zero_grad(set_to_none=True)
         if skip == 0:
@@ -383,9 +374,14 @@ def fit(
                 raise RunInterrupted(epoch, step + 1)
         skip = 0
         sched.step()
+        method.on_epoch_end(epoch, cfg.epochs)
+        if epoch + 1 == cfg.epochs:
+            method.on_train_end()
         epoch_s = time.perf_counter() - epoch_t0
+        group_lr = {f"lr_{name}": value for name, value in lrs.items()} if named_groups else {}
         history.append(
             {"epoch": epoch + 1, **{k: float(v) / max(steps, 1) for k, v in loss_sums.items()}, "lr": lr}
+            | group_lr
             | {"images_per_s": epoch_images / epoch_s if epoch_s > 0 else 0.0, "seconds": epoch_s}
         )
         bad = _non_finite_parameter(method)  # an update that overflowed: caught before it is saved or evaluated
