@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from mugcp_bench.errors import UserError
+from mugcp_bench.interop.formats import Ndim, ReferenceFormat, Shape
 from mugcp_bench.methods.base import TOY_TRAIN, SharedTextMethod
 from mugcp_bench.methods.prompts import ClassPrompts, init_context
 from mugcp_bench.registry import METHODS
@@ -99,6 +100,26 @@ class CoOp(SharedTextMethod):
     # `ablate --drop init` -> variant no-init: random N(0, 0.02²) context of the same length instead of the word
     # initialisation. A no-op for the few-shot recipe, whose context is random already.
     ablations = {"init": {"ctx_init": ""}}
+    # KaiyangZhou/CoOp@ff61507 trainers/coop.py saves the PromptLearner as "prompt_learner": ctx (n_ctx, D), or
+    # (C, n_ctx, D) with CSC, plus the class buffers its load_model deletes (docs/interop.md, coop).
+    reference_checkpoint = ReferenceFormat(
+        trainer="CoOp",
+        learner="prompt_learner",
+        keys={"ctx": "ctx"},
+        config={"n_ctx": Shape("ctx", -2), "csc": Ndim("ctx", 3)},
+        options={
+            "n_ctx": "TRAINER.COOP.N_CTX",
+            "csc": "TRAINER.COOP.CSC",
+            "ctx_init": "TRAINER.COOP.CTX_INIT",
+            "class_token_position": "TRAINER.COOP.CLASS_TOKEN_POSITION",
+        },
+        configs={
+            "base2novel": "configs/trainers/CoOp/vit_b16_ctxv1.yaml",
+            "xd": "configs/trainers/CoOp/vit_b16_ep50_ctxv1.yaml",
+            "few_shot": "configs/trainers/CoOp/vit_b16.yaml",
+        },
+        repo="KaiyangZhou/CoOp@ff61507",
+    )
 
     def __init__(
         self,

@@ -58,6 +58,7 @@ import torch
 from torch import nn
 
 from mugcp_bench.errors import UserError
+from mugcp_bench.interop.formats import CMPA_TOWERS, WHOLE_MODEL_BUFFERS, OneOf, ReferenceFormat, Shape
 from mugcp_bench.methods.base import TOY_TRAIN, Method, MethodOutput, cosine_logits
 from mugcp_bench.methods.prompts import ClassPrompts, init_context
 from mugcp_bench.model.backbone import Backbone
@@ -206,6 +207,67 @@ class DCP(Method):
         "toy": {p: dict(TOY_RECIPE) for p in ("few_shot", "xd", "base2novel")},
     }
     ablations = {"cmpa": {"cmpa": False}}
+    # GingL/CMPA@407a743 trainers/cmpa.py saves the whole CustomCLIP as "MultiModalPromptLearner": prompts under
+    # "prompt_learner.", the frozen CLIP renamed into one Encoder (clip/model.py build_model) and a PromptAttention per
+    # joint block (attribute names below, "promt" sic). PS True (share): one module listed under every block; PS
+    # False: one per block, ours exist for the injecting blocks only. Its text half and unused blocks play no part at
+    # evaluation in `dcp` (docs/interop.md).
+    reference_checkpoint = tuple(
+        ReferenceFormat(
+            trainer="CMPA",
+            learner="MultiModalPromptLearner",
+            keys={
+                "ctx_text": "prompt_learner.prompts_text",
+                "ctx_visual": "prompt_learner.prompts_visual",
+                **{
+                    (f"cmpa.{ours}.*" if share else f"cmpa.{{i}}.{ours}.*"): (
+                        f"encoder.resblocks.{{{'all' if share else 'i'}}}.prompt_attn.{ref}.*"
+                    )
+                    for ours, ref in (
+                        ("attn_v", "promt_attention_visual"),
+                        ("ln_v1", "ln_pa_1_visual"),
+                        ("mlp_v", "mlp_pa_visual"),
+                        ("ln_v2", "ln_pa_2_visual"),
+                        ("proj_v2t", "proj_v2t"),
+                        ("proj_t2v", "proj_t2v"),
+                        ("attn_t", "promt_attention_text"),
+                        ("ln_t1", "ln_pa_1_text"),
+                        ("mlp_t", "mlp_pa_text"),
+                        ("ln_t2", "ln_pa_2_text"),
+                    )
+                },
+            },
+            deleted_buffers=WHOLE_MODEL_BUFFERS,
+            frozen=CMPA_TOWERS,
+            ignored=("encoder.resblocks.*.prompt_attn.*",),
+            config={"n_ctx": Shape("prompt_learner.prompts_text", 0)},
+            requires={
+                "share": share,
+                "cmpa": True,
+                "text_update": False,
+                "depth_semantics": "official",
+                "fusing": OneOf(("mean", "first", "max")),
+                "vision_heads": 0,
+                "text_heads": 0,
+                "mlp_ratio": 4,
+            },
+            options={
+                "n_ctx": "TRAINER.CMPA.N_CTX",
+                "ctx_init": "TRAINER.CMPA.CTX_INIT",
+                "depth": "TRAINER.CMPA.PROMPT_DEPTH",
+                "fusing": "TRAINER.CMPA.FUSING",
+                "share": "TRAINER.CMPA.PS",
+            },
+            configs={
+                p: "configs/trainers/CMPA/vit_b16_c2_ep20_batch4_16ctx.yaml" for p in ("base2novel", "xd", "few_shot")
+            },
+            frozen_fp32=("encoder.proj_visual",),
+            repo="GingL/CMPA@407a743",
+            note="the released train.py does not define TRAINER.CMPA.FUSING and TRAINER.CMPA.PS: add both to its "
+            "extend_cfg (any default: the command sets them) before running it",
+        )
+        for share in (True, False)
+    )
 
     def __init__(
         self,

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from mugcp_bench.errors import UserError
+from mugcp_bench.interop.formats import CLIP_TOWERS, WHOLE_MODEL_BUFFERS, Count, ReferenceFormat, Shape
 from mugcp_bench.methods.base import TOY_TRAIN, SharedTextMethod
 from mugcp_bench.methods.prompts import ClassPrompts, init_context
 from mugcp_bench.registry import METHODS
@@ -90,6 +91,60 @@ class MaPLe(SharedTextMethod):
     }
     # no-coupling: IVLP-like independent vision prompts; no-deep: shallow MaPLe (prompts at the input only).
     ablations = {"coupling": {"coupling": False}, "deep": {"prompt_depth": 1}}
+    # multimodal-prompt-learning@69bce21 trainers/maple.py saves the whole CustomCLIP as "MultiModalPromptLearner":
+    # our tensors under "prompt_learner.", the class buffers, the frozen CLIP (image_encoder / text_encoder). The
+    # coupling=false variant is the IVLP trainer's file (trainers/independentVL.py, "VLPromptLearner": deep prompts
+    # as VPT_shallow of the blocks they enter), used when --method maple is named (docs/interop.md).
+    reference_checkpoint = (
+        ReferenceFormat(
+            trainer="MaPLe",
+            learner="MultiModalPromptLearner",
+            keys={"*": "prompt_learner.*"},
+            deleted_buffers=WHOLE_MODEL_BUFFERS,
+            frozen=CLIP_TOWERS,
+            config={
+                "n_ctx": Shape("prompt_learner.ctx", 0),
+                "prompt_depth": Count("prompt_learner.compound_prompts_text.{i}", plus=1),
+            },
+            requires={"coupling": True},
+            options={
+                "n_ctx": "TRAINER.MAPLE.N_CTX",
+                "ctx_init": "TRAINER.MAPLE.CTX_INIT",
+                "prompt_depth": "TRAINER.MAPLE.PROMPT_DEPTH",
+            },
+            configs={
+                "base2novel": "configs/trainers/MaPLe/vit_b16_c2_ep5_batch4_2ctx.yaml",
+                "xd": "configs/trainers/MaPLe/vit_b16_c2_ep5_batch4_2ctx_cross_datasets.yaml",
+            },
+            fp16_always=("prompt_learner.proj.*",),
+            repo="muzairkhattak/multimodal-prompt-learning@69bce21",
+        ),
+        ReferenceFormat(
+            trainer="IVLP",
+            learner="VLPromptLearner",
+            keys={
+                "ctx": "prompt_learner.ctx",
+                "compound_prompts_text.{i}": "text_encoder.transformer.resblocks.{i+1}.VPT_shallow",
+                "vision_ctx": "image_encoder.VPT",
+                "compound_prompts_vision.{i}": "image_encoder.transformer.resblocks.{i+1}.VPT_shallow",
+            },
+            deleted_buffers=WHOLE_MODEL_BUFFERS,
+            frozen=CLIP_TOWERS,
+            config={
+                "n_ctx": Shape("prompt_learner.ctx", 0),
+                "prompt_depth": Count("text_encoder.transformer.resblocks.{i}.VPT_shallow", plus=1),
+            },
+            requires={"coupling": False},
+            options={
+                "n_ctx": ("TRAINER.IVLP.N_CTX_TEXT", "TRAINER.IVLP.N_CTX_VISION"),
+                "prompt_depth": ("TRAINER.IVLP.PROMPT_DEPTH_TEXT", "TRAINER.IVLP.PROMPT_DEPTH_VISION"),
+                "ctx_init": "TRAINER.IVLP.CTX_INIT",
+            },
+            configs={p: "configs/trainers/IVLP/vit_b16_c2_ep5_batch4_2+2ctx.yaml" for p in ("base2novel", "xd")},
+            repo="muzairkhattak/multimodal-prompt-learning@69bce21",
+            secondary=True,
+        ),
+    )
 
     def __init__(
         self,
