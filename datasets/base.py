@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch.utils.data
 from PIL import Image, UnidentifiedImageError
 
 from mugcp_bench.atomic import atomic_write_text
@@ -540,7 +539,7 @@ def prepare(
     return subsample_classes(data, subset)
 
 
-# ------------------------------------------------------------------------------------------------- torch Dataset
+# ------------------------------------------------------------------------------------------- the image dataset
 
 
 class ImageReadError(UserError):
@@ -557,8 +556,11 @@ class ImageReadError(UserError):
         super().__init__(message)
 
 
-class ImageListDataset(torch.utils.data.Dataset):
-    """(image tensor, label, index) for a list of Datum; a missing or corrupt image raises a one-line UserError."""
+class ImageListDataset:
+    """(image tensor, label, index) for a list of Datum; a missing or corrupt image raises a one-line UserError.
+
+    A map-style dataset as torch's DataLoader takes it (`__len__`, `__getitem__`); it does not import torch, so the
+    datasets layer (names, splits, checks) stays light for the commands that never train."""
 
     def __init__(
         self, items: Sequence[Datum], transform: Callable[[Image.Image], Any] | None, dataset: str | None = None

@@ -22,6 +22,7 @@ from mugcp_bench import run_sweep
 from mugcp_bench.store.claims import CLAIM_FILE, LOCK_FILE, read_holder
 from mugcp_bench.store.records import iter_run_files
 from tests.miniature import build_miniature
+from tests.numerics import torch_threads
 
 TINY = {"backbone": "tiny", "pretrained": "random", "recipe": "toy"}
 SWEEP = {"methods": "zsclip,coop,maple", "datasets": "dtd,eurosat", "seeds": "1,2", "sets": {"epochs": 1}, **TINY}
@@ -55,19 +56,40 @@ def comparable(rec: dict) -> dict:
     }
 
 
+def worker_threads(executor: str) -> int:
+    """The intra-op threads each worker of `two_workers(executor)` trains with: gpus gives each of its cpu:2 workers
+    half the cores, Ray each task its one CPU (--ray-cpus-per-run's default). A sweep in this process equals a worker's
+    bit for bit only under the same count: float sums split over threads add in another order (tests.numerics)."""
+    if executor == "gpus":
+        from mugcp_bench.runs.executors.gpus import parse_gpus
+
+        return parse_gpus("cpu:2")[0].threads
+    return 1
+
+
 @pytest.fixture(scope="module")
-def local_results(data_root, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("local")
-    result = run_sweep(data_root=data_root, results_dir=out, **SWEEP)
-    assert not result.failed and len(result.trained) == 12
-    return out
+def local_results(data_root, tmp_path_factory) -> Callable[[int], Path]:
+    """`local_results(threads)`: the sweep under the local executor in this process with that many intra-op threads
+    (run once per count), the reference for workers that train with as many."""
+    made: dict[int, Path] = {}
+
+    def sweep(threads: int) -> Path:
+        if threads not in made:
+            out = tmp_path_factory.mktemp(f"local-{threads}-threads")
+            with torch_threads(threads):
+                result = run_sweep(data_root=data_root, results_dir=out, **SWEEP)
+            assert not result.failed and len(result.trained) == 12
+            made[threads] = out
+        return made[threads]
+
+    return sweep
 
 
 @pytest.mark.slow
 def test_gpu_workers_on_the_cpu_give_the_local_numbers_bit_for_bit(data_root, local_results, tmp_path):
     result = run_sweep(data_root=data_root, results_dir=tmp_path, executor="gpus", gpus="cpu:2", **SWEEP)
     assert not result.failed and len(result.trained) == 12
-    got, want = records(tmp_path), records(local_results)
+    got, want = records(tmp_path), records(local_results(worker_threads("gpus")))
     assert got.keys() == want.keys()
     for rid, rec in want.items():
         assert comparable(got[rid]) == comparable(rec), rec["method_label"]
@@ -81,7 +103,7 @@ def test_ray_tasks_on_a_loopback_cluster_give_the_local_numbers_bit_for_bit(data
     with two_workers("ray") as extra:
         result = run_sweep(data_root=data_root, results_dir=tmp_path, **extra, **SWEEP)
     assert not result.failed and len(result.trained) == 12
-    got, want = records(tmp_path), records(local_results)
+    got, want = records(tmp_path), records(local_results(worker_threads("ray")))
     assert got.keys() == want.keys()
     for rid, rec in want.items():
         assert comparable(got[rid]) == comparable(rec), rec["method_label"]
@@ -107,7 +129,7 @@ def test_without_ray_the_ray_executor_exits_2_with_the_install_line(data_root, t
         (["--executor", "gpus", "--gpus", "0"], "--gpus 0: device 0 does not exist"),
         (["--executor", "gpus", "--gpus", "cpu:0"], "expected cpu:N with N >= 1"),
         (["--gpus", "cpu:2"], "--gpus is an option of --executor gpus"),
-        (["--ray-address", "auto"], "--ray-* options need --executor ray"),
+        (["--ray-address", "auto"], "--ray-address is an option of --executor ray (not local)"),
         (["--claim-timeout", "0"], "--claim-timeout 0.0: must be a positive number of seconds"),
     ],
 )
@@ -197,7 +219,8 @@ def test_a_worker_killed_mid_run_is_replaced_and_the_run_resumes_to_the_uninterr
     interrupted = json.loads((killed["run_dir"] / "run.json").read_text())
     assert [a["action"] for a in interrupted["attempts"]] == ["train", "resume"]
     assert interrupted["attempts"][0]["pid"] == killed["pid"] != interrupted["attempts"][1]["pid"]
-    run_sweep(data_root=data_root, results_dir=tmp_path / "b", **kw)  # uninterrupted, in this process
+    with torch_threads(worker_threads(executor)):  # uninterrupted, in this process, as the workers compute
+        run_sweep(data_root=data_root, results_dir=tmp_path / "b", **kw)
     got, want = records(tmp_path / "a"), records(tmp_path / "b")
     for rid, rec in want.items():
         assert comparable(got[rid]) == comparable(rec)
@@ -312,13 +335,15 @@ def test_two_processes_needing_the_same_image_features_build_them_once(data_root
 def test_a_run_whose_claim_is_taken_over_stops_and_leaves_the_record_to_the_new_owner(data_root, tmp_path):
     from mugcp_bench.paths import default_cache_dir
     from mugcp_bench.protocols import REAL_SUITE, get_protocol
-    from mugcp_bench.runs.executors.work import RunTask, WorkContext, perform
-    from mugcp_bench.runs.runner import RunOptions, get_backbone, plan
+    from mugcp_bench.runs.job import RunTask, get_backbone, perform
+    from mugcp_bench.runs.options import RunSettings
+    from mugcp_bench.runs.plan import plan
 
-    opts = RunOptions(tmp_path, data_root, default_cache_dir(), recipe="toy", overrides={"epochs": "3"})
+    settings = RunSettings(
+        tmp_path, data_root, default_cache_dir(), recipe="toy", overrides={"epochs": "3"}, claim_timeout=0.4
+    )
     bb = get_backbone("tiny", None, "cpu")
-    (run,) = plan(opts, bb, ["coop"], [get_protocol("base2novel")], REAL_SUITE, ("dtd",), None, [1])
-    ctx = WorkContext(opts, "tiny", None, "auto", claim_timeout=0.4)
+    (run,) = plan(settings, bb, ["coop"], [get_protocol("base2novel")], REAL_SUITE, ("dtd",), None, [1])
     steps = []
 
     def on_step(info):
@@ -329,7 +354,7 @@ def test_a_run_whose_claim_is_taken_over_stops_and_leaves_the_record_to_the_new_
                 (run.record.dir / CLAIM_FILE).write_text(json.dumps(body))
             time.sleep(1.0)  # the heartbeat (every 0.1 s) notices
 
-    result = perform(RunTask(run), ctx, progress=on_step)
+    result = perform(RunTask(run), settings, progress=on_step)
     assert result.status == "running" and "claim taken over by other-node" in result.reason
     assert len(steps) == 1  # training stopped at the next step
     rec = json.loads((run.record.dir / "run.json").read_text())
@@ -382,7 +407,7 @@ def test_a_run_left_running_by_a_crashed_host_is_picked_up_unless_its_claim_is_l
     body = {"host": "other-node", "pid": 1, "token": "x", "started": time.time(), "heartbeat": time.time()}
     (planned.path.parent / CLAIM_FILE).write_text(json.dumps(body))
     (live,) = run_sweep(data_root=data_root, dry_run=True, **kw).runs
-    assert live.action == "skip"  # its owner's heartbeat is fresh: someone is on it
+    assert live.action == "claimed"  # its owner's heartbeat is fresh: someone is on it
     (planned.path.parent / CLAIM_FILE).unlink()  # the owner's host crashed long ago; no claim is left
     result = run_sweep(data_root=data_root, **kw)
     assert [r.action for r in result.runs] == ["train"] and not result.failed
@@ -450,9 +475,10 @@ def test_ctrl_c_stops_every_worker_after_its_step_and_a_rerun_equals_uninterrupt
             assert rec["reason"].startswith("interrupted by Ctrl-C at epoch ")
             assert os.getpid() not in [a["pid"] for a in rec["attempts"]]  # a worker ran it
     assert not (tmp_path / "a" / ".stop").exists()  # the stop file is gone with the sweep
-    rerun = run_sweep(data_root=data_root, results_dir=tmp_path / "a", **kw)  # resumes from the workers' checkpoints
-    assert not rerun.failed and rerun.trained
-    run_sweep(data_root=data_root, results_dir=tmp_path / "b", **kw)  # uninterrupted, in this process
+    with torch_threads(worker_threads(executor)):  # in this process, as the workers compute
+        rerun = run_sweep(data_root=data_root, results_dir=tmp_path / "a", **kw)  # resumes from their checkpoints
+        assert not rerun.failed and rerun.trained
+        run_sweep(data_root=data_root, results_dir=tmp_path / "b", **kw)  # uninterrupted
     got, want = records(tmp_path / "a"), records(tmp_path / "b")
     assert got.keys() == want.keys()
     for rid, rec in want.items():
@@ -462,7 +488,7 @@ def test_ctrl_c_stops_every_worker_after_its_step_and_a_rerun_equals_uninterrupt
 @pytest.mark.slow
 @pytest.mark.parametrize("executor", ["gpus", "ray"])
 def test_workers_report_their_training_steps_to_the_sweeps_reporter(executor, data_root, tmp_path):
-    from mugcp_bench.runs.sweep import Reporter
+    from mugcp_bench.runs.progress import Reporter
 
     class Recording(Reporter):
         def __init__(self) -> None:
@@ -472,8 +498,8 @@ def test_workers_report_their_training_steps_to_the_sweeps_reporter(executor, da
         def step(self, label, info):
             self.steps.setdefault(label, []).append((info["epoch"], info["step"]))
 
-        def run_finished(self, label, status, reason):
-            self.finished.append(label)
+        def run_finished(self, result):
+            self.finished.append(result.label)
 
     reporter = Recording()
     kw = {**TINY, "methods": "coop", "datasets": "dtd,eurosat", "seeds": "1", "sets": {"epochs": 2, "batch_size": 2}}

@@ -19,6 +19,7 @@ import torch
 from mugcp_bench.store.records import iter_run_files
 from tests.cli_harness import cli, records
 from tests.miniature import build_miniature
+from tests.test_executors import worker_threads
 
 BASE = ["--backbone", "tiny", "--pretrained", "random", "--recipe", "toy"]
 ROOT = Path(__file__).parents[1]
@@ -478,7 +479,7 @@ def test_a_killed_but_unreaped_process_is_dead_so_its_run_is_resumed():
     (the record stayed `running` without accuracies)."""
     import time
 
-    from mugcp_bench.store.records import pid_alive
+    from mugcp_bench.store.claims import pid_alive
 
     child = subprocess.Popen([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])
     stat = Path(f"/proc/{child.pid}/stat")
@@ -607,7 +608,13 @@ def test_ctrl_c_to_the_process_group_under_gpu_workers_exits_130_and_a_rerun_equ
     assert "interrupted" in statuses and not {"failed", "running"} & set(statuses), statuses
     rerun = subprocess.run([*argv, "--results-dir", str(tmp_path / "a")], env=env, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
-    local = run_cli([*args, "--results-dir", str(tmp_path / "b")])
+    threads = {"OMP_NUM_THREADS": str(worker_threads("gpus"))}  # as the workers compute: bit-for-bit numbers
+    local = subprocess.run(
+        [sys.executable, "-m", "mugcp_bench", *args, "--results-dir", str(tmp_path / "b")],
+        env={**env, **threads},
+        capture_output=True,
+        text=True,
+    )
     assert local.returncode == 0, local.stderr
     got = {r["id"]: r for r in records(tmp_path / "a")}
     want = {r["id"]: r for r in records(tmp_path / "b")}

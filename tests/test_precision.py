@@ -299,9 +299,10 @@ def test_report_vs_paper_stops_flagging_reference_fp16_runs(tmp_path):
 
 def test_planned_runs_record_the_backbone_activation(tmp_path):
     from mugcp_bench.protocols import REAL_SUITE, get_protocol
-    from mugcp_bench.runs.runner import RunOptions, plan
+    from mugcp_bench.runs.options import RunSettings
+    from mugcp_bench.runs.plan import plan
 
-    opts = RunOptions(results_dir=tmp_path, data_root=tmp_path, cache_dir=tmp_path, recipe="toy")
+    opts = RunSettings(results_dir=tmp_path, data_root=tmp_path, cache_dir=tmp_path, recipe="toy")
     keys = {}
     for name in ("tiny", "tiny-quickgelu"):
         bb = load_backbone(name)

@@ -64,26 +64,38 @@ def test_cross_dataset_and_domain_generalization_share_one_source_run(data_root,
 
 @pytest.mark.parametrize("method", ["coop", "maple"])
 def test_cached_evaluation_equals_naive(data_root, tmp_path, method):
+    """A run's evaluation (cached image features, class text encoded once) predicts what the naive path does: a forward
+    per test batch, as the reference code evaluates."""
+    import torch
+
+    from mugcp_bench.datasets.base import get_spec
+    from mugcp_bench.engine.trainer import evaluate, load_saved_state
     from mugcp_bench.paths import default_cache_dir
     from mugcp_bench.protocols import REAL_SUITE, get_protocol
-    from mugcp_bench.runs.runner import RunOptions, execute, get_backbone, plan
+    from mugcp_bench.runs.job import eval_split, execute, get_backbone
+    from mugcp_bench.runs.options import RunSettings
+    from mugcp_bench.runs.plan import plan
 
-    accs = []
-    for fast in (True, False):
-        opts = RunOptions(
-            results_dir=tmp_path / str(fast),
-            data_root=data_root,
-            cache_dir=default_cache_dir(),
-            recipe="toy",
-            overrides={"epochs": "1"},
-            fast_eval=fast,
-        )
-        bb = get_backbone("tiny", None, "cpu")
-        (run,) = plan(opts, bb, [method], [get_protocol("base2novel")], REAL_SUITE, ("eurosat",), None, [1])
-        execute(run, bb, opts)
-        (rec,) = records(tmp_path / str(fast))
-        accs.append([(e["classes"], e["accuracy"]) for e in rec["evaluations"]])
-    assert accs[0] == accs[1]
+    settings = RunSettings(
+        results_dir=tmp_path,
+        data_root=data_root,
+        cache_dir=default_cache_dir(),
+        recipe="toy",
+        overrides={"epochs": "1"},
+    )
+    bb = get_backbone("tiny", None, "cpu")
+    (run,) = plan(settings, bb, [method], [get_protocol("base2novel")], REAL_SUITE, ("eurosat",), None, [1])
+    execute(run, bb, settings)
+    (rec,) = records(tmp_path)
+    cls = METHODS.get(method)
+    for target in run.evals:
+        split = eval_split(run, target, settings)
+        spec = get_spec(target.dataset)
+        model = cls(bb, split.classnames, run.method_config, template=spec.template, dataset=spec.name)
+        assert load_saved_state(run.record.model_path, model, checkpoint=False) is not None
+        naive = evaluate(model, split.test, bb.test_transform, torch.device("cpu"), "fp32", 100, fast=False)
+        (stored,) = [e for e in rec["evaluations"] if e["classes"] == target.classes]
+        assert stored["accuracy"] == naive["accuracy"], target.classes
 
 
 @pytest.mark.slow

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from mugcp_bench.engine.callbacks import StepInfo, TrainCallback
-from mugcp_bench.engine.resources import MEASURES
 from mugcp_bench.engine.trainer import evaluate, fit
 from mugcp_bench.methods.base import TrainConfig
 from mugcp_bench.store import predictions
+from mugcp_bench.store.records import MEMORY_MEASURES as MEASURES
 from mugcp_bench.store.records import iter_run_files
 from tests.method_harness import CLASSNAMES, build_method, shared_tiny_backbone, write_items
 from tests.miniature import build_miniature

@@ -12,22 +12,24 @@ import click
 from rich.console import Console
 
 from mugcp_bench.commands.report import report
-from mugcp_bench.commands.run import DEFAULT_METHODS, run
+from mugcp_bench.commands.run import run
 from mugcp_bench.errors import RunFailed
 
 
 @click.command("demo")
-@click.option("--methods", default=DEFAULT_METHODS, show_default=True)
+@click.option("--methods", default=None, help="Methods [default: the default set, as `run`].")
 @click.option("--seeds", default="1,2,3", show_default=True, help="Seeds (three fit the 15-minute CPU budget).")
 @click.option("--datasets", default=None, help="Toy datasets (default: the toy suite's base-to-novel datasets).")
 @click.option("--results-dir", default="results", show_default=True, type=click.Path(path_type=Path))
 @click.option("--quick-toy", is_flag=True, hidden=True, help="Use the quick toy world (tests).")
-def demo(methods: str, seeds: str, datasets: str | None, results_dir: Path, quick_toy: bool) -> None:
+def demo(methods: str | None, seeds: str, datasets: str | None, results_dir: Path, quick_toy: bool) -> None:
     """Toy-world base-to-novel for every method, then the table (with 95% bootstrap intervals) and the efficiency
     table in the terminal and RESULTS_DIR/report.md, and plots (training curves too) in RESULTS_DIR/plots."""
     console = Console(stderr=True)
     t0 = time.perf_counter()
-    args = ["--methods", methods, "--seeds", seeds, "--results-dir", str(results_dir), "--keep-going"]
+    args = ["--seeds", seeds, "--results-dir", str(results_dir), "--keep-going"]
+    if methods:
+        args += ["--methods", methods]
     if datasets:
         args += ["--datasets", datasets]
     if quick_toy:

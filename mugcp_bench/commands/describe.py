@@ -85,8 +85,8 @@ def describe(
     from mugcp_bench.describers.leakage import leakage_fraction
     from mugcp_bench.paths import default_cache_dir
     from mugcp_bench.registry import DESCRIBERS
-    from mugcp_bench.runs.sweep import parse_ints
-    from mugcp_bench.runs.sweep import resolve_device as _device
+    from mugcp_bench.runs.options import parse_ints
+    from mugcp_bench.runs.options import resolve_device as _device
     from mugcp_bench.runs.world import resolve_world
 
     name = AUTO if describer_name.strip().lower() == AUTO else DESCRIBERS.canonical(describer_name)
@@ -103,7 +103,7 @@ def describe(
 
     def get_backbone():
         if "backbone" not in loaded:
-            from mugcp_bench.runs.runner import get_backbone as shared_backbone
+            from mugcp_bench.runs.job import get_backbone as shared_backbone
 
             loaded["backbone"] = shared_backbone(backbone_name, weights, dev)
         return loaded["backbone"]

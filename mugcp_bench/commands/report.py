@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from mugcp_bench.atomic import atomic_write_text
+from mugcp_bench.commands.params import NameList, ids
 from mugcp_bench.errors import UserError
 from mugcp_bench.report.aggregate import REPORT_PROTOCOLS, build_report
 from mugcp_bench.report.efficiency import efficiency_tables
@@ -18,6 +19,7 @@ from mugcp_bench.report.plots import confusion_figures, make_plots, save_figure
 from mugcp_bench.report.structure import Options
 from mugcp_bench.report.tables import FORMATS, SUFFIX_FORMATS, render
 from mugcp_bench.report.tidy import load_results
+from mugcp_bench.runs.options import parse_ints
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +38,8 @@ def _split(value: str | None) -> tuple[str, ...] | None:
 
 
 def _seeds(value: str | None) -> tuple[int, ...] | None:
-    items = _split(value)
-    if items is None:
-        return None
-    try:
-        return tuple(sorted({int(v) for v in items}))
-    except ValueError:
-        raise UserError(f"--seeds expects comma-separated integers such as 1,2,3, got '{value}'") from None
+    items = parse_ints(value, "seeds")
+    return tuple(sorted(set(items))) if items else None
 
 
 def _format(fmt: str | None, out: Path | None) -> str:
@@ -85,7 +82,9 @@ def _format(fmt: str | None, out: Path | None) -> str:
     help="Write PNG+PDF plots to DIR.",
 )
 @click.option("--vs", default=None, help="Show Δ against 'paper' (the published numbers) or a METHOD of the report.")
-@click.option("--seeds", default=None, help="Expected seeds, e.g. 1,2,3 (others are ignored; missing ones flagged).")
+@click.option(
+    "--seeds", default=None, type=ids(), help="Expected seeds, e.g. 1,2,3 or 1-3 (others are ignored; missing flagged)."
+)
 @click.option(
     "--ci",
     is_flag=True,
@@ -98,7 +97,10 @@ def _format(fmt: str | None, out: Path | None) -> str:
 )
 @click.option("--rounded", is_flag=True, help="Average the 1-decimal per-seed values the reference parser reads.")
 @click.option(
-    "--methods", default=None, help="Only these methods, e.g. coop,mugcp (a method name includes its variants)."
+    "--methods",
+    default=None,
+    type=NameList(),
+    help="Only these methods, e.g. coop,mugcp (a method name includes its variants).",
 )
 @click.option(
     "--per-class",

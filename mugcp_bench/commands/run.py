@@ -9,12 +9,13 @@ from typing import Any
 
 import click
 from rich.console import Console
-from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from mugcp_bench.commands.params import NameList, ids
+from mugcp_bench.commands.progress import make_reporter
 from mugcp_bench.errors import RunFailed
-from mugcp_bench.runs.sweep import DEFAULT_METHODS, Reporter, SweepOptions, SweepPlan, run_sweep
+from mugcp_bench.runs.options import SweepOptions
+from mugcp_bench.runs.sweep import SweepResult, run_sweep
 
 
 def run_options(f):
@@ -27,9 +28,16 @@ def run_options(f):
             show_default=True,
             help="base2novel, cross_dataset, domain_generalization, few_shot (comma-separated).",
         ),
-        click.option("--datasets", default=None, help="all or name,name (default: the suite's datasets)."),
-        click.option("--shots", default=None, help="Shots per class (default: 16; few_shot: 1,2,4,8,16)."),
-        click.option("--seeds", default="1,2,3", show_default=True, help="Seeds, e.g. 1,2,3 or 1-5."),
+        click.option(
+            "--datasets", default=None, type=NameList(), help="all or name,name (default: the suite's datasets)."
+        ),
+        click.option(
+            "--shots",
+            default=None,
+            type=ids(positive=True),
+            help="Shots per class (default: 16; few_shot: 1,2,4,8,16).",
+        ),
+        click.option("--seeds", default="1,2,3", show_default=True, type=ids(), help="Seeds, e.g. 1,2,3 or 1-5."),
         click.option("--data-root", default=None, help="Dataset root (default: $MUGCP_DATA, else ./data)."),
         click.option("--backbone", default=None, help="open_clip architecture, e.g. ViT-B-16 (default: toy world)."),
         click.option("--pretrained", default=None, help="open_clip tag (openai, ...) or checkpoint file."),
@@ -89,87 +97,10 @@ def run_options(f):
     return functools.reduce(lambda acc, o: o(acc), reversed(opts), f)
 
 
-class ConsoleReporter(Reporter):
-    """The plan line and a progress bar of the runs on stderr: done / running / failed across all workers."""
-
-    def __init__(self, console: Console) -> None:
-        self.console = console
-        self.progress: Progress | None = None
-        self.task = None
-        self.running: set[str] = set()
-        self.rows: dict[str, Any] = {}  # label -> progress row of a running run
-        self.failed = 0
-        self.claimed = 0
-
-    def _counts(self) -> str:
-        parts = [f"{len(self.running)} running"]
-        if self.failed:
-            parts.append(f"[red]{self.failed} failed[/]")
-        if self.claimed:
-            parts.append(f"{self.claimed} claimed elsewhere")
-        return ", ".join(parts)
-
-    def planned(self, plan: SweepPlan) -> None:
-        c = plan.counts
-        self.console.print(
-            f"[bold]{c['runs']}[/] runs: {c.get('skip', 0)} done, {c.get('train', 0)} to train, "
-            f"{c.get('resume', 0)} to resume, {c.get('evaluate', 0)} to evaluate "
-            f"({plan.backbone}, recipe {plan.recipe}, {plan.device}, {plan.executor}, results in {plan.results_dir})"
-        )
-
-    def start(self, total: int) -> None:
-        self.progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[counts]}"),
-            TextColumn("{task.fields[status]}"),
-            TimeElapsedColumn(),
-            console=self.console,
-            transient=False,
-        )
-        self.progress.start()
-        self.task = self.progress.add_task("runs", total=total, status="", counts=self._counts())
-
-    def run_started(self, label: str) -> None:
-        self.running.add(label)
-        self.progress.update(self.task, counts=self._counts())
-
-    def step(self, label: str, s: dict[str, Any]) -> None:
-        if label not in self.running:  # a worker's last step report arriving after its run ended
-            return
-        # one row per training run (one under the local executor, one per worker under gpus), gone when it ends
-        row = self.rows.get(label)
-        if row is None:
-            row = self.rows[label] = self.progress.add_task(label, total=None, status="", counts="")
-        self.progress.update(
-            row,
-            total=s["epochs"] * s["steps"],  # the row's bar and count: training steps of the run
-            completed=s["epoch"] * s["steps"] + s["step"] + 1,
-            status=f"epoch {s['epoch'] + 1}/{s['epochs']} it {s['step'] + 1}/{s['steps']} "
-            f"loss {s['loss']:.3f} lr {s['lr']:.2g} {s['images_per_s']:.0f} img/s",
-        )
-
-    def run_finished(self, label: str, status: str, reason: str | None) -> None:
-        row = self.rows.pop(label, None)
-        if row is not None:
-            self.progress.remove_task(row)
-        self.running.discard(label)
-        self.failed += status == "failed"
-        self.claimed += status == "running"
-        self.progress.update(self.task, advance=1, counts=self._counts())
-        if status == "failed":
-            self.progress.console.print(f"[red]failed[/] {escape(label)}: {escape(reason or '')}", highlight=False)
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-
-
-def sweep(methods: str, variants: dict[str, list[str]] | None, as_json: bool = False, **kw: Any) -> None:
+def sweep(methods: str | None, variants: dict[str, list[str]] | None, as_json: bool = False, **kw: Any) -> None:
     """Run the sweep the options describe and print its summary; exit 1 (RunFailed) when a run failed."""
     console = Console(stderr=True)
-    result = run_sweep(SweepOptions(methods=methods, variants=variants, **kw), reporter=ConsoleReporter(console))
+    result = run_sweep(SweepOptions(methods=methods, variants=variants, **kw), reporter=make_reporter(console))
     if result.dry_run:
         if as_json:
             click.echo(json.dumps({**result.counts, "runs_planned": result.plan.labels}))
@@ -177,8 +108,7 @@ def sweep(methods: str, variants: dict[str, list[str]] | None, as_json: bool = F
     failures = result.failed
     if as_json:
         click.echo(json.dumps({**result.counts, "failed": len(failures), "claimed": len(result.claimed)}))
-    if result.claimed:
-        console.print(f"{len(result.claimed)} runs were claimed by another process and left to it")
+    summarize(result, console)
     if failures:
         table = Table(title="failed runs", header_style="bold red")
         table.add_column("run")
@@ -189,8 +119,35 @@ def sweep(methods: str, variants: dict[str, list[str]] | None, as_json: bool = F
         raise RunFailed(f"{len(failures)} of {len(result.trained)} runs failed (see the table above and each run.json)")
 
 
+def summarize(result: SweepResult, console: Console) -> None:
+    """What the sweep did, the mean accuracy per method of the runs it evaluated, and where the tables are."""
+    done = [r for r in result.trained if r.accuracies]
+    if result.claimed:
+        console.print(f"{len(result.claimed)} runs were claimed by another process and left to it")
+    if done:
+        per: dict[str, dict[str, list[float]]] = {}
+        for r in done:
+            method = r.label.split(" ", 1)[0]
+            for target, acc in r.accuracies.items():
+                per.setdefault(method, {}).setdefault(target.split(" ")[-1], []).append(acc)
+        lines = [
+            f"  {m}: " + ", ".join(f"{c} {sum(v) / len(v):.2f} (n={len(v)})" for c, v in groups.items())
+            for m, groups in per.items()
+        ]
+        n = len(done)
+        console.print(f"{n} run{'s' if n != 1 else ''} evaluated now; mean accuracy (%) by classes:", highlight=False)
+        for line in lines:
+            console.print(line, highlight=False, soft_wrap=True)
+    console.print(f"tables: mugcp-bench report --results-dir {result.results_dir}", highlight=False)
+
+
 @click.command("run")
-@click.option("--methods", default=DEFAULT_METHODS, show_default=True, help="Methods (comma-separated, wildcards).")
+@click.option(
+    "--methods",
+    default=None,
+    type=NameList(),
+    help="Methods (comma-separated, wildcards) [default: those of the paper tables, see 'mugcp-bench list methods'].",
+)
 @run_options
 def run(methods: str, **kw) -> None:
     """Train and evaluate METHODS under a protocol; complete runs are skipped, interrupted ones resumed.
@@ -206,7 +163,7 @@ def run(methods: str, **kw) -> None:
 def ablate(method: str, drops: tuple[str, ...], **kw) -> None:
     """Run METHOD and, for each --drop X, its variant no-X (its own keyed run) under the same options."""
     from mugcp_bench.registry import METHODS
-    from mugcp_bench.runs.runner import variant_overrides
+    from mugcp_bench.runs.plan import variant_overrides
 
     name = METHODS.canonical(method)
     cls = METHODS.get(name)

@@ -13,17 +13,12 @@ from typing import Any
 
 import torch
 
+# How `peak_memory_mb` was measured (the efficiency table says which): the vocabulary is part of the run record's
+# schema (store/records.py), which the report reads without importing torch.
+from mugcp_bench.store.records import CUDA_MAX_ALLOCATED, RSS_MAXRSS_GROWTH, RSS_PEAK_ABOVE_START
+
 log = logging.getLogger(__name__)
 
-# How `peak_memory_mb` was measured (the efficiency table says which).
-CUDA_MAX_ALLOCATED = "cuda_max_allocated"  # torch.cuda.max_memory_allocated over the run (tensors only)
-RSS_PEAK_ABOVE_START = "rss_peak_above_start"  # Linux: peak resident set of the process during the run - at start
-RSS_MAXRSS_GROWTH = "rss_maxrss_growth"  # elsewhere: growth of the process's lifetime peak RSS (0 if it peaked before)
-MEASURES = {
-    CUDA_MAX_ALLOCATED: "torch.cuda.max_memory_allocated",
-    RSS_PEAK_ABOVE_START: "peak process RSS above its start (CPU)",
-    RSS_MAXRSS_GROWTH: "growth of the process's peak RSS (CPU; a lower bound)",
-}
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 

@@ -12,11 +12,11 @@ import math
 
 import pandas as pd
 
-from mugcp_bench.engine.resources import MEASURES
 from mugcp_bench.protocols import TRAIN_PROTOCOLS, train_title
 from mugcp_bench.report.aggregate import assign_entries, entry_table
 from mugcp_bench.report.structure import Options, RowTable
 from mugcp_bench.report.tidy import Results
+from mugcp_bench.store.records import MEMORY_MEASURES as MEASURES
 
 HEADER = [
     "Method",

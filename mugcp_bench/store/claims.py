@@ -42,10 +42,26 @@ def new_token() -> str:
     return uuid.uuid4().hex
 
 
-def _pid_alive(pid: int) -> bool:
-    from mugcp_bench.store.records import pid_alive  # one liveness rule (zombies are dead)
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` of this host is running. A zombie (killed, not yet reaped by its parent: a SIGKILLed
+    `run` whose launcher has not waited for it) is dead: its run must be taken over, not left to it."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no procfs (macOS): signal 0 is all we know
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")  # the state field follows "(comm)"
 
-    return pid_alive(pid)
+
+def claim_is_live(run_dir: Path, timeout: float) -> bool:
+    """Whether someone holds a live claim on the run in `run_dir`: the one liveness rule of the store."""
+    holder = read_holder(run_dir)
+    return holder is not None and holder.is_live(timeout)
 
 
 @dataclass(frozen=True)
@@ -65,7 +81,7 @@ class Holder:
     def is_live(self, timeout: float, now: float | None = None) -> bool:
         if self.age(now) > timeout:
             return False
-        return not (self.host == socket.gethostname() and not _pid_alive(self.pid))
+        return not (self.host == socket.gethostname() and not pid_alive(self.pid))
 
     def describe(self) -> str:
         return f"{self.host} pid {self.pid}, heartbeat {self.age():.0f} s ago"
@@ -186,4 +202,14 @@ class Claim:
         self.release()
 
 
-__all__ = ["CLAIM_FILE", "DEFAULT_TIMEOUT_S", "LOCK_FILE", "Claim", "Holder", "new_token", "read_holder"]
+__all__ = [
+    "CLAIM_FILE",
+    "DEFAULT_TIMEOUT_S",
+    "LOCK_FILE",
+    "Claim",
+    "Holder",
+    "claim_is_live",
+    "new_token",
+    "pid_alive",
+    "read_holder",
+]

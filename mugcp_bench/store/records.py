@@ -11,9 +11,9 @@ import hashlib
 import json
 import os
 import platform
-import socket
 import time
 from dataclasses import asdict, dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,31 @@ from mugcp_bench.atomic import atomic_write_text
 
 SCHEMA = 1
 RUNS = "runs"
+
+
+# How a record's `resources.peak_memory_mb` was measured (`resources.memory_measure`), as the efficiency table says it.
+CUDA_MAX_ALLOCATED = "cuda_max_allocated"  # torch.cuda.max_memory_allocated over the run (tensors only)
+RSS_PEAK_ABOVE_START = "rss_peak_above_start"  # Linux: peak resident set of the process during the run - at start
+RSS_MAXRSS_GROWTH = "rss_maxrss_growth"  # elsewhere: growth of the process's lifetime peak RSS (0 if it peaked before)
+MEMORY_MEASURES = {
+    CUDA_MAX_ALLOCATED: "torch.cuda.max_memory_allocated",
+    RSS_PEAK_ABOVE_START: "peak process RSS above its start (CPU)",
+    RSS_MAXRSS_GROWTH: "growth of the process's peak RSS (CPU; a lower bound)",
+}
+
+
+class RunStatus(str, Enum):
+    """A run record's status. Whether a `running` record is being worked on is the claim's to say (store/claims.py):
+    the one liveness rule."""
+
+    NEW = "new"  # no record yet
+    RUNNING = "running"
+    COMPLETE = "complete"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"  # Ctrl-C; its checkpoint is kept and a rerun resumes
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass(frozen=True)
@@ -91,25 +116,6 @@ def versions() -> dict[str, str]:
     return out
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether process `pid` of this host is running. A zombie (killed, not yet reaped by its parent: a SIGKILLed
-    `run` whose launcher has not waited for it) is dead: its record must be resumed, not left to it (issue 19.5)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:  # no procfs (macOS): signal 0 is all we know
-        return True
-    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")  # the state field follows "(comm)"
-
-
-_pid_alive = pid_alive
-
-
 # --- reading records: one rule for `run` and `report` ----------------------------------------------------------------
 # A damaged run.json (not JSON, not a record: a disk or copy accident; ours are written atomically) is retrained by
 # `run` (the file is kept aside as run.json.corrupt) and left out of `report`, each with one warning line naming it.
@@ -171,16 +177,10 @@ class RunRecord:
 
     # --- state ----------------------------------------------------------------------------------------------------
     @property
-    def status(self) -> str:
-        """complete | failed | running | stale (left running by a dead process) | new."""
+    def status(self) -> RunStatus:
+        """The record's status (`RunStatus.NEW` when there is no record)."""
         s = self.data.get("status")
-        if s is None:
-            return "new"
-        if s == "running":
-            owner = self.data.get("owner", {})
-            if owner.get("host") == socket.gethostname() and not _pid_alive(int(owner.get("pid", -1))):
-                return "stale"
-        return s
+        return RunStatus.NEW if s is None else RunStatus(s)
 
     def evaluations(self) -> list[dict[str, Any]]:
         return list(self.data.get("evaluations", []))
@@ -200,6 +200,7 @@ class RunRecord:
 
     @property
     def log_path(self) -> Path:
+        """What the run logged, every line prefixed with the run id (the Dassl habit: log.txt beside the record)."""
         return self.dir / "log.txt"
 
     # --- writes ---------------------------------------------------------------------------------------------------
@@ -214,13 +215,12 @@ class RunRecord:
             {
                 "schema": SCHEMA,
                 "id": self.key.id,
-                "status": "running",
+                "status": RunStatus.RUNNING.value,
                 "reason": None,
                 "key": asdict(self.key),
                 "method_label": self.key.method_label,
                 "config": config,
                 "versions": versions(),
-                "owner": {"host": socket.gethostname(), "pid": os.getpid()},
                 "trainable_params": trainable_params,
                 "eval_batch_size": eval_batch_size,
                 "created": created,
@@ -241,10 +241,10 @@ class RunRecord:
         self.data["evaluations"] = evs
         self.save()
 
-    def finish(self, status: str = "complete", reason: str | None = None) -> None:
-        self.data["status"] = status
+    def finish(self, status: RunStatus = RunStatus.COMPLETE, reason: str | None = None) -> None:
+        self.data["status"] = RunStatus(status).value
         self.data["reason"] = reason
-        self.data.pop("owner", None)
+        self.data.pop("owner", None)  # written by records of earlier versions
         self.save()
 
 

@@ -1,51 +1,42 @@
-"""What an executor is: it takes the sweep's tasks and returns one `TaskResult` each, reporting as runs go."""
+"""What an executor is: it takes the sweep's tasks and returns one `TaskResult` each, reporting as runs go.
+
+An executor is one file in this package that registers its class (`@EXECUTORS.register("name")`) and names the
+sweep options it reads (`options`); `--executor NAME` picks it, and an option of another executor is refused.
+"""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
-from mugcp_bench.runs.executors.work import RunTask, TaskResult, WorkContext
+from mugcp_bench.runs.options import resolve_device
 
 if TYPE_CHECKING:
-    from mugcp_bench.runs.sweep import Reporter
+    from mugcp_bench.runs.job import RunTask, TaskResult
+    from mugcp_bench.runs.options import RunSettings, SweepOptions
+    from mugcp_bench.runs.progress import Reporter
 
 
 class Executor:
-    """Base class. Subclasses set `name` and implement `run`."""
+    """Base class. Subclasses set `name` and `options` and implement `from_options` and `run`."""
 
-    name = ""
+    name: ClassVar[str] = ""
+    # the SweepOptions fields (with their CLI options --gpus, --ray-address, ...) only this executor reads
+    options: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def from_options(cls, options: SweepOptions) -> Executor:
+        return cls()
 
     def device(self, requested: str) -> str:
         """The device the runs will use, given the sweep's `--device`; checks the executor's options."""
-        from mugcp_bench.runs.sweep import resolve_device
-
         return resolve_device(requested)
 
     def describe(self) -> str:
         """A few words for the plan line, e.g. '2 workers (cpu, cpu)'."""
         return self.name
 
-    def run(self, tasks: Sequence[RunTask], ctx: WorkContext, reporter: Reporter, keep_going: bool) -> list[TaskResult]:
+    def run(
+        self, tasks: Sequence[RunTask], settings: RunSettings, reporter: Reporter, keep_going: bool
+    ) -> list[TaskResult]:
         raise NotImplementedError
-
-
-class SafeReporter:
-    """Serialises a reporter's callbacks: executors call it from several threads."""
-
-    def __init__(self, reporter: Reporter) -> None:
-        self._reporter = reporter
-        self._lock = threading.Lock()
-
-    def run_started(self, label: str) -> None:
-        with self._lock:
-            self._reporter.run_started(label)
-
-    def step(self, label: str, info: dict) -> None:
-        with self._lock:
-            self._reporter.step(label, info)
-
-    def run_finished(self, result: TaskResult) -> None:
-        with self._lock:
-            self._reporter.run_finished(result.label, result.status, result.reason)

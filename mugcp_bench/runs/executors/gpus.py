@@ -21,11 +21,22 @@ from typing import TYPE_CHECKING
 
 from mugcp_bench.engine.interrupts import StopFile, install_deferred_handler, request_stop, stop_requested
 from mugcp_bench.errors import UserError
-from mugcp_bench.runs.executors.base import Executor, SafeReporter
-from mugcp_bench.runs.executors.work import RunTask, TaskResult, WorkContext, perform_in_worker, step_reporter
+from mugcp_bench.registry import EXECUTORS
+from mugcp_bench.runs.executors.base import Executor
+from mugcp_bench.runs.job import (
+    RunLabelFilter,
+    RunTask,
+    TaskResult,
+    perform_in_worker,
+    record_failure,
+    step_reporter,
+)
+from mugcp_bench.runs.options import RunSettings
+from mugcp_bench.runs.progress import SafeReporter
 
 if TYPE_CHECKING:
-    from mugcp_bench.runs.sweep import Reporter
+    from mugcp_bench.runs.options import SweepOptions
+    from mugcp_bench.runs.progress import Reporter
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +86,14 @@ def parse_gpus(spec: str | None) -> list[Slot]:
     return [Slot("cuda", str(i), 1) for i in ids]
 
 
-_worker: dict = {"events": None}  # in a worker process: the queue its runs' training steps are reported on
+_worker: dict = {"events": None}
+
+
+def console_level() -> int:
+    """The level this process shows on its console (its handlers'; the root logger may be lower for run logs)."""
+    root = logging.getLogger()
+    levels = [h.level for h in root.handlers if h.level] or [root.getEffectiveLevel()]
+    return min(levels)  # in a worker process: the queue its runs' training steps are reported on
 
 
 def _init_worker(visible: str | None, threads: int, log_level: int, events=None) -> None:
@@ -84,23 +102,35 @@ def _init_worker(visible: str | None, threads: int, log_level: int, events=None)
     if visible is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = visible
     handler = logging.StreamHandler()
-    # as the CLI: library warnings on the root logger (open_clip's "no pretrained weights") are hidden
+    handler.setLevel(log_level)
+    # as the CLI: library warnings on the root logger (open_clip's "no pretrained weights") are hidden; every line
+    # names the run it belongs to (workers' lines interleave)
     handler.addFilter(lambda record: record.name != "root" or record.levelno >= logging.ERROR)
-    logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s", handlers=[handler], force=True)
+    handler.addFilter(RunLabelFilter())
+    handler.setFormatter(logging.Formatter("%(levelname)s [run %(run)s] %(name)s: %(message)s"))
+    logging.basicConfig(level=log_level, handlers=[handler], force=True)
     install_deferred_handler()  # a terminal's Ctrl-C reaches the workers too: the first one stops after a step
     import torch
 
     torch.set_num_threads(threads)
 
 
-def _perform_reporting_steps(task: RunTask, ctx: WorkContext) -> TaskResult:
+def _perform_reporting_steps(task: RunTask, settings: RunSettings) -> TaskResult:
     """`perform_in_worker`, sending (label, step info) to the sweep's process through the worker's queue."""
     events = _worker["events"]
-    return perform_in_worker(task, ctx, step_reporter(task.label, events.put) if events is not None else None)
+    return perform_in_worker(task, settings, step_reporter(task.label, events.put) if events is not None else None)
 
 
+@EXECUTORS.register("gpus")
 class GpuWorkersExecutor(Executor):
+    """One worker process per device (`--gpus 0,1,3`, or `--gpus cpu:N` CPU workers)."""
+
     name = "gpus"
+    options = ("gpus",)
+
+    @classmethod
+    def from_options(cls, options: SweepOptions) -> GpuWorkersExecutor:
+        return cls(options.gpus)
 
     def __init__(self, gpus: str | None = None, max_retries: int = DEFAULT_MAX_RETRIES) -> None:
         self.spec = gpus
@@ -117,7 +147,9 @@ class GpuWorkersExecutor(Executor):
     def describe(self) -> str:
         return f"{len(self.slots)} workers ({', '.join(s.name for s in self.slots)})"
 
-    def run(self, tasks: Sequence[RunTask], ctx: WorkContext, reporter: Reporter, keep_going: bool) -> list[TaskResult]:
+    def run(
+        self, tasks: Sequence[RunTask], settings: RunSettings, reporter: Reporter, keep_going: bool
+    ) -> list[TaskResult]:
         if not self.slots:
             self.device("auto")
         report = SafeReporter(reporter)
@@ -130,7 +162,7 @@ class GpuWorkersExecutor(Executor):
         stop = threading.Event()
         pools: list[ProcessPoolExecutor] = []
         mp = multiprocessing.get_context("spawn")
-        level = logging.getLogger().getEffectiveLevel()
+        level = console_level()
         events = mp.Queue()  # (label, step info) from the workers' training loops
         draining = threading.Event()
 
@@ -160,7 +192,7 @@ class GpuWorkersExecutor(Executor):
                         return
                     report.run_started(task.label)
                     try:
-                        result = pool.submit(_perform_reporting_steps, task, ctx).result()
+                        result = pool.submit(_perform_reporting_steps, task, settings).result()
                     except BrokenProcessPool:
                         pool.shutdown(wait=False, cancel_futures=True)
                         pool = new_pool(slot)
@@ -173,9 +205,9 @@ class GpuWorkersExecutor(Executor):
                             )
                             todo.put(task)
                             continue
-                        result = TaskResult(task.id, task.label, "train", "failed", f"worker died {n} times")
+                        result = record_failure(task, settings, f"worker died {n} times")
                     except Exception as e:  # noqa: BLE001 - a task that cannot even be sent is that run's failure
-                        result = TaskResult(task.id, task.label, "train", "failed", f"{type(e).__name__}: {e}")
+                        result = record_failure(task, settings, f"{type(e).__name__}: {e}")
                     with lock:
                         results[task.id] = result
                     report.run_finished(result)  # failed or not, the other runs go on
@@ -184,7 +216,7 @@ class GpuWorkersExecutor(Executor):
             finally:
                 pool.shutdown(wait=True)
 
-        stop_file = StopFile(ctx.stop_file) if ctx.stop_file else None
+        stop_file = StopFile(settings.stop_file) if settings.stop_file else None
         threads = [threading.Thread(target=worker, args=(s,), name=f"worker-{i}") for i, s in enumerate(self.slots)]
         drainer = threading.Thread(target=drain, name="worker-progress", daemon=True)
         drainer.start()

@@ -15,11 +15,15 @@ from typing import TYPE_CHECKING
 
 from mugcp_bench.engine.interrupts import StopFile, request_stop, stop_requested
 from mugcp_bench.errors import UserError
-from mugcp_bench.runs.executors.base import Executor, SafeReporter
-from mugcp_bench.runs.executors.work import RunTask, TaskResult, WorkContext, perform_in_worker, step_reporter
+from mugcp_bench.registry import EXECUTORS
+from mugcp_bench.runs.executors.base import Executor
+from mugcp_bench.runs.job import RunTask, TaskResult, perform_in_worker, record_failure, step_reporter
+from mugcp_bench.runs.options import RunSettings
+from mugcp_bench.runs.progress import SafeReporter
 
 if TYPE_CHECKING:
-    from mugcp_bench.runs.sweep import Reporter
+    from mugcp_bench.runs.options import SweepOptions
+    from mugcp_bench.runs.progress import Reporter
 
 log = logging.getLogger(__name__)
 
@@ -35,16 +39,24 @@ def require_ray():
     return ray
 
 
-def _ray_perform(task: RunTask, ctx: WorkContext, threads: int, events=None) -> TaskResult:
+def _ray_perform(task: RunTask, settings: RunSettings, threads: int, events=None) -> TaskResult:
     import torch
 
     torch.set_num_threads(threads)  # the task's CPUs (Ray sets OMP_NUM_THREADS, not torch's own count)
     progress = step_reporter(task.label, events.put_nowait) if events is not None else None
-    return perform_in_worker(task, ctx, progress)  # training steps go to the sweep through the Ray queue
+    return perform_in_worker(task, settings, progress)  # training steps go to the sweep through the Ray queue
 
 
+@EXECUTORS.register("ray")
 class RayExecutor(Executor):
+    """A Ray task per run, on a local Ray instance or the cluster at `--ray-address`."""
+
     name = "ray"
+    options = ("ray_address", "ray_gpus_per_run", "ray_cpus_per_run")
+
+    @classmethod
+    def from_options(cls, options: SweepOptions) -> RayExecutor:
+        return cls(options.ray_address, options.ray_gpus_per_run, options.ray_cpus_per_run)
 
     def __init__(
         self,
@@ -64,7 +76,7 @@ class RayExecutor(Executor):
         self._device = "cpu"
 
     def device(self, requested: str) -> str:
-        from mugcp_bench.runs.sweep import resolve_device
+        from mugcp_bench.runs.options import resolve_device
 
         require_ray()
         self._device = resolve_device(requested)
@@ -79,7 +91,9 @@ class RayExecutor(Executor):
         where = self.address or "a local Ray instance"
         return f"Ray tasks on {where} ({self.gpus():g} GPU, {self.cpus_per_run:g} CPU each)"
 
-    def run(self, tasks: Sequence[RunTask], ctx: WorkContext, reporter: Reporter, keep_going: bool) -> list[TaskResult]:
+    def run(
+        self, tasks: Sequence[RunTask], settings: RunSettings, reporter: Reporter, keep_going: bool
+    ) -> list[TaskResult]:
         ray = require_ray()
         started_here = False
         if not ray.is_initialized():
@@ -105,9 +119,9 @@ class RayExecutor(Executor):
 
         try:
             for task in tasks:
-                pending[remote.remote(task, ctx, threads, events)] = task
+                pending[remote.remote(task, settings, threads, events)] = task
                 report.run_started(task.label)
-            stop_file = StopFile(ctx.stop_file) if ctx.stop_file else None
+            stop_file = StopFile(settings.stop_file) if settings.stop_file else None
             stopping = False
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1, timeout=0.2)
@@ -122,7 +136,7 @@ class RayExecutor(Executor):
                         result = ray.get(ref)
                     except Exception as e:  # noqa: BLE001 - the worker died more than max_retries times, or Ray failed
                         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                        result = TaskResult(task.id, task.label, "train", "failed", reason)
+                        result = record_failure(task, settings, reason)
                     results[task.id] = result
                     report.run_finished(result)
                     if result.status == "interrupted":  # a Ctrl-C only that task's process got: the sweep stops

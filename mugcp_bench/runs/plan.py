@@ -1,0 +1,210 @@
+"""Planning: expand methods × protocols × datasets × shots × seeds (× ablation variants) into keyed runs, each with
+its resolved configs and the one decision of what it needs (`decide_action`).
+
+Every run is self-contained: it reads its key and config, writes only its own run directory and the shared
+content-keyed caches, and never depends on another run having happened in the same process — so any executor can
+take the plan.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from mugcp_bench.errors import UserError
+from mugcp_bench.methods.base import Method, TrainConfig, apply_overrides, split_overrides
+from mugcp_bench.model.backbone import Backbone
+from mugcp_bench.protocols import EvalTarget, Protocol, Suite, TrainTarget, plan_protocol
+from mugcp_bench.registry import METHODS, suggest
+from mugcp_bench.runs.options import RunSettings
+from mugcp_bench.runs.settings import check_ranges
+from mugcp_bench.store.claims import claim_is_live
+from mugcp_bench.store.records import RunKey, RunRecord, RunStatus, config_hash
+
+log = logging.getLogger(__name__)
+
+
+class Action(str, Enum):
+    """What a planned run needs."""
+
+    TRAIN = "train"  # from scratch (new, forced, or nothing to resume from)
+    RESUME = "resume"  # from the run's last checkpoint
+    EVALUATE = "evaluate"  # complete, but evaluations are missing: evaluate the stored model
+    SKIP = "skip"  # complete with every evaluation
+    CLAIMED = "claimed"  # another process holds a live claim on it: left to that process
+
+    def __str__(self) -> str:
+        return self.value
+
+
+WORK = (Action.TRAIN, Action.RESUME, Action.EVALUATE)  # the actions an executor is handed
+
+
+@dataclass
+class PlannedRun:
+    key: RunKey
+    method: str
+    variant: str
+    method_config: Any
+    train_config: TrainConfig
+    train: TrainTarget
+    evals: tuple[EvalTarget, ...]
+    record: RunRecord
+    action: Action = Action.TRAIN
+
+    @property
+    def label(self) -> str:
+        k = self.key
+        return f"{k.method_label} {k.train_dataset} {k.classes} {k.shots}-shot seed {k.seed}"
+
+    def missing_evaluations(self) -> list[EvalTarget]:
+        return [e for e in self.evals if not self.record.has_evaluation(e.protocol, e.dataset, e.classes)]
+
+
+def decide_action(run: PlannedRun, settings: RunSettings, claimed_elsewhere: bool = False) -> Action:
+    """The one rule for what a run needs, read off its record and its claim. The planner asks it with the claim as the
+    store has it; the job asks it again once it holds the claim (then nobody else does)."""
+    if claimed_elsewhere:
+        return Action.CLAIMED
+    status = run.record.status
+    if settings.force or status == RunStatus.NEW:
+        return Action.TRAIN
+    if status == RunStatus.COMPLETE:
+        if not run.missing_evaluations():
+            return Action.SKIP
+        return Action.EVALUATE if run.record.model_path.is_file() else Action.TRAIN
+    # running with nobody on it (its process died), failed, or interrupted: resume from the last checkpoint
+    if settings.resume and run.record.checkpoint_path.is_file():
+        return Action.RESUME
+    return Action.TRAIN
+
+
+def resolve_methods(names: Sequence[str]) -> list[str]:
+    """Registry names of `names` (wildcards expanded), each once, in the order given."""
+    out = []
+    for n in names:
+        if "*" in n or "?" in n:
+            matched = METHODS.names(n)
+            if not matched:
+                raise UserError(f"no method matches '{n}'; run 'mugcp-bench list methods'")
+            out.extend(matched)
+        else:
+            out.append(METHODS.canonical(n))
+    return list(dict.fromkeys(out))
+
+
+def variant_overrides(method_cls: type[Method], drop: str) -> dict[str, Any]:
+    """Config overrides of ablation `drop` (variant `no-<drop>`)."""
+    if drop not in method_cls.ablations:
+        names = list(method_cls.ablations)
+        raise UserError(
+            f"method '{method_cls.name}' has no ablation '{drop}'.{suggest(drop, names)} "
+            f"Ablations: {', '.join(names) or 'none'}"
+        )
+    return dict(method_cls.ablations[drop])
+
+
+def resolve_configs(
+    method_cls: type[Method], recipe: str, train: TrainTarget, variant_cfg: dict[str, Any], user: Mapping[str, str]
+) -> tuple[Any, TrainConfig]:
+    """Method config and TrainConfig: defaults <- recipe <- ablation variant <- --set overrides."""
+    rm, rt = split_overrides(method_cls, method_cls.recipe(recipe, train.train_protocol, train.shots, train.dataset))
+    um, ut = split_overrides(method_cls, dict(user))
+    cfg = method_cls.make_config({**rm, **variant_cfg})
+    cfg = apply_overrides(cfg, um, method_cls.name)
+    tcfg = apply_overrides(apply_overrides(TrainConfig(), rt, "training"), ut, "training")
+    check_ranges(tcfg, "training")  # every setting within its range, at planning time (runs/settings.py)
+    check_ranges(cfg, f"method '{method_cls.name}'")
+    return cfg, tcfg
+
+
+def plan(
+    settings: RunSettings,
+    backbone: Backbone,
+    methods: Sequence[str],
+    protocols: Sequence[Protocol],
+    suite: Suite,
+    datasets: tuple[str, ...] | None,
+    shots: tuple[int, ...] | None,
+    seeds: Sequence[int],
+    variants: dict[str, list[str]] | None = None,
+) -> list[PlannedRun]:
+    """Keyed runs with their configs and actions; cross-dataset and domain generalization share the source run."""
+    runs: dict[str, PlannedRun] = {}
+    for name in methods:
+        method_cls = METHODS.get(name)
+        for drop in [""] + list((variants or {}).get(name, [])):
+            vcfg = variant_overrides(method_cls, drop) if drop else {}
+            variant = f"no-{drop}" if drop else ""
+            for protocol in protocols:
+                for train, evals in plan_protocol(protocol, suite, datasets, shots):
+                    for seed in seeds:
+                        cfg, tcfg = resolve_configs(method_cls, settings.recipe, train, vcfg, settings.overrides)
+                        key = RunKey(
+                            train_protocol=train.train_protocol,
+                            method=name,
+                            variant=variant,
+                            recipe=settings.recipe,
+                            backbone=backbone.name,
+                            pretrained=backbone.pretrained if not Path(backbone.pretrained).exists() else "file",
+                            weights=backbone.weights_hash[:12],
+                            train_dataset=train.dataset,
+                            classes=train.classes,
+                            shots=train.shots,
+                            seed=seed,
+                            precision=settings.precision,
+                            config_hash=config_hash([asdict(cfg), asdict(tcfg), backbone.transform_version]),
+                            activation=backbone.activation,
+                        )
+                        if key.id in runs:  # cross-dataset + DG share the source run: merge evaluations
+                            prev = runs[key.id]
+                            prev.evals = tuple(dict.fromkeys([*prev.evals, *evals]))
+                            continue
+                        record = RunRecord(settings.results_dir, key)
+                        runs[key.id] = PlannedRun(key, name, variant, cfg, tcfg, train, evals, record)
+    check_records(list(runs.values()), settings.force)
+    for run in runs.values():
+        run.action = decide_action(run, settings, claim_is_live(run.record.dir, settings.claim_timeout))
+    return list(runs.values())
+
+
+def check_records(runs: Sequence[PlannedRun], force: bool) -> None:
+    """The store's rule for run.json files that cannot be used: a damaged one is retrained (one warning line each;
+    the file is kept aside as run.json.corrupt when the run starts); one of another schema is refused (UserError)
+    unless --force retrains it."""
+    foreign = [r.record.problem for r in runs if r.record.problem is not None and r.record.problem.kind == "schema"]
+    if foreign and not force:
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise UserError(
+            f"{foreign[0].line()}{more}: upgrade mugcp-bench to use it, or pass --force to retrain (the old record is "
+            "kept aside)"
+        )
+    for r in runs:
+        if r.record.problem is not None and r.record.problem.kind == "damaged":
+            log.warning("%s: it is kept as run.json.corrupt and the run trained again", r.record.problem.line())
+
+
+def summarize(runs: Sequence[PlannedRun]) -> dict[str, int]:
+    """Counts by action: {"runs": N, "train": .., "skip": .., ...}."""
+    out = {"runs": len(runs)}
+    for r in runs:
+        out[r.action.value] = out.get(r.action.value, 0) + 1
+    return out
+
+
+__all__ = [
+    "WORK",
+    "Action",
+    "PlannedRun",
+    "check_records",
+    "decide_action",
+    "plan",
+    "resolve_configs",
+    "resolve_methods",
+    "summarize",
+    "variant_overrides",
+]
