@@ -1,0 +1,399 @@
+"""Reference checkpoints in and out (`mugcp_bench.interop`): the restricted loader, per-method import of files in
+each reference trainer's exact structure (tests/reference_fixtures.py), export back to that structure, round trips,
+the output trees, and one line for every file that does not fit."""
+
+from __future__ import annotations
+
+import collections
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from mugcp_bench.engine.trainer import evaluate
+from mugcp_bench.errors import UserError
+from mugcp_bench.interop.formats import formats_of
+from mugcp_bench.interop.importing import (
+    ImportOptions,
+    find_checkpoints,
+    parse_dassl_log,
+    parse_tree,
+    plan_one,
+)
+from mugcp_bench.interop.reference import read_reference_file, to_reference, write_reference_file
+from mugcp_bench.interop.safe_load import Opaque, load_checkpoint_file
+from mugcp_bench.model.backbone import load_backbone
+from mugcp_bench.registry import METHODS
+from tests.method_harness import load_images, shared_tiny_backbone, write_items
+from tests.reference_fixtures import (
+    PA_NAMES,
+    TRAINERS,
+    cmpa_entries,
+    coop_entries,
+    maple_entries,
+    write_reference_checkpoint,
+    write_trainer_checkpoint,
+)
+
+TINY = ImportOptions(backbone="tiny", pretrained="random")
+CLASSES = ["banded", "blotchy", "braided"]  # as many as the fixtures' class buffers have rows (3)
+# (trainer, learner-folder tree, --method, fixture options); the trees are the reference scripts'
+CASES = {
+    "CoOp": ("output/base2new/train_base/dtd/shots_16/CoOp/vit_b16_ctxv1/seed1", None, {}),
+    "CoOp-csc": ("output/dtd/CoOp/vit_b16_16shots/nctx4_cscTrue_ctpend/seed2", None, {"ctx_init": False, "csc": True}),
+    "CoCoOp": ("output/base2new/train_base/dtd/shots_16/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1/seed1", None, {}),
+    "MaPLe": ("output/base2new/train_base/dtd/shots_16/MaPLe/vit_b16_c2_ep5_batch4_2ctx/seed1", None, {}),
+    "IVLP": ("output/base2new/train_base/dtd/shots_16/IVLP/vit_b16_c2_ep5_batch4_2+2ctx/seed1", "maple", {}),
+    "CMPA": ("output/dtd/16shots/seed3", None, {}),
+    "CMPA-ps-false": ("output/dtd/16shots/seed3", None, {"ps": False}),
+}
+
+
+def reference_name(case: str, ours: str) -> str | list[str]:
+    """The reference's name(s) of our tensor, written out here from the reference code (not from our maps)."""
+    if case.startswith(("CoOp", "CoCoOp")):
+        return ours
+    if case == "MaPLe":
+        return "prompt_learner." + ours
+    if case == "IVLP":
+        fixed = {"ctx": "prompt_learner.ctx", "vision_ctx": "image_encoder.VPT"}
+        if ours in fixed:
+            return fixed[ours]
+        tower, j = ours.rsplit(".", 1)
+        enc = "text_encoder" if tower == "compound_prompts_text" else "image_encoder"
+        return f"{enc}.transformer.resblocks.{int(j) + 1}.VPT_shallow"
+    fixed = {"ctx_text": "prompt_learner.prompts_text", "ctx_visual": "prompt_learner.prompts_visual"}
+    if ours in fixed:
+        return fixed[ours]
+    ours_to_ref = {  # our CrossModalPromptAttention attribute -> clip/model.py PromptAttention's
+        "attn_v": "promt_attention_visual",
+        "ln_v1": "ln_pa_1_visual",
+        "mlp_v": "mlp_pa_visual",
+        "ln_v2": "ln_pa_2_visual",
+        "proj_t2v": "proj_t2v",
+        "proj_v2t": "proj_v2t",
+        "attn_t": "promt_attention_text",
+        "ln_t1": "ln_pa_1_text",
+        "mlp_t": "mlp_pa_text",
+        "ln_t2": "ln_pa_2_text",
+    }
+    parts = ours.split(".")  # cmpa.<attr>.<rest> (shared) or cmpa.<block>.<attr>.<rest>
+    if parts[1].isdigit():
+        return f"encoder.resblocks.{parts[1]}.prompt_attn.{ours_to_ref[parts[2]]}.{'.'.join(parts[3:])}"
+    return [f"encoder.resblocks.{i}.prompt_attn.{ours_to_ref[parts[1]]}.{'.'.join(parts[2:])}" for i in range(4)]
+
+
+def write_case(root: Path, case: str, epochs: int = 3, **kw) -> Path:
+    tree, _, options = CASES[case]
+    return write_trainer_checkpoint(
+        root / tree, case.split("-")[0], shared_tiny_backbone(), epochs=epochs, **options, **kw
+    )
+
+
+def plan_case(path: Path, case: str):
+    method = CASES[case][1]
+    opts = ImportOptions(**{**TINY.__dict__, "method": method})
+    return plan_one(path, opts, {})
+
+
+# --- the restricted loader ---------------------------------------------------------------------------------------
+def test_reference_files_need_the_restricted_loader_which_keeps_their_scheduler_inert(tmp_path):
+    path = write_case(tmp_path, "CoOp")
+    with pytest.raises(pickle.UnpicklingError):  # torch's default (weights_only) refuses the pickled scheduler
+        torch.load(path)
+    ckpt = load_checkpoint_file(path)
+    assert list(ckpt) == ["state_dict", "epoch", "optimizer", "scheduler", "val_result"]
+    successor = ckpt["scheduler"]["successor"]
+    assert isinstance(successor, Opaque) and successor.qualname == "torch.optim.lr_scheduler.CosineAnnealingLR"
+    assert not isinstance(successor, torch.optim.lr_scheduler.LRScheduler)  # a stand-in: no code of it ran
+    assert successor.state["T_max"] == 3.0 and isinstance(successor.state["optimizer"], Opaque)
+    assert ckpt["epoch"] == 3 and ckpt["optimizer"]["param_groups"][0]["initial_lr"] == 0.002
+
+
+class _Payload:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # would create the marker file if unpickled
+
+
+def test_a_file_naming_any_other_global_is_refused_before_it_runs(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "model.pth.tar-5"
+    torch.save({"state_dict": {"ctx": torch.zeros(2, 3)}, "epoch": 5, "scheduler": _Payload(str(marker))}, path)
+    with pytest.raises(UserError, match=r"pickles builtins\.open|pickles io\.open") as e:
+        load_checkpoint_file(path)
+    assert "\n" not in str(e.value) and not marker.exists()
+
+
+def test_gpu_saved_old_dassl_and_best_files_load_on_the_cpu(tmp_path):
+    backbone = shared_tiny_backbone()
+    gpu = write_reference_checkpoint(tmp_path / "a", "prompt_learner", coop_entries(backbone), 2, 0.002,
+                                     val_result="absent", location="cuda:0")  # fmt: skip
+    ref = read_reference_file(gpu)
+    assert ref.outer_keys == ["state_dict", "epoch", "optimizer", "scheduler"] and ref.val_result is None
+    assert ref.state_dict["ctx"].device.type == "cpu"
+    best = write_reference_checkpoint(
+        tmp_path / "b", "prompt_learner", coop_entries(backbone), 2, 0.002, val_result=71.5
+    )
+    assert best.name == "model-best.pth.tar" and read_reference_file(best).val_result == 71.5
+
+
+def test_torch_forced_weights_only_is_named(tmp_path, monkeypatch):
+    path = write_case(tmp_path, "CoOp")
+    monkeypatch.setenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(UserError, match="TORCH_FORCE_WEIGHTS_ONLY_LOAD"):
+        load_checkpoint_file(path)
+
+
+# --- per method: import, evaluate, export, round trip ---------------------------------------------------------------
+@pytest.mark.parametrize("case", list(CASES))
+def test_reference_checkpoint_imports_evaluates_and_exports_to_the_same_structure(case, tmp_path):
+    path = write_case(tmp_path, case)
+    reference = read_reference_file(path).state_dict
+    plan = plan_case(path, case)
+    assert plan.epoch == 3 and plan.seed == int(CASES[case][0][-1]) and plan.dataset == "dtd"
+    assert plan.train_protocol == ("base2novel" if "base2new" in CASES[case][0] else "few_shot")
+    # every tensor we train holds the file's values under the reference's name for it
+    cls = METHODS.get(plan.method)
+    method = cls(plan.backbone, CLASSES, plan.method_config, dataset="dtd")
+    method.load_trainable_state(plan.state)
+    trainable = {n for n, p in method.named_parameters() if p.requires_grad}
+    assert trainable and trainable <= set(plan.state)
+    for ours, value in method.state_dict().items():
+        if ours not in trainable:
+            continue
+        names = reference_name(case, ours)
+        for name in names if isinstance(names, list) else [names]:
+            assert torch.equal(value, reference[name].float()), (ours, name)
+    # evaluates like any method
+    items = write_items(tmp_path / "images", CLASSES, 6)
+    result = evaluate(method, items, plan.backbone.test_transform, torch.device("cpu"), "fp32", 4)
+    assert result["n"] == 6 and 0 <= result["accuracy"] <= 100
+    # export: the file's structure (keys, shapes, dtypes; views share one storage as the reference's buffers do)
+    fmt = plan.format
+    exported = to_reference(fmt, method, method.state_dict() | {}, CLASSES, "fp16")
+    if case == "CMPA-ps-false":  # ours exist for the injecting blocks 1 … 3 only; block 0's module is never used
+        unused = {k for k in reference if k.startswith("encoder.resblocks.0.prompt_attn.")}
+        assert set(reference) - set(exported) == unused and set(exported) <= set(reference)
+    else:
+        assert set(exported) == set(reference)
+    for key, tensor in exported.items():
+        assert tensor.shape == reference[key].shape and tensor.dtype == reference[key].dtype, key
+    for buffer in fmt.deleted_buffers:
+        assert (
+            exported[buffer].untyped_storage().data_ptr()
+            == exported[fmt.deleted_buffers[0]].untyped_storage().data_ptr()
+        )
+    # import(export(run)): the same logits, in either precision regime (the fixture's values are fp16 already)
+    images = load_images(items, plan.backbone)
+    with torch.no_grad():
+        method.begin_eval()
+        expected = method.predict(images, [d.relpath for d in items])
+        method.end_eval()
+    for regime in ("fp32", "fp16"):
+        out = tmp_path / f"export-{regime}"
+        state = {k: v for k, v in method.state_dict().items()}
+        file = write_reference_file(out, fmt, to_reference(fmt, method, state, CLASSES, regime), 7)
+        assert file == out / fmt.learner / "model.pth.tar-7"
+        assert (out / fmt.learner / "checkpoint").read_text() == "model.pth.tar-7\n"
+        assert list(torch.load(file)) == ["state_dict", "epoch", "optimizer", "scheduler", "val_result"]  # weights-only
+        flags = {"method": plan.method, "dataset": "dtd", "seed": 1, "shots": 16}
+        again = plan_one(file, ImportOptions(**{**TINY.__dict__, **flags}), {})
+        twin = cls(plan.backbone, CLASSES, again.method_config, dataset="dtd")
+        twin.load_trainable_state(again.state)
+        with torch.no_grad():
+            twin.begin_eval()
+            got = twin.predict(images, [d.relpath for d in items])
+            twin.end_eval()
+        assert torch.equal(got, expected), regime
+
+
+def test_shared_prompt_attention_is_written_once_under_every_block(tmp_path):
+    plan = plan_case(write_case(tmp_path, "CMPA"), "CMPA")
+    method = METHODS.get("dcp")(plan.backbone, CLASSES, plan.method_config, dataset="dtd")
+    method.load_trainable_state(plan.state)
+    sd = to_reference(plan.format, method, method.state_dict(), CLASSES)
+    copies = [sd[f"encoder.resblocks.{i}.prompt_attn.proj_t2v.weight"] for i in range(4)]
+    assert len({c.untyped_storage().data_ptr() for c in copies}) == 1
+    assert sd["encoder.proj_visual"].dtype == torch.float32  # CMPA renames visual.proj: convert_weights misses it
+
+
+def test_a_file_whose_shared_copies_differ_is_the_per_block_format(tmp_path):
+    """PS false writes twelve independent modules: they must not be read as one shared module."""
+    plan = plan_case(write_case(tmp_path, "CMPA-ps-false"), "CMPA-ps-false")
+    assert plan.method_config.share is False and set(plan.state) >= {"cmpa.1.attn_v.in_proj_weight"}
+
+
+# --- files that do not fit: one line naming the tensors ---------------------------------------------------------------
+def _rewrite(path: Path, edit) -> Path:
+    ckpt = load_checkpoint_file(path)
+    sd = collections.OrderedDict(ckpt["state_dict"])
+    edit(sd)
+    torch.save({**ckpt, "state_dict": sd, "scheduler": None}, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "edit,needle",
+    [
+        (lambda sd: sd.__setitem__("bias_vectors", torch.zeros(1, 64)), "1 unknown (bias_vectors)"),
+        (lambda sd: sd.pop("ctx"), "1 missing (ctx"),
+        (lambda sd: sd.__setitem__("ctx", torch.zeros(4, 32)), "ctx [4, 32] vs [4, 64]"),
+    ],
+    ids=["unknown", "missing", "reshaped"],
+)
+def test_unknown_missing_or_reshaped_tensors_are_one_line(tmp_path, edit, needle):
+    path = _rewrite(write_case(tmp_path, "CoOp"), edit)
+    with pytest.raises(UserError) as e:
+        plan_case(path, "CoOp")
+    assert needle in str(e.value) and "\n" not in str(e.value) and str(path) in str(e.value)
+
+
+def test_a_whole_model_file_trained_on_another_backbone_is_refused(tmp_path):
+    other = load_backbone("tiny", seed=1)  # same architecture, other weights
+    path = write_reference_checkpoint(tmp_path / "output/base2new/train_base/dtd/shots_16/MaPLe/c/seed1",
+                                      "MultiModalPromptLearner", maple_entries(other), 2, 0.0035)  # fmt: skip
+    with pytest.raises(UserError, match="frozen CLIP tensors not those of this backbone") as e:
+        plan_case(path, "MaPLe")
+    assert "image_encoder." in str(e.value) or "text_encoder." in str(e.value)
+
+
+def test_without_tree_or_log_the_keys_identify_the_method(tmp_path):
+    for case, method in (("CoOp", "coop"), ("CoCoOp", "cocoop"), ("MaPLe", "maple"), ("CMPA", "dcp")):
+        tree, _, options = CASES[case]
+        path = write_trainer_checkpoint(tmp_path / f"run-{method}", case, shared_tiny_backbone(), epochs=2, **options)
+        plan = plan_one(path, ImportOptions(**{**TINY.__dict__, "dataset": "dtd", "seed": 1, "shots": 16}), {})
+        assert plan.method == method and plan.origin["method"] == "the checkpoint's keys"
+
+
+def test_a_file_of_an_unmapped_trainer_says_which_methods_read_files(tmp_path):
+    path = write_trainer_checkpoint(tmp_path / "output/base2new/train_base/dtd/shots_16/TCP/c/seed1", "CoOp",
+                                    shared_tiny_backbone(), epochs=2)  # fmt: skip
+    with pytest.raises(UserError, match=r"no installed method reads TCP checkpoints .*coop \(CoOp\)"):
+        plan_case(path, "CoOp")
+
+
+# --- trees, log.txt, flags -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "tree,expected",
+    [
+        ("output/base2new/train_base/oxford_pets/shots_16/CoOp/vit_b16_ctxv1/seed2",
+         dict(trainer="CoOp", cfg_name="vit_b16_ctxv1", dataset="oxford_pets", shots=16, seed=2, base2novel=True)),
+        ("output/imagenet/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1_16shots/seed1",
+         dict(trainer="CoCoOp", cfg_name="vit_b16_c4_ep10_batch1_ctxv1", dataset="imagenet", shots=16, seed=1)),
+        ("output/eurosat/CoOp/vit_b16_ep50_4shots/nctx16_cscTrue_ctpmiddle/seed3",
+         dict(trainer="CoOp", dataset="eurosat", shots=4, seed=3,
+              options={"TRAINER.COOP.N_CTX": "16", "TRAINER.COOP.CSC": "True",
+                       "TRAINER.COOP.CLASS_TOKEN_POSITION": "middle"})),
+        ("output/base2new/train_base/stanford_cars/shots_16_8.0/KgCoOp/vit_b16_ep100_ctxv1/seed1",
+         dict(trainer="KgCoOp", dataset="stanford_cars", shots=16, seed=1, base2novel=True)),
+        ("output/fgvc_aircraft/8shots/seed2", dict(dataset="fgvc_aircraft", shots=8, seed=2, trainer=None)),
+        ("weights/food101/base/seed3", dict(dataset="food101", seed=3, base2novel=True, shots=None)),
+        ("output/imagenet/MaPLe/vit_b16_c2_ep5_batch4_2ctx_cross_datasets_16shots/seed1",
+         dict(trainer="MaPLe", cfg_name="vit_b16_c2_ep5_batch4_2ctx_cross_datasets", dataset="imagenet", shots=16)),
+    ],
+)  # fmt: skip
+def test_the_reference_scripts_trees_are_read(tree, expected):
+    info = parse_tree(Path(tree) / "learner" / "model.pth.tar-5", ["CoOp", "CoCoOp", "MaPLe", "CMPA"])
+    for field, value in expected.items():
+        assert getattr(info, field) == value, field
+
+
+LOG = """Setting fixed seed: 2
+***************
+** Arguments **
+***************
+backbone:
+config_file: configs/trainers/CoOp/vit_b16_ep50.yaml
+dataset_config_file: configs/datasets/eurosat.yaml
+opts: ['TRAINER.COOP.N_CTX', '16', 'TRAINER.COOP.CSC', 'False', 'DATASET.NUM_SHOTS', '2']
+seed: 2
+trainer: CoOp
+************
+** Config **
+************
+DATASET:
+  NAME: EuroSAT
+  NUM_SHOTS: 2
+  SUBSAMPLE_CLASSES: all
+MODEL:
+  BACKBONE:
+    NAME: ViT-B/16
+SEED: 2
+TRAINER:
+  COOP:
+    CLASS_TOKEN_POSITION: front
+    CSC: False
+    CTX_INIT:<SP>
+    N_CTX: 16
+  NAME:<SP>
+Collecting env info ...
+Loading trainer: CoOp
+""".replace("<SP>", " ")  # yacs prints an empty value as "KEY: " (a trailing space)
+
+
+def test_log_txt_settings_win_over_defaults_and_flags_over_both(tmp_path):
+    args, cfg = parse_dassl_log(LOG)
+    assert args["trainer"] == "CoOp" and cfg["TRAINER.COOP.CTX_INIT"] == "" and cfg["TRAINER.NAME"] == ""
+    assert cfg["MODEL.BACKBONE.NAME"] == "ViT-B/16" and cfg["TRAINER.COOP.CLASS_TOKEN_POSITION"] == "front"
+    run = tmp_path / "somewhere" / "run"  # no tree: everything from log.txt
+    path = write_reference_checkpoint(run, "prompt_learner", coop_entries(shared_tiny_backbone(), n_ctx=16,
+                                      ctx_init=False), 2, 0.002)  # fmt: skip
+    (run / "log.txt").write_text(LOG)
+    plan = plan_one(path, TINY, {})  # --backbone tiny overrides the log's ViT-B/16
+    assert (plan.method, plan.dataset, plan.shots, plan.seed, plan.train_protocol) == (
+        "coop",
+        "eurosat",
+        2,
+        2,
+        "few_shot",
+    )
+    assert plan.method_config.class_token_position == "front" and plan.method_config.n_ctx == 16
+    assert plan.origin["dataset"] == "log.txt" and plan.origin["seed"] == "log.txt"
+    flagged = plan_one(path, ImportOptions(**{**TINY.__dict__, "seed": 5, "sets": {"class_token_position": "end"}}), {})
+    assert flagged.seed == 5 and flagged.method_config.class_token_position == "end"
+    with pytest.raises(UserError, match="contradicts the checkpoint"):
+        plan_one(path, ImportOptions(**{**TINY.__dict__, "sets": {"n_ctx": "8"}}), {})
+
+
+def test_a_tree_picks_each_runs_last_epoch_and_counts_the_rest(tmp_path):
+    backbone = shared_tiny_backbone()
+    run = tmp_path / "output/base2new/train_base/dtd/shots_16/CoOp/vit_b16_ctxv1/seed1"
+    for e in (2, 4):
+        write_reference_checkpoint(run, "prompt_learner", coop_entries(backbone), e, 0.002)
+    (run / "log.txt").write_text("no config here\n")
+    (run / "tensorboard").mkdir()
+    (run / "tensorboard" / "events.out.tfevents.1").write_bytes(b"x")
+    write_case(tmp_path, "CoCoOp")
+    found = find_checkpoints([tmp_path / "output"])
+    assert sorted(p.name for p in found.files) == ["model.pth.tar-3", "model.pth.tar-4"]
+    assert found.other_epochs == 1 and found.not_checkpoints == 4  # log, event file, two `checkpoint` pointers
+    assert [p.name for p in find_checkpoints([run], epoch=2).files] == ["model.pth.tar-2"]
+
+
+def test_every_method_with_reference_code_declares_a_format():
+    """The methods whose reference trainer this file knows declare where their tensors go (the rest: listed in
+    docs/interop.md)."""
+    declared = {n for n in METHODS.names() if "reference_checkpoint" in METHODS.get(n).__dict__}
+    assert {"coop", "cocoop", "maple", "dcp"} <= declared
+    for name in declared:
+        for fmt in formats_of(METHODS.get(name)):
+            assert fmt.trainer in TRAINERS or fmt.trainer in ("KgCoOp", "VPT", "PromptSRC", "TCP"), fmt.trainer
+            assert fmt.learner in ("prompt_learner", "MultiModalPromptLearner", "VLPromptLearner")
+
+
+def test_pa_names_cover_every_prompt_attention_parameter():
+    """The fixture's PromptAttention list has our module's 28 tensors (so the CMPA fixtures test every one)."""
+    from mugcp_bench.methods.dcp import CrossModalPromptAttention
+
+    ours = CrossModalPromptAttention(96, 1, 64, 1).state_dict()
+    assert len(PA_NAMES) == len(ours) == 28
+
+
+def test_cmpa_entries_share_one_module_like_ps_true():
+    by_key = {k: t for k, t, _ in cmpa_entries(shared_tiny_backbone())}
+    first, last = (by_key[f"encoder.resblocks.{i}.prompt_attn.proj_t2v.weight"] for i in (0, 3))
+    assert first is last
