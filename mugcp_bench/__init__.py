@@ -18,6 +18,7 @@ _API = {
     "SweepResult": "mugcp_bench.runs.sweep",
     "Reporter": "mugcp_bench.runs.sweep",
     "load_results": "mugcp_bench.report.tidy",
+    "load_classifier": "mugcp_bench.interop.classifier",
 }
 __all__ = ["__version__", *_API]
 

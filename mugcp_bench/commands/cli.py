@@ -22,6 +22,9 @@ COMMANDS = {
     "toy": "mugcp_bench.commands.toy:toy",
     "list": "mugcp_bench.commands.listing:list_cmd",
     "demo": "mugcp_bench.commands.demo:demo",
+    "import": "mugcp_bench.commands.import_cmd:import_cmd",
+    "export": "mugcp_bench.commands.export:export",
+    "predict": "mugcp_bench.commands.predict:predict",
 }
 HELP = {
     "run": "Train and evaluate methods under a protocol; skips what is already done.",
@@ -32,6 +35,9 @@ HELP = {
     "toy": "The toy world: procedural datasets and a small CLIP pretrained on them.",
     "list": "List methods, datasets, backbones or protocols.",
     "demo": "Toy-world base-to-novel for every method, then the report (what `make demo` runs).",
+    "import": "Record and evaluate checkpoints written by the reference code (a file or an output tree).",
+    "export": "A run as its reference code's checkpoint, or as one self-contained .mugcp file.",
+    "predict": "Classify images into any class names with a trained run or a .mugcp file.",
 }
 
 

@@ -82,7 +82,14 @@ def reference_command(fmt: ReferenceFormat, model: TrainedModel, model_dir: Path
     key = model.key
     protocol = key.get("train_protocol", "base2novel")
     dataset = REFERENCE_DATASET_FILES.get(model.dataset, model.dataset)
-    config_file = fmt.configs.get(protocol) or next(iter(fmt.configs.values()), "configs/trainers/<config>.yaml")
+    provenance = getattr(cls, "provenance", {}).get(key.get("recipe", "paper")) or getattr(cls, "provenance", {}).get(
+        "paper"
+    )
+    config_file = (
+        fmt.configs.get(protocol)
+        or (provenance.configs.get(protocol) if provenance is not None else None)
+        or next(iter(fmt.configs.values()), "configs/trainers/<config>.yaml")
+    )
     seed = key.get("seed", 1)
     parts = [
         "python train.py --root DATA",
