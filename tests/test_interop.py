@@ -5,12 +5,17 @@ the output trees, and one line for every file that does not fit."""
 from __future__ import annotations
 
 import collections
+import csv
+import hashlib
+import io
+import json
 import pickle
 from pathlib import Path
 
 import pytest
 import torch
 
+from mugcp_bench import load_classifier
 from mugcp_bench.engine.trainer import evaluate
 from mugcp_bench.errors import UserError
 from mugcp_bench.interop.formats import formats_of
@@ -25,7 +30,9 @@ from mugcp_bench.interop.reference import read_reference_file, to_reference, wri
 from mugcp_bench.interop.safe_load import Opaque, load_checkpoint_file
 from mugcp_bench.model.backbone import load_backbone
 from mugcp_bench.registry import METHODS
+from tests.cli_harness import cli, records
 from tests.method_harness import load_images, shared_tiny_backbone, write_items
+from tests.miniature import build_miniature
 from tests.reference_fixtures import (
     PA_NAMES,
     TRAINERS,
@@ -370,7 +377,7 @@ def test_a_tree_picks_each_runs_last_epoch_and_counts_the_rest(tmp_path):
     write_case(tmp_path, "CoCoOp")
     found = find_checkpoints([tmp_path / "output"])
     assert sorted(p.name for p in found.files) == ["model.pth.tar-3", "model.pth.tar-4"]
-    assert found.other_epochs == 1 and found.not_checkpoints == 4  # log, event file, two `checkpoint` pointers
+    assert found.other_epochs == 1 and found.not_checkpoints == 2  # log.txt and the event file
     assert [p.name for p in find_checkpoints([run], epoch=2).files] == ["model.pth.tar-2"]
 
 
@@ -397,3 +404,123 @@ def test_cmpa_entries_share_one_module_like_ps_true():
     by_key = {k: t for k, t, _ in cmpa_entries(shared_tiny_backbone())}
     first, last = (by_key[f"encoder.resblocks.{i}.prompt_attn.proj_t2v.weight"] for i in (0, 3))
     assert first is last
+
+
+# --- `mugcp-bench import` through the real entry point ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def dtd(tmp_path_factory) -> Path:
+    return build_miniature(tmp_path_factory.mktemp("data"), ["dtd"])
+
+
+IMPORT = ["--backbone", "tiny", "--pretrained", "random", "--device", "cpu"]
+
+
+def _tree(root: Path) -> dict[str, Path]:
+    """The reference scripts' output tree for four trainers (miniature DTD's base half has 2 classes), with log.txt,
+    TensorBoard files and an earlier epoch beside the last."""
+    backbone, out = shared_tiny_backbone(), {}
+    layouts = {
+        "CoOp": "output/base2new/train_base/dtd/shots_16/CoOp/vit_b16_ctxv1/seed1",
+        "CoCoOp": "output/base2new/train_base/dtd/shots_16/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1/seed2",
+        "MaPLe": "output/base2new/train_base/dtd/shots_16/MaPLe/vit_b16_c2_ep5_batch4_2ctx/seed1",
+        "CMPA": "output/dtd/4shots/seed3",
+    }
+    for trainer, tree in layouts.items():
+        out[trainer] = write_trainer_checkpoint(root / tree, trainer, backbone, epochs=3, n_cls=2)
+        (root / tree / "tensorboard").mkdir()
+        (root / tree / "tensorboard" / "events.out.tfevents.0").write_bytes(b"\0")
+        (root / tree / "log.txt").write_text("no config dump in this one\n")
+    write_trainer_checkpoint(root / layouts["CoOp"], "CoOp", backbone, epochs=2, n_cls=2)  # an earlier epoch
+    (root / layouts["CoOp"] / "prompt_learner" / "checkpoint").write_text("model.pth.tar-3\n")
+    return out
+
+
+def test_import_records_a_whole_tree_marked_imported_and_evaluates_it(dtd, tmp_path, capsys):
+    files = _tree(tmp_path)
+    results = tmp_path / "results"
+    argv = ["import", str(tmp_path / "output"), *IMPORT, "--data-root", str(dtd), "--results-dir", str(results)]
+    code, out, err = cli([*argv, "--json"], capsys)
+    assert code == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["skipped_not_checkpoints"] == 8 and summary["skipped_other_epochs"] == 1
+    assert "skipped 8 files that are not checkpoints" in err
+    recs = {r["key"]["method"]: r for r in records(results)}
+    assert set(recs) == {"coop", "cocoop", "maple", "dcp"}
+    for trainer, method in (("CoOp", "coop"), ("CoCoOp", "cocoop"), ("MaPLe", "maple"), ("CMPA", "dcp")):
+        r = recs[method]
+        assert r["status"] == "complete" and r["key"]["origin"] == "imported"
+        block = r["imported"]
+        assert block["path"] == str(files[trainer].resolve()) and block["trainer"] == trainer and block["epoch"] == 3
+        assert block["sha256"] == hashlib.sha256(files[trainer].read_bytes()).hexdigest()
+        assert r["config"]["train"]["epochs"] == 3
+        got = sorted((e["protocol"], e["classes"]) for e in r["evaluations"])
+        expected = [("few_shot", "all")] if method == "dcp" else [("base2novel", "base"), ("base2novel", "novel")]
+        assert got == expected and all(0 <= e["accuracy"] <= 100 for e in r["evaluations"])
+    assert (recs["cocoop"]["key"]["seed"], recs["dcp"]["key"]["shots"]) == (2, 4)
+    # the model a run holds is the file's: the run's model.pt equals the mapped tensors
+    state = torch.load(next(results.glob(f"runs/**/*-{recs['coop']['id']}")) / "model.pt")
+    assert torch.equal(state["ctx"], read_reference_file(files["CoOp"]).state_dict["ctx"].float())
+    # importing the same files again evaluates nothing
+    code, out, err = cli([*argv, "--json"], capsys)
+    assert code == 0, err
+    assert {r["action"] for r in json.loads(out.strip().splitlines()[-1])["runs"]} == {"skip"}
+
+
+def test_import_of_a_file_that_does_not_fit_records_nothing(dtd, tmp_path, capsys):
+    path = _rewrite(write_case(tmp_path, "CoOp"), lambda sd: sd.__setitem__("ctx", torch.zeros(4, 32)))
+    results = tmp_path / "results"
+    code, out, err = cli(["import", str(path), *IMPORT, "--data-root", str(dtd), "--results-dir", str(results)], capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "ctx [4, 32] vs [4, 64]" in lines[0], err
+    assert not records(results)
+
+
+def test_imported_runs_stay_apart_from_trained_runs_of_the_same_key(dtd, tmp_path, capsys):
+    """Train coop; export it; import the export under the same recipe: the two runs differ only in their origin,
+    give equal logits, and the report lists them as two entries (with --vs paper too), never one averaged."""
+    results = tmp_path / "results"
+    common = ["--data-root", str(dtd), "--results-dir", str(results)]
+    code, out, err = cli(["run", "--methods", "coop", "--datasets", "dtd", "--seeds", "1", "--recipe", "toy",
+                          "--set", "epochs=1", *IMPORT, *common], capsys)  # fmt: skip
+    assert code == 0, err
+    (trained,) = records(results)
+    model_dir = tmp_path / "exported"
+    argv = ["export", trained["id"], str(model_dir), "--format", "reference", "--reference-precision", "fp32"]
+    code, out, err = cli([*argv, "--results-dir", str(results)], capsys)
+    assert code == 0, err
+    code, out, err = cli(["import", str(model_dir), "--dataset", "dtd", "--protocol", "base2novel", "--seed", "1",
+                          "--recipe", "toy", *IMPORT, *common], capsys)  # fmt: skip
+    assert code == 0, err
+    recs = {r["key"]["origin"]: r for r in records(results)}
+    assert set(recs) == {"trained", "imported"} and recs["trained"]["id"] != recs["imported"]["id"]
+    same = {k: v for k, v in recs["trained"]["key"].items() if k != "origin"}
+    assert same == {k: v for k, v in recs["imported"]["key"].items() if k != "origin"}
+    items = sorted((dtd / "dtd" / "images").rglob("*.jpg"))[:6]
+    names = ["banded", "blotchy", "sea or lake"]
+    a = load_classifier(recs["trained"]["id"], results).predict(items, names)
+    b = load_classifier(recs["imported"]["id"], results).predict(items, names)
+    assert torch.equal(a.logits, b.logits)  # import(export(run)) gives the run's logits
+    for extra in ([], ["--vs", "paper"]):
+        code, out, err = cli(["report", "--results-dir", str(results), "--format", "csv", *extra], capsys)
+        assert code == 0, err
+        rows = [r for r in csv.DictReader(io.StringIO(out)) if r["dataset"] == "dtd" and r["metric"] == "base"]
+        entries = {r["entry"]: r for r in rows}
+        assert len(entries) == 2 and sum("imported" in e for e in entries) == 1, sorted(entries)
+        assert all(int(r["n"]) == 1 for r in rows)  # one seed each: never averaged together
+
+
+@pytest.mark.slow
+def test_an_imagenet_trained_file_is_evaluated_on_the_cross_dataset_and_dg_targets(tmp_path, capsys):
+    data = build_miniature(tmp_path / "data")
+    run = tmp_path / "output/imagenet/CoOp/vit_b16_ep50_ctxv1_16shots/seed1"
+    write_trainer_checkpoint(run, "CoOp", shared_tiny_backbone(), epochs=2, n_cls=5)  # miniature ImageNet: 5 classes
+    results = tmp_path / "results"
+    code, out, err = cli(["import", str(tmp_path / "output"), *IMPORT, "--data-root", str(data), "--results-dir",
+                          str(results)], capsys)  # fmt: skip
+    assert code == 0, err
+    (rec,) = records(results)
+    assert rec["key"]["train_protocol"] == "xd" and rec["imported"]["read_from"]["protocol"] == "imagenet is the source"
+    tags = {(e["protocol"], e["dataset"]) for e in rec["evaluations"]}
+    assert ("source", "imagenet") in tags and ("cross_dataset", "dtd") in tags
+    assert {d for p, d in tags if p == "domain_generalization"} == {"imagenet_v2", "imagenet_sketch", "imagenet_a",
+                                                                    "imagenet_r"}  # fmt: skip

@@ -70,7 +70,7 @@ class Found:
     """The checkpoint files of the given paths, and what was passed over."""
 
     files: list[Path] = field(default_factory=list)
-    not_checkpoints: int = 0  # files that are not Dassl checkpoints (logs, events, the `checkpoint` text files, ...)
+    not_checkpoints: int = 0  # files that are not Dassl checkpoints (logs, TensorBoard events, ...)
     other_epochs: int = 0  # checkpoints of a run other than the one imported (earlier epochs)
 
 
@@ -113,7 +113,7 @@ def find_checkpoints(paths: Sequence[str | os.PathLike[str]], epoch: int | None 
                 file = Path(root) / name
                 if CHECKPOINT_NAME.match(name) or name == BEST_NAME:
                     by_folder.setdefault(file.parent, []).append(file)
-                else:
+                elif name != "checkpoint":  # Dassl's pointer to the last file, part of the checkpoint layout
                     found.not_checkpoints += 1
         for folder in sorted(by_folder):
             names = sorted(by_folder[folder])
@@ -292,6 +292,7 @@ class ImportPlan:
     state: dict[str, torch.Tensor]  # ours, ready for Method.load_trainable_state
     n_classes_trained: int | None
     origin: dict[str, str] = field(default_factory=dict)  # fact -> where it was read (flag, log.txt, tree, file, ...)
+    reference_config: str = ""  # the reference config it was trained with (log.txt's config_file, or the tree's)
 
     @property
     def epoch(self) -> int:
@@ -303,16 +304,19 @@ class ImportPlan:
 
     def imported(self) -> dict[str, Any]:
         """The record's ``imported`` block: where the run came from."""
+        repo, _, commit = self.format.repo.partition("@")
         return {
-            "source": str(self.source.resolve()),
+            "path": str(self.source.resolve()),
             "sha256": self.file.sha256,
             "trainer": self.format.trainer,
             "learner": self.format.learner,
             "epoch": self.epoch,
+            "config": self.reference_config,
+            "repo": repo,
+            "commit": commit,
             "val_result": self.file.val_result,
-            "reference": self.format.repo,
             "n_classes_trained": self.n_classes_trained,
-            "origin": dict(self.origin),
+            "read_from": dict(self.origin),
         }
 
 
@@ -593,6 +597,7 @@ def plan_one(path: Path, opts: ImportOptions, backbones: dict) -> ImportPlan:
             state=state,
             n_classes_trained=int(n_cls) if n_cls is not None else None,
             origin=origin,
+            reference_config=args.get("config_file") or tree.cfg_name or "",
         )
     raise UserError(_no_fit(path, ref, tried, trainer))
 
@@ -651,3 +656,56 @@ __all__ = [
     "plan_imports",
     "plan_one",
 ]
+
+
+# --- recording: the run path's imported runs ----------------------------------------------------------------
+def _setting(value: Any) -> str:
+    return "true" if value is True else "false" if value is False else str(value)
+
+
+def imported_models(plans: Sequence[ImportPlan]) -> list[Any]:
+    """The run path's `ImportedModel`s of `plans`: the state, every method setting and the file's epoch count as
+    settings (so the record says what the reference trained), and the `imported` block."""
+    from mugcp_bench.runs.imported import ImportedModel
+
+    out = []
+    for plan in plans:
+        settings = {k: _setting(v) for k, v in asdict(plan.method_config).items()}
+        settings["epochs"] = str(plan.epoch)
+        out.append(
+            ImportedModel(
+                method=plan.method,
+                train_dataset=plan.dataset,
+                train_protocol=plan.train_protocol,
+                shots=plan.shots,
+                seed=plan.seed,
+                state=plan.state,
+                settings=settings,
+                source=plan.imported(),
+            )
+        )
+    return out
+
+
+def record_imports(plans: Sequence[ImportPlan], reporter: Any = None, **sweep: Any) -> list[Any]:
+    """Record every plan as an imported run and evaluate it (`mugcp_bench.runs.imported`): one call per backbone,
+    with the sweep options `sweep` (results_dir, data_root, device, force, executor, ...). Returns the SweepResults."""
+    from mugcp_bench.runs.imported import evaluate_imported
+
+    groups: dict[tuple[str, str], list[ImportPlan]] = {}
+    for plan in plans:
+        groups.setdefault((plan.backbone.name, plan.backbone.pretrained), []).append(plan)
+    results = []
+    for (name, pretrained), group in groups.items():
+        results.append(
+            evaluate_imported(
+                imported_models(group),
+                reporter=reporter,
+                backbone=name,
+                pretrained=pretrained,
+                recipe=group[0].recipe,
+                seeds=",".join(str(s) for s in sorted({p.seed for p in group})),
+                **sweep,
+            )
+        )
+    return results
