@@ -1,15 +1,14 @@
-"""Synthetic results stores with per-image predictions (run records schema 1, as `runner.execute` writes them).
+"""Synthetic results stores with per-image predictions (run records schema 1, as the run job writes them).
 
 Correctness is correlated the way real methods' is: every test image has a difficulty shared by all methods and
 seeds; a method's skill and a seed's shift move its threshold. `planted` copies another method's predictions and
 turns k of its wrong images right: a known paired difference. Used by the bootstrap tests, the --ci golden fixture
-(tests/fixtures/make_results.py) and benchmarks/bench_report.py.
+(tests/fixtures/make_stores.py) and benchmarks/bench_report.py.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,6 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from mugcp_bench.store import predictions
+from tests.factories import evaluation, make_key, make_record, run_dir, write_record
 
 
 @dataclass(frozen=True)
@@ -72,75 +72,52 @@ def write_run(
 ) -> Path:
     """One complete run: evaluations maps class subset -> (split, correctness or None, accuracy if no correctness).
 
-    With correctness the predictions file is written beside run.json (as the runner does); without, the record
+    With correctness the predictions file is written beside run.json (as the run job does); without, the record
     looks like one written before predictions were stored.
     """
-    label = f"{method}-{variant}" if variant else method
-    key = {
-        "train_protocol": protocol,
-        "method": method,
-        "variant": variant,
-        "recipe": "paper",
-        "backbone": "ViT-B-16",
-        "pretrained": "openai",
-        "weights": "synthetic",
-        "train_dataset": dataset,
-        "classes": "base",
-        "shots": 16,
-        "seed": seed,
-        "precision": "fp32",
-        "config_hash": "synthetic",
-    }
-    run_id = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
-    run_dir = root / "runs" / protocol / dataset / label / "ViT-B-16" / "shots16" / f"seed{seed}-{run_id}"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    key = make_key(
+        train_protocol=protocol, method=method, variant=variant, weights="synthetic", train_dataset=dataset, seed=seed,
+        config_hash="synthetic",
+    )  # fmt: skip
+    folder = run_dir(root, key)
+    folder.mkdir(parents=True, exist_ok=True)
     evs = []
     for classes, (split, correct, accuracy) in evaluations.items():
-        ev = {"protocol": protocol, "dataset": dataset, "split": "test", "classes": classes, "n": split.n}
-        ev["n_classes"] = split.n_classes
+        refs = None
         if correct is not None:
             items = _items(dataset, classes, split)
             labels = np.array([d.label for d in items])
             pred = predictions_from(correct, labels, split.n_classes, seed)
             classnames = [f"{dataset} class {c}" for c in range(split.n_classes)]
-            ev["predictions"] = predictions.write(
-                run_dir, protocol, dataset, classes, {"predictions": pred, "top5": None}, items, classnames
-            )
+            result = {"predictions": pred, "top5": None}
+            refs = predictions.write(folder, protocol, dataset, classes, result, items, classnames)
             accuracy = 100.0 * float(correct.mean())
-        ev.update({"accuracy": round(accuracy, 6), "accuracy_1dp": round(accuracy, 1), "leakage": None})
-        evs.append(ev)
-    record = {
-        "schema": 1,
-        "id": run_id,
-        "status": "complete",
-        "reason": None,
-        "key": key,
-        "method_label": label,
-        "config": {"note": "synthetic"},
-        "trainable_params": 2048,
-        "evaluations": evs,
-    }
-    if costs:  # what runner.execute records: timings, device and memory, per-epoch history (fixed numbers)
+        evs.append(
+            evaluation(
+                protocol, dataset, classes, accuracy, split.n, exact=True, n_classes=split.n_classes, predictions=refs
+            )
+        )
+    rec = make_record(key, evaluations=evs, config={"note": "synthetic"}, trainable_params=2048)
+    if costs:  # what the run job records: timings, device and memory, per-epoch history (fixed numbers)
         speed = 40.0 + 10 * (len(method) % 3)
-        record["trainable_params"] = 2048 * (1 + len(method) % 4)
-        record["timings"] = {"train_s": 800.0 / speed, "train_images_per_s": speed, "eval_s": 2.0}
-        record["timings"]["eval_images_per_s"] = 5.0 * speed
-        record["resources"] = {
+        rec.trainable_params = 2048 * (1 + len(method) % 4)
+        rec.timings = {"train_s": 800.0 / speed, "train_images_per_s": speed, "eval_s": 2.0}
+        rec.timings["eval_images_per_s"] = 5.0 * speed
+        rec.resources = {
             "peak_memory_mb": 100.0 + 12.5 * len(method),
             "memory_measure": "rss_peak_above_start",
             "device": "cpu",
             "device_name": "Synthetic CPU",
         }
-        record["history"] = [
+        rec.history = [
             {"epoch": e, "loss": 2.0 / e + 0.01 * seed, "loss_ce": 1.8 / e + 0.01 * seed, "lr": 0.002 * (6 - e) / 5}
             | {"images_per_s": speed + e, "seconds": 160.0 / speed}
             for e in range(1, 6)
         ]
         if method.startswith("mugcp"):
-            for row in record["history"]:
+            for row in rec.history:
                 row["loss_scp"] = row["loss"] - row["loss_ce"]
-    (run_dir / "run.json").write_text(json.dumps(record, indent=1) + "\n")
-    return run_dir
+    return write_record(root, rec)
 
 
 def write_b2n_store(

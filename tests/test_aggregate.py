@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -15,6 +16,8 @@ from mugcp_bench.report.published import AVERAGE, load_published
 from mugcp_bench.report.statistics import derive, hm, seed_cells, t_halfwidth
 from mugcp_bench.report.structure import Options
 from mugcp_bench.report.tidy import records_to_frames
+from mugcp_bench.store.records import Record
+from tests.factories import evaluation, make_key, make_record
 
 FIVE = ["zsclip", "coop", "cocoop", "maple", "promptsrc"]
 B2N_DATASETS = list(real_suite().base2novel)
@@ -137,39 +140,19 @@ def test_seed_cells_sample_std_ci_and_missing_seeds() -> None:
 # ---------------------------------------------------------------------------------------------------------------
 def b2n_record(
     method: str, dataset: str, seed: int, base: float, novel: float, variant: str = "", n_classes: int | None = None
-) -> dict:
-    key = {
-        "train_protocol": "base2novel",
-        "method": method,
-        "variant": variant,
-        "recipe": "paper",
-        "backbone": "ViT-B-16",
-        "pretrained": "openai",
-        "train_dataset": dataset,
-        "classes": "base",
-        "shots": 16,
-        "seed": seed,
-        "precision": "fp32",
-    }
+) -> Record:
+    key = make_key(method=method, variant=variant, train_dataset=dataset, seed=seed)
     evs = [
-        {
-            "protocol": "base2novel",
-            "dataset": dataset,
-            "classes": c,
-            "n": 100,
-            "accuracy": v,
-            "accuracy_1dp": round(v, 1),
-            **({"n_classes": n_classes} if n_classes else {}),
-        }
+        evaluation("base2novel", dataset, c, v, 100, exact=True, n_classes=n_classes)
         for c, v in (("base", base), ("novel", novel))
     ]
-    return {"schema": 1, "id": f"{method}{dataset}{seed}", "status": "complete", "key": key, "evaluations": evs}
+    return make_record(key, evaluations=evs, id=f"{method}{dataset}{seed}")
 
 
-def b2n_table(records: list[dict], options: Options | None = None):
+def b2n_table(records: list[Record], options: Options | None = None):
     from pathlib import Path
 
-    _, tidy = records_to_frames([(Path("/nonexistent") / r["id"], r) for r in records])
+    _, tidy = records_to_frames([(Path("/nonexistent") / r.id, r) for r in records])
     options = options or Options()
     return build_table(prepare(tidy, options), "base2novel", options)
 
@@ -185,7 +168,7 @@ def test_hm_uses_seed_means_not_per_seed_hms() -> None:
 def test_average_flagged_when_a_cell_or_dataset_is_missing() -> None:
     records = [b2n_record("coop", ds, s, 80.0 + s, 70.0) for ds in ("dtd", "eurosat") for s in (1, 2, 3)]
     records += [b2n_record("maple", ds, s, 82.0, 72.0 + s) for ds in ("dtd", "eurosat") for s in (1, 2, 3)]
-    records = [r for r in records if r["id"] != "coopeurosat3"]  # coop misses one seed on EuroSAT
+    records = [r for r in records if r.id != "coopeurosat3"]  # coop misses one seed on EuroSAT
     records += [b2n_record("cocoop", "dtd", s, 81.0, 71.0) for s in (1, 2, 3)]  # cocoop misses a whole dataset
     table = b2n_table(records)
     cell = table.cell("coop", "eurosat", "base")
@@ -243,8 +226,8 @@ def test_one_method_under_two_settings_gets_two_columns_and_paper_delta_only_for
     records = [b2n_record("coop", "dtd", s, 79.0 + s, 41.0) for s in (1, 2, 3)]
     for s in (1, 2, 3):
         r = b2n_record("coop", "dtd", s, 70.0, 40.0)
-        r["key"] = {**r["key"], "backbone": "ViT-B-32"}
-        r["id"] += "b32"
+        r.key = dataclasses.replace(r.key, backbone="ViT-B-32")
+        r.id += "b32"
         records.append(r)
     table = b2n_table(records)
     assert list(table.entries["entry"]) == ["coop (ViT-B-16)", "coop (ViT-B-32)"]
@@ -259,7 +242,7 @@ def test_one_method_under_two_settings_gets_two_columns_and_paper_delta_only_for
 def test_duplicate_runs_of_one_seed_count_once() -> None:
     records = [b2n_record("coop", "dtd", 1, 80.0, 40.0), b2n_record("coop", "dtd", 2, 82.0, 40.0)]
     rerun = b2n_record("coop", "dtd", 2, 84.0, 40.0)
-    rerun["id"] += "-rerun"
+    rerun.id += "-rerun"
     table = b2n_table([*records, rerun])
     cell = table.cell("coop", "dtd", "base")
     assert cell["n"] == 2 and cell["seeds"] == (1, 2)
@@ -270,13 +253,13 @@ def test_duplicate_runs_of_one_seed_count_once() -> None:
 def test_transfer_tables_name_their_source_dataset() -> None:
     from pathlib import Path
 
-    def xd_record(seed: int) -> dict:
-        key = {**b2n_record("coop", "toy_objects", seed, 0.0, 0.0)["key"], "train_protocol": "xd", "classes": "all"}
+    def xd_record(seed: int) -> Record:
+        key = make_key(train_protocol="xd", train_dataset="toy_objects", classes="all", seed=seed)
         evs = [
-            {"protocol": p, "dataset": d, "classes": "all", "n": 100, "accuracy": a, "accuracy_1dp": round(a, 1)}
+            evaluation(p, d, "all", a, 100, exact=True)
             for p, d, a in (("source", "toy_objects", 40.0 + seed), ("cross_dataset", "toy_shapes", 30.0 + seed))
         ]
-        return {"schema": 1, "id": f"xd{seed}", "status": "complete", "key": key, "evaluations": evs}
+        return make_record(key, evaluations=evs, id=f"xd{seed}")
 
     _, tidy = records_to_frames([(Path("/nonexistent") / f"xd{s}", xd_record(s)) for s in (1, 2)])
     table = build_table(prepare(tidy, Options()), "cross_dataset", Options())

@@ -10,8 +10,9 @@ from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 from matplotlib.legend import Legend
 
+from mugcp_bench.registry import METHODS
 from mugcp_bench.report.aggregate import build_report
-from mugcp_bench.report.plots import METHOD_COLORS, make_plots, method_color, report_figures
+from mugcp_bench.report.plots import make_plots, method_color, report_figures
 from mugcp_bench.report.structure import Options
 from mugcp_bench.report.tidy import load_results
 
@@ -53,13 +54,14 @@ def test_plot_has_data_labels_legend_and_title(figures: dict[str, Figure], name:
 
 
 def test_plot_colours_are_fixed_per_method(figures: dict[str, Figure]) -> None:
-    assert method_color("mugcp") == METHOD_COLORS["mugcp"]
+    mugcp = METHODS.get("mugcp").color  # what the method class declares and its runs record
+    assert method_color("mugcp", color=mugcp) == mugcp
     assert method_color("my_method") == method_color("my_method")  # stable for unknown names too
-    assert method_color("mugcp", "no-amg") != method_color("mugcp")
+    assert method_color("mugcp", "no-amg", mugcp) != mugcp
     bars = figures["b2n_hm_per_dataset"].get_axes()[0]
     legend = bars.get_legend()
     colours = {t.get_text(): h.get_facecolor() for h, t in zip(legend.legend_handles, legend.get_texts())}
-    assert colours["coop"] == to_rgba(METHOD_COLORS["coop"])
+    assert colours["coop"] == to_rgba(METHODS.get("coop").color)
 
 
 def test_make_plots_writes_png_and_pdf(fixture_report, tmp_path: Path) -> None:

@@ -307,6 +307,6 @@ def test_planned_runs_record_the_backbone_activation(tmp_path):
     for name in ("tiny", "tiny-quickgelu"):
         bb = load_backbone(name)
         (run,) = plan(opts, bb, ["coop"], [get_protocol("base2novel")], REAL_SUITE, ("dtd",), None, [1])
-        run.record.start({}, 0, 1)
+        run.record.start({}, 0, 1, {})
         keys[name] = json.loads(run.record.path.read_text())["key"]
     assert keys["tiny"]["activation"] == "gelu" and keys["tiny-quickgelu"]["activation"] == "quickgelu"

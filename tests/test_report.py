@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 import shutil
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from mugcp_bench.commands.report import report
+from tests.factories import make_key, make_record, write_record
 
 FIXTURES = Path(__file__).parent / "fixtures"
 RESULTS = FIXTURES / "results"
@@ -117,10 +117,7 @@ def test_missing_or_empty_results_dir_says_so_in_one_line(tmp_path: Path, make: 
     if make != "missing":
         results.mkdir()
     if make == "only_running":
-        run_dir = results / "runs" / "base2novel" / "dtd" / "coop" / "ViT-B-16" / "shots16" / "seed1-00000000"
-        run_dir.mkdir(parents=True)
-        record = {"schema": 1, "id": "00000000", "status": "running", "key": {"method": "coop"}, "evaluations": []}
-        (run_dir / "run.json").write_text(json.dumps(record))
+        write_record(results, make_record(make_key(), status="running"))
     result = run("--results-dir", str(results))
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()

@@ -30,21 +30,19 @@ log = logging.getLogger(__name__)
 # source-dataset accuracy of the xd run, shown as a row of the cross-dataset and DG tables but never averaged.
 REPORT_PROTOCOLS = (*PROTOCOL_NAMES, "ablation")
 GROUP_LABELS = {"base": "Base", "novel": "Novel", "hm": "HM", "acc": "Acc"}
-# Columns of the paper tables in their usual order; unknown methods go between them and the proposed ones.
-METHOD_ORDER_HEAD = ("zsclip", "coop", "cocoop", "ivlp", "maple", "promptsrc")
-METHOD_ORDER_TAIL = ("dcp", "mugcp")
-SETTING_FIELDS = ("backbone", "pretrained", "activation", "recipe", "precision")
+# What makes two runs of one method label different entries (columns) of a table. `origin`: an imported reference
+# checkpoint is always its own entry, labelled "(imported)".
+SETTING_FIELDS = ("backbone", "pretrained", "activation", "recipe", "precision", "origin")
+# A method's place in the tables is its `report_order` (methods/*.py), recorded in each run; records without one
+# (written before it was recorded, or by a method not installed) go here, after the methods of the paper tables.
+DEFAULT_ORDER = 500.0
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Entries (table columns): a method label, plus the setting when one label ran under several settings
 # ---------------------------------------------------------------------------------------------------------------
-def _method_rank(method: str) -> tuple[int, int, str]:
-    if method in METHOD_ORDER_HEAD:
-        return (0, METHOD_ORDER_HEAD.index(method), method)
-    if method in METHOD_ORDER_TAIL:
-        return (2, METHOD_ORDER_TAIL.index(method), method)
-    return (1, 0, method)
+def _method_rank(method: str, order: float) -> tuple[float, str]:
+    return (DEFAULT_ORDER if pd.isna(order) else float(order), method)
 
 
 def config_labels(frame: pd.DataFrame) -> pd.Series:
@@ -72,7 +70,7 @@ def assign_entries(frame: pd.DataFrame, with_shots: bool, by_config: bool = Fals
     frame["setting"] = ["|".join(str(v) for v in vals) for vals in frame[fields].itertuples(index=False)]
     suffix = pd.Series("", index=frame.index, dtype=object)
     for _label, sub in frame.groupby("method_label", sort=False):
-        varying = [f for f in fields if sub[f].astype(str).nunique() > 1]
+        varying = [f for f in fields if f != "origin" and sub[f].astype(str).nunique() > 1]
         if varying:
             suffix.loc[sub.index] = (
                 sub[varying]
@@ -83,6 +81,8 @@ def assign_entries(frame: pd.DataFrame, with_shots: bool, by_config: bool = Fals
         named = config_labels(frame)
         frame["setting"] = frame["setting"] + "|" + named  # runs of another config: another entry everywhere
         suffix = (suffix + ", " + named).where((suffix != "") & (named != ""), suffix + named)
+    imported = frame["origin"].astype(str) == "imported" if "origin" in frame else pd.Series(False, index=frame.index)
+    suffix = suffix.where(~imported, ("imported, " + suffix).where(suffix != "", "imported"))
     label = frame["method_label"].astype(object)
     frame["entry"] = label.where(suffix == "", label + " (" + suffix + ")")
     return frame
@@ -90,11 +90,19 @@ def assign_entries(frame: pd.DataFrame, with_shots: bool, by_config: bool = Fals
 
 def entry_table(frame: pd.DataFrame) -> pd.DataFrame:
     """One row per entry, in display order (paper methods, others, DCP, MuGCP; variants after their method)."""
-    info = frame.drop_duplicates("entry")[["entry", "method", "variant", "method_label", "setting", *SETTING_FIELDS]]
+    columns = ["entry", "method", "variant", "method_label", "setting", *SETTING_FIELDS]
+    info = frame.drop_duplicates("entry")[columns]
     shots = frame.groupby("entry")["shots"].agg(lambda s: tuple(sorted(set(int(x) for x in s.dropna()))))
-    info = info.assign(shots=info["entry"].map(shots))
+    ranks = frame.groupby("method")["report_order"].min() if "report_order" in frame else pd.Series(dtype=float)
+    colors = frame.dropna(subset=["color"]).groupby("method")["color"].last() if "color" in frame else {}
+    info = info.assign(
+        shots=info["entry"].map(shots),
+        report_order=info["method"].map(ranks),
+        color=info["method"].map(lambda m: colors.get(m)),
+    )
     order = sorted(
-        info.itertuples(index=False), key=lambda r: (_method_rank(r.method), r.setting, r.variant != "", r.variant)
+        info.itertuples(index=False),
+        key=lambda r: (_method_rank(r.method, r.report_order), r.setting, r.variant != "", r.variant),
     )
     return pd.DataFrame(order, columns=info.columns).reset_index(drop=True)
 

@@ -32,16 +32,6 @@ from mugcp_bench.store import predictions
 log = logging.getLogger(__name__)
 
 # Fixed colours for the methods the suite ships and the published baselines (Okabe-Ito / tab10 hues).
-METHOD_COLORS = {
-    "zsclip": "#7f7f7f",
-    "coop": "#1f77b4",
-    "cocoop": "#ff7f0e",
-    "ivlp": "#17becf",
-    "maple": "#2ca02c",
-    "promptsrc": "#9467bd",
-    "dcp": "#8c564b",
-    "mugcp": "#d62728",
-}
 # Other methods: a colour picked by a stable hash of the name (never Python's salted hash()).
 FALLBACK_COLORS = ["#e377c2", "#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd"]
 HATCHES = ["//", "\\\\", "xx", "..", "oo", "++"]
@@ -52,9 +42,10 @@ def _stable_index(name: str, n: int) -> int:
     return int(hashlib.md5(name.encode()).hexdigest(), 16) % n
 
 
-def method_color(method: str, variant: str = "") -> str:
-    """Hex colour of a method (or of one of its ablation variants: the method's hue, lighter)."""
-    base = METHOD_COLORS.get(method) or FALLBACK_COLORS[_stable_index(method, len(FALLBACK_COLORS))]
+def method_color(method: str, variant: str = "", color: str | None = None) -> str:
+    """Hex colour of a method (or of one of its ablation variants: the method's hue, lighter): the `color` it declares
+    (recorded in its runs), else one picked by a stable hash of its name."""
+    base = color if isinstance(color, str) and color else FALLBACK_COLORS[_stable_index(method, len(FALLBACK_COLORS))]
     if not variant:
         return base
     h, lum, s = colorsys.rgb_to_hls(*mcolors.to_rgb(base))
@@ -68,7 +59,10 @@ def _hatch(variant: str) -> str:
 
 def _entry_style(table: Table) -> dict[str, tuple[str, str]]:
     """entry -> (colour, hatch)."""
-    return {r.entry: (method_color(r.method, r.variant), _hatch(r.variant)) for r in table.entries.itertuples()}
+    return {
+        r.entry: (method_color(r.method, r.variant, getattr(r, "color", None)), _hatch(r.variant))
+        for r in table.entries.itertuples()
+    }
 
 
 def _value(table: Table, entry: str, row: str, group: str) -> float:
@@ -350,7 +344,7 @@ def plot_training_curves(history: pd.DataFrame, title: str) -> Figure:
     handles = []
     for curve, g in history.groupby("curve", sort=True):
         first = g.iloc[0]
-        color = method_color(str(first["method"]), str(first["variant"] or ""))
+        color = method_color(str(first["method"]), str(first["variant"] or ""), first.get("color"))
         by_epoch = g.groupby("epoch")
         epochs = np.array(sorted(g["epoch"].unique()), dtype=float)
         loss = by_epoch["loss"].agg(["mean", "min", "max"]).reindex(epochs)

@@ -17,11 +17,10 @@ import pandas as pd
 from mugcp_bench.datasets.base import title_case
 from mugcp_bench.errors import UserError
 from mugcp_bench.registry import DATASETS
-from mugcp_bench.store.records import load_record
+from mugcp_bench.store.records import Evaluation, Record, RunStatus, load_record
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
 RUN_GLOB = "runs/**/run.json"
 
 KEY_COLUMNS = [
@@ -33,6 +32,7 @@ KEY_COLUMNS = [
     "backbone",
     "pretrained",
     "activation",
+    "origin",
     "train_dataset",
     "shots",
     "seed",
@@ -51,6 +51,9 @@ EXTRA_COLUMNS = [
     "predictions",
     "predictions_sha256",
     "test_sha256",
+    "report_order",  # the method's place in the tables and its plot colour, as the run recorded them
+    "color",
+    "provenance",  # where the run's recipe comes from: "repo@commit:config" ("" for recipes of our own design)
 ]
 # What a run cost (the efficiency table): parameters, timings, throughput, peak memory and device.
 COST_COLUMNS = [
@@ -67,7 +70,20 @@ COST_COLUMNS = [
     "device",
     "device_name",
 ]
-RUN_COLUMNS = ["run_id", "status", "reason", *KEY_COLUMNS, "config_hash", "config", "path", "mtime", *COST_COLUMNS]
+RUN_COLUMNS = [
+    "run_id",
+    "status",
+    "reason",
+    *KEY_COLUMNS,
+    "config_hash",
+    "config",
+    "path",
+    "mtime",
+    "report_order",
+    "color",
+    "provenance",
+    *COST_COLUMNS,
+]
 # One row per run x training epoch; loss parts appear as loss_<part> columns after these.
 HISTORY_COLUMNS = ["run_id", *KEY_COLUMNS, "epoch", "loss", "lr", "images_per_s", "seconds"]
 
@@ -156,42 +172,53 @@ def read_run(path: Path) -> dict | None:
     return record
 
 
-def _key_fields(record: dict) -> dict:
-    key = record.get("key") or {}
-    variant = key.get("variant") or ""
-    method = key.get("method") or ""
-    label = record.get("method_label") or (f"{method}-{variant}" if variant else method)
+def _key_fields(rec: Record) -> dict:
+    key = rec.key
     return {
-        "train_protocol": key.get("train_protocol"),
-        "method": method,
-        "variant": variant,
-        "method_label": label,
-        "recipe": key.get("recipe"),
-        "backbone": key.get("backbone"),
-        "pretrained": key.get("pretrained"),
+        "train_protocol": key.train_protocol or None,
+        "method": key.method,
+        "variant": key.variant,
+        "method_label": rec.method_label,
+        "recipe": key.recipe or None,
+        "backbone": key.backbone or None,
+        "pretrained": key.pretrained or None,
         # Omitted from keys built with GELU (and from records older than the field): the same weights under QuickGELU
         # are another setting, never averaged with a GELU run.
-        "activation": key.get("activation") or "gelu",
-        "train_dataset": key.get("train_dataset"),
-        "shots": key.get("shots"),
-        "seed": key.get("seed"),
-        "precision": key.get("precision"),
+        "activation": key.activation or "gelu",
+        "origin": key.origin or "trained",
+        "train_dataset": key.train_dataset or None,
+        "shots": key.shots,
+        "seed": key.seed,
+        "precision": key.precision or None,
     }
 
 
-def _config_json(record: dict) -> str:
+def _config_json(rec: Record) -> str:
     """The run's method and training settings as one flat canonical JSON object (their keys never overlap)."""
-    config = record.get("config") or {}
-    flat = {**(config.get("method") or {}), **(config.get("train") or {})}
+    flat = {**(rec.config.get("method") or {}), **(rec.config.get("train") or {})}
     return json.dumps(flat, sort_keys=True, default=str)
+
+
+def _display_fields(rec: Record) -> dict:
+    display = rec.display or {}
+    source = rec.provenance or {}
+    where = ""
+    if source.get("repo"):
+        where = source["repo"] + (f"@{source['commit']}" if source.get("commit") else "")
+        where += f":{source['config']}" if source.get("config") else ""
+    elif source.get("note"):
+        where = source["note"]
+    order = display.get("order")
+    return {"report_order": float(order) if order is not None else np.nan, "color": display.get("color"),
+            "provenance": where}  # fmt: skip
 
 
 def _float(value: object) -> float:
     return float(value) if value is not None else np.nan
 
 
-def _predictions_fields(path: Path, ev: dict) -> dict:
-    ref = ev.get("predictions") if isinstance(ev.get("predictions"), dict) else {}
+def _predictions_fields(path: Path, ev: Evaluation) -> dict:
+    ref = ev.predictions if isinstance(ev.predictions, dict) else {}
     rel = ref.get("file")
     file = None
     if isinstance(rel, str) and rel and not Path(rel).is_absolute() and ".." not in Path(rel).parts:
@@ -199,20 +226,18 @@ def _predictions_fields(path: Path, ev: dict) -> dict:
     return {"predictions": file, "predictions_sha256": ref.get("sha256"), "test_sha256": ref.get("test_sha256")}
 
 
-def _cost_fields(record: dict) -> dict:
-    timings = record.get("timings") or {}
-    resources = record.get("resources") or {}
-    history = record.get("history") or []
-    epochs = len(history) if history else ((record.get("config") or {}).get("train") or {}).get("epochs")
+def _cost_fields(rec: Record) -> dict:
+    timings, resources, history = rec.timings, rec.resources, rec.history
+    epochs = len(history) if history else (rec.config.get("train") or {}).get("epochs")
     return {
-        "trainable_params": record.get("trainable_params"),
+        "trainable_params": rec.trainable_params,
         "epochs": epochs,
-        "n_train": record.get("n_train"),
+        "n_train": rec.n_train,
         "train_s": _float(timings.get("train_s")),
         "train_images_per_s": _float(timings.get("train_images_per_s")),
         "eval_s": _float(timings.get("eval_s")),
         "eval_images_per_s": _float(timings.get("eval_images_per_s")),
-        "n_eval_images": sum(int(ev.get("n") or 0) for ev in record.get("evaluations") or []),
+        "n_eval_images": sum(int(ev.n or 0) for ev in rec.evaluations),
         "peak_memory_mb": _float(resources.get("peak_memory_mb")),
         "memory_measure": resources.get("memory_measure"),
         "device": resources.get("device"),
@@ -220,46 +245,51 @@ def _cost_fields(record: dict) -> dict:
     }
 
 
-def _history_rows(record: dict, key: dict) -> list[dict]:
+def _history_rows(rec: Record, key: dict) -> list[dict]:
     rows = []
-    for epoch in record.get("history") or []:
+    for epoch in rec.history:
         if isinstance(epoch, dict) and "epoch" in epoch:
-            rows.append({"run_id": record.get("id"), **key, **{k: v for k, v in epoch.items() if k != "run_id"}})
+            rows.append({"run_id": rec.id, **key, **{k: v for k, v in epoch.items() if k != "run_id"}})
     return rows
 
 
-def records_to_frames(records: list[tuple[Path, dict]]) -> tuple[pd.DataFrame, pd.DataFrame]:
+def records_to_frames(records: list[tuple[Path, dict | Record]]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(runs, tidy) frames from (path, record) pairs."""
     runs, tidy, _ = records_to_tables(records)
     return runs, tidy
 
 
-def records_to_tables(records: list[tuple[Path, dict]]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(runs, tidy, history) frames from (path, record) pairs."""
+def records_to_tables(
+    records: list[tuple[Path, dict | Record]],
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(runs, tidy, history) frames from (path, record) pairs (typed records, or run.json contents)."""
     run_rows, eval_rows, history_rows = [], [], []
-    for path, record in records:
-        base = {"run_id": record.get("id"), "status": record.get("status"), **_key_fields(record)}
+    for path, raw in records:
+        rec = raw if isinstance(raw, Record) else Record.from_dict(raw)
+        keys = _key_fields(rec)
+        base = {"run_id": rec.id, "status": RunStatus(rec.status).value, **keys}
         extra = {
-            "config_hash": (record.get("key") or {}).get("config_hash"),
-            "config": _config_json(record),
+            "config_hash": rec.key.config_hash or None,
+            "config": _config_json(rec),
             "path": str(path),
             "mtime": path.stat().st_mtime if path.exists() else np.nan,
+            **_display_fields(rec),
         }
-        run_rows.append({**base, "reason": record.get("reason"), **extra, **_cost_fields(record)})
-        history_rows += _history_rows(record, _key_fields(record))
-        for ev in record.get("evaluations") or []:
+        run_rows.append({**base, "reason": rec.reason, **extra, **_cost_fields(rec)})
+        history_rows += _history_rows(rec, {**keys, "color": extra["color"]})
+        for ev in rec.evaluations:
             eval_rows.append(
                 {
                     **base,
-                    "eval_protocol": ev.get("protocol"),
-                    "eval_dataset": ev.get("dataset"),
-                    "classes": ev.get("classes"),
-                    "n": ev.get("n"),
-                    "accuracy": _float(ev.get("accuracy")),
-                    "accuracy_1dp": _float(ev.get("accuracy_1dp")),
-                    "leakage": _float(ev.get("leakage")),
+                    "eval_protocol": ev.protocol,
+                    "eval_dataset": ev.dataset,
+                    "classes": ev.classes,
+                    "n": ev.n,
+                    "accuracy": _float(ev.accuracy),
+                    "accuracy_1dp": _float(ev.accuracy_1dp),
+                    "leakage": _float(ev.leakage),
                     **extra,
-                    "n_classes": ev.get("n_classes"),
+                    "n_classes": ev.n_classes,
                     **_predictions_fields(path, ev),
                 }
             )

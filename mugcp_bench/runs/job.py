@@ -35,7 +35,7 @@ from mugcp_bench.runs.options import RunSettings
 from mugcp_bench.runs.plan import Action, PlannedRun, decide_action
 from mugcp_bench.store import predictions
 from mugcp_bench.store.claims import Claim, new_token
-from mugcp_bench.store.records import SCHEMA, RunRecord, RunStatus
+from mugcp_bench.store.records import Evaluation, Record, RunRecord, RunStatus
 
 log = logging.getLogger(__name__)
 
@@ -171,22 +171,29 @@ def execute(
         "train": asdict(run.train_config),
         "transform": backbone.transform_version,
     }
-    record.start(config, method.n_trainable(), run.train_config.eval_batch_size)
+    record.start(config, method.n_trainable(), run.train_config.eval_batch_size, versions())
+    rec = record.rec
     # All parameters the method holds (DCP's official preset keeps a text half that never gets a gradient).
-    record.data["method_params"] = sum(p.numel() for p in method.parameters())
-    record.data["display"] = {"order": method_cls.report_order, "color": method_cls.color}
-    source = method_cls.provenance.get(run.key.recipe)
-    record.data["provenance"] = source.for_protocol(run.key.train_protocol) if source is not None else None
-    if method_cls.reconstructed:
-        record.data["reconstructed"] = True
-    timings = record.data.setdefault("timings", {})
+    rec.method_params = sum(p.numel() for p in method.parameters())
+    rec.display = {"order": method_cls.report_order, "color": method_cls.color}
+    if run.key.origin == "trained":
+        source = method_cls.provenance.get(run.key.recipe)
+        rec.provenance = source.for_protocol(run.key.train_protocol) if source is not None else None
+    else:  # the checkpoint's own origin, as the import recorded it
+        imported = rec.imported or {}
+        rec.provenance = {k: str(imported.get(k, "")) for k in ("repo", "commit", "config")}
+        rec.provenance["note"] = f"imported from {imported.get('path', '?')}"
+    rec.reconstructed = method_cls.reconstructed
+    timings = rec.timings
     memory = PeakMemory(device)
-    if run.action == Action.EVALUATE and load_saved_state(record.model_path, method, checkpoint=False) is None:
-        # the stored model cannot be used (it was kept aside with one warning line): train it and evaluate it all again
-        run.action = Action.TRAIN
-        record.data["evaluations"] = []
     accuracies: dict[str, float] = {}
     try:
+        if run.action == Action.EVALUATE and load_saved_state(record.model_path, method, checkpoint=False) is None:
+            if run.key.origin == "imported":
+                raise UserError(f"{record.model_path}: the imported model cannot be used; import the checkpoint again")
+            # the stored model cannot be used (kept aside with one warning line): train it, evaluate it all again
+            run.action = Action.TRAIN
+            rec.evaluations = []
         if run.action in (Action.TRAIN, Action.RESUME):
             _train(run, method, data, backbone, settings, callbacks)
         record.save()
@@ -198,19 +205,19 @@ def execute(
             if run.action == Action.EVALUATE and record.has_evaluation(target.protocol, target.dataset, target.classes):
                 continue
             evaluation = _evaluate(run, method, target, backbone, settings)
-            n_eval += evaluation["n"]
+            n_eval += evaluation.n
             record.add_evaluation(evaluation)
-            accuracies[f"{target.dataset} {target.classes}"] = evaluation["accuracy"]
-            log.info("%s -> %s %s: %.2f%%", run.label, target.dataset, target.classes, evaluation["accuracy"])
+            accuracies[f"{target.dataset} {target.classes}"] = evaluation.accuracy
+            log.info("%s -> %s %s: %.2f%%", run.label, target.dataset, target.classes, evaluation.accuracy)
         previous = timings.get("eval_s", 0.0) if run.action == Action.EVALUATE else 0.0  # evaluate-only adds targets
         timings["eval_s"] = round(previous + time.perf_counter() - t_eval, 3)
         if n_eval:
             timings["eval_images_per_s"] = round(n_eval / max(time.perf_counter() - t_eval, 1e-9), 2)
-        _record_resources(record.data, memory.stop(), keep_peak=run.action == Action.EVALUATE)
+        _record_resources(rec, memory.stop(), keep_peak=run.action == Action.EVALUATE)
         if settings.tensorboard:
             from mugcp_bench.runs.tensorboard_events import write_run_events
 
-            write_run_events(record.dir, record.data)
+            write_run_events(record.dir, rec.to_dict())
         record.finish(RunStatus.COMPLETE)
     except KeyboardInterrupt as e:
         # Ctrl-C: training saved a checkpoint where it stopped (RunInterrupted) or keeps its last epoch's; a rerun
@@ -224,9 +231,9 @@ def execute(
     except Exception as e:
         first = str(e).splitlines()[0] if str(e) else ""
         reason = first if isinstance(e, NonFiniteLoss) else f"{type(e).__name__}: {first}"
-        record.data["traceback"] = traceback.format_exc()
+        rec.traceback = traceback.format_exc()
         if isinstance(e, NonFiniteLoss):
-            record.data["failure"] = e.details()
+            rec.failure = e.details()
         try:
             record.finish(RunStatus.FAILED, reason)
         except DiskFull:  # the disk is too full even for the record: it stays `running`, a rerun resumes
@@ -244,14 +251,14 @@ def _train(run: PlannedRun, method: Method, data, backbone: Backbone, settings: 
     record = run.record
     if run.action == Action.TRAIN and record.checkpoint_path.exists():
         record.checkpoint_path.unlink()
-    record.data["train_info"] = method.prepare_images(data.train, "train")
+    record.rec.train_info = method.prepare_images(data.train, "train")
     if type(method).prepare_images is not Method.prepare_images:
         # side data (MuGCP's descriptions) of every evaluation split before training: missing entries under
         # --no-describe fail now, not after the training they would waste
         for target in run.evals:
             method.prepare_images(eval_split(run, target, settings).test, "test")
-    record.data["n_train"] = len(data.train)
-    record.data["n_classes"] = data.num_classes
+    record.rec.n_train = len(data.train)
+    record.rec.n_classes = data.num_classes
     if run.train_config.epochs > 0 and method.n_trainable() > 0:
         res = fit(
             method,
@@ -267,15 +274,17 @@ def _train(run: PlannedRun, method: Method, data, backbone: Backbone, settings: 
             dataset=get_spec(run.key.train_dataset).name,
             callbacks=callbacks,
         )
-        timings = record.data["timings"]
-        timings["train_s"] = round(res.train_s, 3)
-        timings["train_images_per_s"] = round(res.images_per_s, 2)
-        record.data["last_loss"] = res.last_loss
-        record.data["history"] = res.history
+        rec = record.rec
+        rec.timings["train_s"] = round(res.train_s, 3)
+        rec.timings["train_images_per_s"] = round(res.images_per_s, 2)
+        rec.last_loss = res.last_loss
+        rec.history = res.history
     atomic_torch_save(method.trainable_state(), record.model_path)
 
 
-def _evaluate(run: PlannedRun, method: Method, target: EvalTarget, backbone: Backbone, settings: RunSettings) -> dict:
+def _evaluate(
+    run: PlannedRun, method: Method, target: EvalTarget, backbone: Backbone, settings: RunSettings
+) -> Evaluation:
     """One evaluation of the trained method, as the record stores it (predictions written beside it)."""
     device = torch.device(settings.device)
     split = eval_split(run, target, settings)
@@ -306,28 +315,48 @@ def _evaluate(run: PlannedRun, method: Method, target: EvalTarget, backbone: Bac
         workers=settings.workers,
         dataset=tspec.name,
     )
-    record = run.record
-    return {
-        "protocol": target.protocol,
-        "dataset": target.dataset,
-        "split": "test",
-        "classes": target.classes,
-        "n_classes": len(split.classnames),
-        **{k: result[k] for k in ("n", "accuracy", "accuracy_1dp")},
-        "leakage": info.get("leakage"),
-        "eval_batch_size": run.train_config.eval_batch_size,
-        "predictions": predictions.write(
-            record.dir, target.protocol, target.dataset, target.classes, result, split.test, split.classnames
+    return Evaluation(
+        protocol=target.protocol,
+        dataset=target.dataset,
+        classes=target.classes,
+        n_classes=len(split.classnames),
+        n=result["n"],
+        accuracy=result["accuracy"],
+        accuracy_1dp=result["accuracy_1dp"],
+        leakage=info.get("leakage"),
+        eval_batch_size=run.train_config.eval_batch_size,
+        predictions=predictions.write(
+            run.record.dir, target.protocol, target.dataset, target.classes, result, split.test, split.classnames
         ),
-    }
+    )
 
 
-def _record_resources(data: dict[str, Any], measured: dict[str, Any], keep_peak: bool) -> None:
+def _record_resources(rec: Record, measured: dict[str, Any], keep_peak: bool) -> None:
     """Store the run's device and peak memory; an evaluate-only pass keeps the training's peak if that was higher."""
-    previous = data.get("resources") or {}
+    previous = rec.resources
     if keep_peak and previous.get("memory_measure") == measured["memory_measure"]:
         measured["peak_memory_mb"] = max(measured["peak_memory_mb"], previous.get("peak_memory_mb") or 0.0)
-    data["resources"] = measured
+    rec.resources = measured
+
+
+def versions() -> dict[str, str]:
+    """The software a run ran with (recorded in run.json)."""
+    import platform
+
+    import open_clip
+
+    import mugcp_bench
+
+    out = {
+        "mugcp_bench": mugcp_bench.__version__,
+        "torch": torch.__version__,
+        "open_clip": open_clip.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    if torch.cuda.is_available():
+        out["cuda_device"] = torch.cuda.get_device_name(0)
+    return out
 
 
 # --- the job ----------------------------------------------------------------------------------------------------------
@@ -362,8 +391,8 @@ def perform(
         run.action = decide_action(run, settings)  # we hold the claim: nobody else is on it
         if run.action == Action.SKIP:
             return TaskResult(**base, action=run.action.value, status=run.record.status.value)
-        attempts = run.record.data.setdefault("attempts", [])
-        attempts.append({"action": run.action.value, "host": base["host"], "pid": base["pid"], "time": time.time()})
+        attempt = {"action": run.action.value, "host": base["host"], "pid": base["pid"], "time": time.time()}
+        run.record.rec.attempts.append(attempt)
         backbone = get_backbone(settings.backbone, settings.pretrained, settings.device, settings.precision)
 
         class Watch(TrainCallback):
@@ -389,7 +418,7 @@ def perform(
         except (RunFailed, UserError) as e:
             return result(
                 RunStatus.FAILED.value,
-                reason=run.record.data.get("reason") or str(e),
+                reason=run.record.rec.reason or str(e),
                 user_error=isinstance(e, UserError),
                 error=e if keep_error else None,
             )
@@ -408,10 +437,6 @@ def record_failure(task: RunTask, settings: RunSettings, reason: str) -> TaskRes
     try:
         record = RunRecord(settings.results_dir, task.run.key)
         if record.status != RunStatus.COMPLETE:
-            record.data.setdefault("schema", SCHEMA)
-            record.data.setdefault("id", task.id)
-            record.data.setdefault("key", asdict(task.run.key))
-            record.data.setdefault("method_label", task.run.key.method_label)
             record.finish(RunStatus.FAILED, reason)
     except OSError as e:
         log.warning("%s: could not record the failure in its run.json (%s)", task.label, e)

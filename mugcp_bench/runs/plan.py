@@ -71,6 +71,8 @@ def decide_action(run: PlannedRun, settings: RunSettings, claimed_elsewhere: boo
     if claimed_elsewhere:
         return Action.CLAIMED
     status = run.record.status
+    if run.key.origin == "imported":  # nothing to train: its model is the imported checkpoint
+        return Action.EVALUATE if run.missing_evaluations() else Action.SKIP
     if settings.force or status == RunStatus.NEW:
         return Action.TRAIN
     if status == RunStatus.COMPLETE:
@@ -132,8 +134,10 @@ def plan(
     shots: tuple[int, ...] | None,
     seeds: Sequence[int],
     variants: dict[str, list[str]] | None = None,
+    origin: str = "trained",
 ) -> list[PlannedRun]:
-    """Keyed runs with their configs and actions; cross-dataset and domain generalization share the source run."""
+    """Keyed runs with their configs and actions; cross-dataset and domain generalization share the source run.
+    `origin="imported"`: runs whose model is a reference checkpoint (`mugcp-bench import`), evaluated, never trained."""
     runs: dict[str, PlannedRun] = {}
     for name in methods:
         method_cls = METHODS.get(name)
@@ -159,6 +163,7 @@ def plan(
                             precision=settings.precision,
                             config_hash=config_hash([asdict(cfg), asdict(tcfg), backbone.transform_version]),
                             activation=backbone.activation,
+                            origin=origin,
                         )
                         if key.id in runs:  # cross-dataset + DG share the source run: merge evaluations
                             prev = runs[key.id]

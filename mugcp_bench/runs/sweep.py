@@ -107,28 +107,33 @@ class SweepResult:
 
 
 # --- the sweep -----------------------------------------------------------------------------------------------------
-def run_sweep(options: SweepOptions | None = None, /, *, reporter: Reporter | None = None, **kw: Any) -> SweepResult:
-    """Validate everything, resolve the settings once, plan, then hand the work to the executor. Every check happens
-    before the first run starts.
+@dataclass
+class Prepared:
+    """A sweep's options checked and resolved: the settings every run shares, the world, the executor, the backbone."""
 
-    Pass a `SweepOptions` or its fields as keywords. Raises `UserError` on bad input. Under the local executor
-    without `keep_going` the first failed run stops the sweep (`RunFailed`, or `UserError` for bad data found while
-    running); under `gpus` and `ray` a failed run never stops the others (see `SweepResult.failed`).
-    """
+    options: SweepOptions
+    settings: RunSettings
+    world: Any  # runs.world.World
+    executor: Any  # runs.executors.Executor
+    backbone: Any  # model.backbone.Backbone
+    methods: list[str]
+    protocols: list[Any]
+    shots: tuple[int, ...] | None
+    seeds: tuple[int, ...]
+    combos: list[dict[str, str]]
+
+
+def prepare_sweep(o: SweepOptions) -> Prepared:
+    """Check every option and resolve the settings once (UserError on bad input, before anything runs)."""
     import torch
 
-    from mugcp_bench.datasets.checks import require_datasets
     from mugcp_bench.engine.trainer import check_backbone, resolve_precision
     from mugcp_bench.paths import default_cache_dir
     from mugcp_bench.protocols import get_protocol
     from mugcp_bench.runs.executors import build_executor
-    from mugcp_bench.runs.job import RunTask, get_backbone
-    from mugcp_bench.runs.plan import PlannedRun, plan, resolve_methods, summarize
+    from mugcp_bench.runs.job import get_backbone
+    from mugcp_bench.runs.plan import resolve_methods
 
-    o = options if options is not None else SweepOptions(**kw)
-    if options is not None and kw:
-        raise TypeError("pass either a SweepOptions or keywords, not both")
-    reporter = reporter or Reporter()
     method_names = resolve_methods(parse_names(o.methods if o.methods is not None else default_methods()))
     if not method_names:
         raise UserError("--methods '': name at least one method, e.g. --methods coop (see 'mugcp-bench list methods')")
@@ -188,21 +193,47 @@ def run_sweep(options: SweepOptions | None = None, /, *, reporter: Reporter | No
     )
     backbone = get_backbone(settings.backbone, settings.pretrained, device, precision)
     check_backbone(backbone, precision)
+    return Prepared(o, settings, world, executor, backbone, method_names, protocols, shots, seeds, combos)
+
+
+def run_sweep(options: SweepOptions | None = None, /, *, reporter: Reporter | None = None, **kw: Any) -> SweepResult:
+    """Validate everything, resolve the settings once, plan, then hand the work to the executor. Every check happens
+    before the first run starts.
+
+    Pass a `SweepOptions` or its fields as keywords. Raises `UserError` on bad input. Under the local executor
+    without `keep_going` the first failed run stops the sweep (`RunFailed`, or `UserError` for bad data found while
+    running); under `gpus` and `ray` a failed run never stops the others (see `SweepResult.failed`).
+    """
+    from mugcp_bench.runs.plan import PlannedRun, plan
+
+    o = options if options is not None else SweepOptions(**kw)
+    if options is not None and kw:
+        raise TypeError("pass either a SweepOptions or keywords, not both")
+    p = prepare_sweep(o)
     planned: dict[str, PlannedRun] = {}
-    for combo in combos:  # every combination planned (and so validated) before the first run starts
-        combo_settings = dataclasses.replace(settings, overrides={**overrides, **combo})
-        for r in plan(
-            combo_settings, backbone, method_names, protocols, world.suite, world.datasets, shots, seeds, o.variants
-        ):
+    for combo in p.combos:  # every combination planned (and so validated) before the first run starts
+        settings = dataclasses.replace(p.settings, overrides={**p.settings.overrides, **combo})
+        args = (p.methods, p.protocols, p.world.suite, p.world.datasets, p.shots, p.seeds, o.variants)
+        for r in plan(settings, p.backbone, *args):
             planned.setdefault(r.key.id, r)
-    runs = list(planned.values())
+    return execute_plan(p, list(planned.values()), reporter or Reporter())
+
+
+def execute_plan(p: Prepared, runs: list, reporter: Reporter) -> SweepResult:
+    """Check the data every planned run needs, report the plan, then hand the work to the executor."""
+    from mugcp_bench.datasets.checks import require_datasets
+    from mugcp_bench.runs.job import RunTask
+    from mugcp_bench.runs.plan import summarize
+
+    settings, o = p.settings, p.options
     needed = sorted({r.train.dataset for r in runs} | {e.dataset for r in runs for e in r.evals})
     if any(r.action in WORK for r in runs):
         require_datasets(settings.data_root, needed)  # every dataset, before the first run starts
     labels = [r.label for r in runs]
     sweep_plan = SweepPlan(
-        summarize(runs), settings.backbone, settings.recipe, device, results_dir, labels, executor.describe()
-    )
+        summarize(runs), settings.backbone, settings.recipe, settings.device, settings.results_dir, labels,
+        p.executor.describe(),
+    )  # fmt: skip
     reporter.planned(sweep_plan)
     result = SweepResult(sweep_plan, dry_run=o.dry_run)
     if o.dry_run:
@@ -215,7 +246,7 @@ def run_sweep(options: SweepOptions | None = None, /, *, reporter: Reporter | No
     reporter.start(len(tasks))
     try:
         with deferred_sigint():  # first Ctrl-C: stop at the next safe point (docs/protocol.md §4)
-            done = {t.id: t for t in executor.run(tasks, settings, reporter, o.keep_going)}
+            done = {t.id: t for t in p.executor.run(tasks, settings, reporter, o.keep_going)}
     finally:
         reporter.close()
         stop_file.clear()
@@ -229,10 +260,13 @@ def run_sweep(options: SweepOptions | None = None, /, *, reporter: Reporter | No
 
 
 __all__ = [
+    "Prepared",
     "Reporter",
     "RunOutcome",
     "SweepOptions",
     "SweepPlan",
     "SweepResult",
+    "execute_plan",
+    "prepare_sweep",
     "run_sweep",
 ]
