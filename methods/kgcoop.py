@@ -31,6 +31,7 @@ from torch import nn
 
 from mugcp_bench.engine.frozen import class_text_features
 from mugcp_bench.errors import UserError
+from mugcp_bench.interop.formats import ReferenceFormat, Shape
 from mugcp_bench.methods.base import TOY_TRAIN, MethodOutput, Provenance, SharedTextMethod, cosine_logits
 from mugcp_bench.methods.coop import frozen_image_features
 from mugcp_bench.methods.prompts import ClassPrompts, init_context
@@ -150,6 +151,18 @@ class KgCoOp(SharedTextMethod):
     }
     # no-kg: W = 0, exactly CoOp with the "a photo of a" context; no-init: random context of the same length.
     ablations = {"kg": {"w": 0.0}, "init": {"ctx_init": False}}
+    # KgCoOp/trainers/kgcoop.py saves the PromptLearner as "prompt_learner": ctx, the class buffers its load_model
+    # deletes, and two modules it never uses (bias_vectors, meta_net: frozen, random) (docs/interop.md).
+    reference_checkpoint = ReferenceFormat(
+        trainer="KgCoOp",
+        learner="prompt_learner",
+        keys={"ctx": "ctx"},
+        deleted_buffers=("token_prefix", "token_suffix", "token_midfix"),
+        ignored=("bias_vectors", "meta_net.*"),
+        config={"n_ctx": Shape("ctx", 0)},
+        options={"n_ctx": "TRAINER.COOP.N_CTX", "ctx_init": "TRAINER.COOP.CTX_INIT", "w": "TRAINER.COOP.W"},
+        repo="htyao89/KgCoOp@c43ccc3",
+    )
 
     def __init__(
         self,
@@ -213,6 +226,6 @@ class KgCoOp(SharedTextMethod):
 
     def kg_distance(self, text_f: torch.Tensor) -> torch.Tensor:
         """1 − mean over classes of cos(learned class feature, frozen class feature): the reference's `score`."""
-        kg = self.kg_features().to(text_f.dtype)  # (C, E)
+        kg = self.kg_features().to(text_f.device, text_f.dtype)  # (C, E)
         cos = F.cosine_similarity(F.normalize(text_f, dim=-1), kg, dim=-1, eps=COS_EPS)  # (C,)
         return 1.0 - cos.mean()

@@ -179,6 +179,20 @@ def coop_entries(
     ]
 
 
+def kgcoop_entries(backbone, n_cls: int = 3, seed: int = 0) -> list[Entry]:
+    """htyao89/KgCoOp KgCoOp/trainers/kgcoop.py PromptLearner (fp16): CoOp's "a photo of a" ctx, then bias_vectors
+    (1, 512) and meta_net.linear1 (512, 512): created, never used, frozen (512 hard-coded whatever the backbone)."""
+    entries = coop_entries(backbone, n_cls, n_ctx=4, ctx_init=True, seed=seed)
+    r = _rand(torch.Generator().manual_seed(seed + 1))
+    return [
+        entries[0],
+        ("bias_vectors", r(1, 512), "frozen"),
+        *entries[1:],
+        ("meta_net.linear1.weight", r(512, 512), "frozen"),
+        ("meta_net.linear1.bias", r(512), "frozen"),
+    ]
+
+
 def cocoop_entries(backbone, n_cls: int = 3, n_ctx: int = 4, seed: int = 0) -> list[Entry]:
     """KaiyangZhou/CoOp trainers/cocoop.py PromptLearner (fp16): ctx, buffers, meta_net linear1 (E/16, E), linear2."""
     r = _rand(torch.Generator().manual_seed(seed))
@@ -341,6 +355,7 @@ def cmpa_entries(backbone, n_cls: int = 3, m: int = 4, depth: int = 3, ps: bool 
 TRAINERS: dict[str, tuple[str, Callable[..., list[Entry]], int, float]] = {
     "CoOp": ("prompt_learner", coop_entries, 200, 0.002),
     "CoCoOp": ("prompt_learner", cocoop_entries, 10, 0.002),
+    "KgCoOp": ("prompt_learner", kgcoop_entries, 100, 0.002),
     "MaPLe": ("MultiModalPromptLearner", maple_entries, 5, 0.0035),
     "IVLP": ("VLPromptLearner", ivlp_entries, 5, 0.0035),
     "CMPA": ("MultiModalPromptLearner", cmpa_entries, 20, 0.0035),
