@@ -1,11 +1,11 @@
 """Checkpoint files in the exact structure the reference trainers write, without the reference code.
 
-`write_reference_checkpoint` follows /work/notes/checkpoints/README.md §10 (checked there field by field against
-the real CoOp trainer's file): real torch SGD/Adam and CosineAnnealingLR run for the config's epochs, wrapped in a
-copy of Dassl's ConstantWarmupScheduler (KaiyangZhou/Dassl.pytorch dassl/optim/lr_scheduler.py) whose `state_dict()`
-— not the class — is saved, so the file pickles a live CosineAnnealingLR holding the optimizer object and every
-Parameter, as the real files do. The `*_entries` builders give each trainer's state-dict keys, shapes, dtypes and
-views (notes/checkpoints/<method>.md §6), hard-coded here from the reference code, independently of
+`write_reference_checkpoint` follows the project's checkpoint notes (their fixture recipe was checked field by field
+against a file the real CoOp trainer wrote): real torch SGD/Adam and CosineAnnealingLR run for the config's epochs,
+wrapped in a copy of Dassl's ConstantWarmupScheduler (KaiyangZhou/Dassl.pytorch dassl/optim/lr_scheduler.py) whose
+`state_dict()` — not the class — is saved, so the file pickles a live CosineAnnealingLR holding the optimizer object
+and every Parameter, as the real files do. The `*_entries` builders give each trainer's state-dict keys, shapes,
+dtypes and views (docs/interop.md §1, §3), hard-coded here from the reference code, independently of
 `mugcp_bench.interop`'s maps; widths come from the backbone so the tiny test CLIP can stand in for ViT-B/16.
 """
 
@@ -351,7 +351,7 @@ def cmpa_entries(backbone, n_cls: int = 3, m: int = 4, depth: int = 3, ps: bool 
     return e
 
 
-# (learner folder, entries builder, epochs, lr) of each trainer's stock B2N config (notes/checkpoints/*.md §1)
+# (learner folder, entries builder, epochs, lr) of each trainer's stock B2N config (docs/interop.md §1)
 TRAINERS: dict[str, tuple[str, Callable[..., list[Entry]], int, float]] = {
     "CoOp": ("prompt_learner", coop_entries, 200, 0.002),
     "CoCoOp": ("prompt_learner", cocoop_entries, 10, 0.002),

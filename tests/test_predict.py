@@ -203,3 +203,22 @@ def test_bad_input_is_one_line_and_exit_2(world, args, needle, tmp_path, capsys)
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
     assert needle in lines[0], lines[0]
+
+
+def test_readme_example_classifies_with_a_run(world, capsys):
+    """README's "Use a trained prompt" block, pointed at a trained run and two miniature images, runs and prints."""
+    from tests.test_readme import python_blocks
+
+    data, results, runs = world
+    (block,) = [b for b in python_blocks() if "load_classifier(" in b]
+    images = sorted((data / DATASET / "images").rglob("*.jpg"))[:2]
+    for old, new in [
+        ('"3f2a9c1e"', repr(runs["coop"]["id"])),
+        ('"results"', repr(str(results))),
+        ('["cat.jpg", "lake.png"]', repr([str(p) for p in images])),
+    ]:
+        assert old in block, old
+        block = block.replace(old, new)
+    exec(compile(block, "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert any(name in printed for name in ("cat", "dog", "sea or lake")) and "tensor(" in printed

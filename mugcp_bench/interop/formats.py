@@ -45,7 +45,7 @@ CLIP_TOWERS: tuple[tuple[str, str], ...] = (
     ("image_encoder.*", "visual.*"),
     ("text_encoder.*", "*"),
 )
-# GingL/CMPA clip/model.py build_model renames the towers into one joint Encoder (notes/checkpoints/dcp.md §3).
+# GingL/CMPA clip/model.py build_model renames the towers into one joint Encoder (docs/interop.md §3).
 CMPA_TOWERS: tuple[tuple[str, str], ...] = (
     ("logit_scale", "logit_scale"),
     ("encoder.resblocks.{i}.visual_attn.*", "visual.transformer.resblocks.{i}.*"),

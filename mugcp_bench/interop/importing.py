@@ -4,7 +4,7 @@ What is read, in order of precedence: the command's flags, the run's ``log.txt``
 arguments and the whole yacs config there: KaiyangZhou/Dassl.pytorch@c61a1b5 ``dassl/utils/logger.py``, train.py
 ``print_args`` / ``print(cfg)``), the folder names of the reference scripts' output trees, the file's tensors.
 
-Trees (notes/checkpoints/*.md §1):
+Trees (docs/interop.md §2.1):
 
     output/base2new/train_base/<dataset>/shots_<K>[_<W>]/<Trainer>/<cfg>/seed<S>/<learner>/model.pth.tar-<E>
     output/<dataset>/<Trainer>/<cfg>_<K>shots/[nctx<N>_csc<B>_ctp<P>/]seed<S>/<learner>/...   (xd, few-shot)

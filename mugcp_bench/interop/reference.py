@@ -31,7 +31,8 @@ from mugcp_bench.interop.safe_load import load_checkpoint_file
 CHECKPOINT_NAME = re.compile(r"^model\.pth\.tar-(\d+)$")
 BEST_NAME = "model-best.pth.tar"
 # Frozen-CLIP check on import: fp16 rounding of the same weights passes; PromptSRC's Gaussian averaging moves fp16
-# tensors by up to 1.4e-3 relative (notes/checkpoints/promptsrc.md §3); another backbone's weights fail.
+# tensors by up to 1.4e-3 relative (its trainers/promptsrc.py averages the whole saved state, frozen tensors
+# included); another backbone's weights fail.
 FROZEN_RTOL = 2e-3
 REGIMES = ("fp16", "fp32")  # the reference's PREC fp16 (every stock config) or fp32/amp
 
