@@ -9,7 +9,8 @@ declares its group, roles and table order (`DatasetSpec`), so adding a dataset i
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from mugcp_bench.errors import UserError
 from mugcp_bench.registry import DATASETS, suggest
@@ -82,15 +83,65 @@ def toy_suite() -> Suite:
 
 
 @dataclass(frozen=True)
+class TableShape:
+    """How a protocol's report table is laid out; every report module reads this instead of the protocol's name.
+
+    `columns`: what an entry's columns are — "classes" (one per class subset in `classes`, plus HM when
+    `harmonic_mean`), "shots" (one per shot count K: runs of every K are one entry) or "single" (one accuracy).
+    `source_row`: the accuracy of the same runs on their source dataset is a row of its own, never averaged.
+    `rule`: how the Average row is computed ({n}: the number of averaged datasets, {source}: the source's name).
+    `plot_prefix`: the stem of the protocol's plot files."""
+
+    columns: str
+    rule: str
+    classes: tuple[str, ...] = ()
+    harmonic_mean: bool = False
+    source_row: bool = False
+    plot_prefix: str = ""
+
+    def groups(self, present: Sequence[str] = ()) -> list[str]:
+        """The column groups of an entry, in display order (`present`: the groups the data has)."""
+        if self.columns == "classes":
+            return [*self.classes, *(["hm"] if self.harmonic_mean else [])]
+        if self.columns == "shots":
+            return sorted(set(present), key=int)
+        return ["acc"]
+
+    def headline(self, present: Sequence[str] = ()) -> list[str]:
+        """The groups an ablation compares: HM, the accuracy, or every K."""
+        if self.harmonic_mean:
+            return ["hm"]
+        return self.groups(present)
+
+    @property
+    def metric(self) -> str:
+        """The headline metric's name in titles and axis labels."""
+        return "HM" if self.harmonic_mean else "accuracy"
+
+    @property
+    def shots_in_entry(self) -> bool:
+        """Runs of another shot count are another entry (unless the shots are the columns)."""
+        return self.columns != "shots"
+
+
+@dataclass(frozen=True)
 class Protocol:
     name: str
     train_protocol: str
     description: str
     title: str  # the report table's title; "{source}" is replaced by the source dataset's display name
+    table: TableShape
+    # planning: the suite's datasets it runs on by default (a `Suite` field); with `on_source`, one run on the suite's
+    # source evaluated on those datasets as targets, else one run per dataset trained on its `train_classes` and
+    # evaluated on its own `eval_classes`
+    datasets_from: str
+    on_source: bool = False
+    train_classes: str = "all"
+    eval_classes: tuple[str, ...] = ("all",)
     default_shots: tuple[int, ...] = (16,)
-    eval_tags: tuple[str, ...] = field(default=())
 
 
+_TRANSFER_RULE = "Average = mean over the {n} target datasets; the {source} source row is not averaged."
 PROTOCOLS: dict[str, Protocol] = {
     p.name: p
     for p in (
@@ -99,24 +150,47 @@ PROTOCOLS: dict[str, Protocol] = {
             "base2novel",
             "train on the base half (16 shots), test base and novel classes from the same checkpoint",
             "Base-to-novel generalization",
+            TableShape(
+                "classes",
+                "HM = 2·B·N/(B+N) of the seed-mean Base (B) and Novel (N) accuracy; Average = mean B and mean N over "
+                "the {n} datasets and the HM of those two means (not the mean of per-dataset HMs).",
+                classes=("base", "novel"),
+                harmonic_mean=True,
+                plot_prefix="b2n",
+            ),
+            datasets_from="base2novel",
+            train_classes="base",
+            eval_classes=("base", "novel"),
         ),
         Protocol(
             "cross_dataset",
             "xd",
             "train on the source (all classes, 16 shots), test on the other datasets",
             "Cross-dataset transfer (source: {source})",
+            TableShape("single", _TRANSFER_RULE, source_row=True, plot_prefix="cross_dataset"),
+            datasets_from="cross_dataset_targets",
+            on_source=True,
         ),
         Protocol(
             "domain_generalization",
             "xd",
             "the cross-dataset source model, tested on the source's shifted domains (V2 / Sketch / A / R)",
             "Domain generalization (source: {source})",
+            TableShape("single", _TRANSFER_RULE, source_row=True, plot_prefix="domain_generalization"),
+            datasets_from="domain_targets",
+            on_source=True,
         ),
         Protocol(
             "few_shot",
             "few_shot",
             "all classes, K in 1, 2, 4, 8, 16 shots",
             "Few-shot classification (all classes)",
+            TableShape(
+                "shots",
+                "Accuracy per K shots per class; Average = mean over the {n} datasets for each K.",
+                plot_prefix="few_shot",
+            ),  # fmt: skip
+            datasets_from="few_shot",
             default_shots=(1, 2, 4, 8, 16),
         ),
     )
@@ -169,23 +243,18 @@ class TrainTarget:
 def plan_protocol(
     protocol: Protocol, suite: Suite, datasets: tuple[str, ...] | None, shots: tuple[int, ...] | None
 ) -> list[tuple[TrainTarget, tuple[EvalTarget, ...]]]:
-    """Training targets and their evaluations. `datasets` (None = the suite's) are training datasets for
-    base2novel / few-shot and evaluation targets for cross-dataset / domain generalization."""
+    """Training targets and their evaluations. `datasets` (None = the suite's) are the datasets trained on, or, for a
+    protocol trained on the source, the evaluation targets."""
     shots = shots or protocol.default_shots
+    chosen = datasets or getattr(suite, protocol.datasets_from)
     out: list[tuple[TrainTarget, tuple[EvalTarget, ...]]] = []
-    if protocol.name == "base2novel":
-        for k in shots:
-            for d in datasets or suite.base2novel:
-                evals = (EvalTarget("base2novel", d, "base"), EvalTarget("base2novel", d, "novel"))
-                out.append((TrainTarget("base2novel", d, "base", k), evals))
-    elif protocol.name == "few_shot":
-        for k in shots:
-            for d in datasets or suite.few_shot:
-                out.append((TrainTarget("few_shot", d, "all", k), (EvalTarget("few_shot", d, "all"),)))
-    else:
-        default = suite.cross_dataset_targets if protocol.name == "cross_dataset" else suite.domain_targets
-        targets = [d for d in (datasets or default) if d != suite.source]
-        evals = (EvalTarget("source", suite.source, "all"), *(EvalTarget(protocol.name, d, "all") for d in targets))
-        for k in shots:
-            out.append((TrainTarget("xd", suite.source, "all", k), evals))
+    for k in shots:
+        if protocol.on_source:
+            targets = [d for d in chosen if d != suite.source]
+            evals = (EvalTarget("source", suite.source, "all"), *(EvalTarget(protocol.name, d, "all") for d in targets))
+            out.append((TrainTarget(protocol.train_protocol, suite.source, protocol.train_classes, k), evals))
+            continue
+        for d in chosen:
+            evals = tuple(EvalTarget(protocol.name, d, c) for c in protocol.eval_classes)
+            out.append((TrainTarget(protocol.train_protocol, d, protocol.train_classes, k), evals))
     return out

@@ -45,8 +45,8 @@ def _fmt(values: np.ndarray, signed: bool) -> str:
 
 def ablation_summary(table: Table) -> RowTable | None:
     """The summary of one ablation table (None when it holds no full method with variants)."""
-    if table.kind == "base2novel":
-        metrics = ["base", "novel", "hm"]
+    if table.shape.harmonic_mean:
+        metrics = table.shape.groups()
     else:
         metrics = [g for g in table.group_labels if not g.startswith("Δ")]
     info = table.entries

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from mugcp_bench.errors import UserError
-from mugcp_bench.protocols import PROTOCOL_NAMES, PROTOCOLS, short_title
+from mugcp_bench.protocols import PROTOCOL_NAMES, PROTOCOLS, TableShape, short_title
 from mugcp_bench.registry import suggest
 from mugcp_bench.report.ablation_summary import ablation_summaries
 from mugcp_bench.report.bootstrap import BootstrapConfig, CorrectnessCache, attach_intervals
@@ -152,28 +152,40 @@ def _row_order(frame: pd.DataFrame) -> tuple[list[str], dict[str, str]]:
 
 
 def _kind_frame(frame: pd.DataFrame, kind: str) -> pd.DataFrame:
+    shape = PROTOCOLS[kind].table
     target = frame[frame["eval_protocol"] == kind]
-    if kind == "base2novel":
-        return target[target["classes"].isin(["base", "novel"])]
-    if kind in ("cross_dataset", "domain_generalization") and not target.empty:
+    if shape.columns == "classes":
+        return target[target["classes"].isin(list(shape.classes))]
+    if shape.source_row and not target.empty:
         # the ImageNet (source) accuracy of the same runs: a row of its own, not averaged
         source = frame[(frame["eval_protocol"] == "source") & frame["run_id"].isin(set(target["run_id"]))]
         return pd.concat([source, target])
     return target
 
 
+def assign_groups(frame: pd.DataFrame, shape: TableShape) -> pd.DataFrame:
+    """The column group of every row: its class subset, its shot count, or the one accuracy column."""
+    if shape.columns == "classes":
+        return frame.assign(group=frame["classes"].astype(str))
+    if shape.columns == "shots":
+        return frame.assign(group=frame["shots"].astype(int).astype(str))
+    return frame.assign(group="acc")
+
+
+def group_labels(shape: TableShape, groups: Sequence[str]) -> dict[str, str]:
+    if shape.columns == "shots":
+        return {g: f"K={g}" for g in groups}
+    return dict(GROUP_LABELS)
+
+
 def build_table(frame: pd.DataFrame, kind: str, options: Options) -> Table | None:
     """The aggregated table of one protocol from prepared rows (None when the protocol has no rows)."""
+    shape = PROTOCOLS[kind].table
     sub = _kind_frame(frame, kind)
     if sub.empty:
         return None
-    sub = assign_entries(sub, with_shots=kind != "few_shot", by_config=options.by_config)
-    if kind == "base2novel":
-        sub = sub.assign(group=sub["classes"].astype(str))
-    elif kind == "few_shot":
-        sub = sub.assign(group=sub["shots"].astype(int).astype(str))
-    else:
-        sub = sub.assign(group="acc")
+    sub = assign_entries(sub, with_shots=shape.shots_in_entry, by_config=options.by_config)
+    sub = assign_groups(sub, shape)
     sub, n_dup = _drop_duplicate_seeds(sub, ["entry", "row", "group"])
     if options.seeds is not None:
         expected = {e: set(options.seeds) for e in sub["entry"].unique()}
@@ -183,7 +195,7 @@ def build_table(frame: pd.DataFrame, kind: str, options: Options) -> Table | Non
     cells = seed_cells(sub, ["entry", "row", "group"], expected)
     source_rows = set(sub.loc[sub["eval_protocol"] == "source", "row"])
     cells["in_average"] = ~cells["row"].isin(source_rows)
-    cells = derive(kind, cells)
+    cells = derive(shape, cells)
 
     rows, row_labels = _row_order(sub)
     source_name = " + ".join(sorted(row_labels[k] for k in source_rows)) or "ImageNet"  # the toy world: Toy Objects
@@ -193,15 +205,7 @@ def build_table(frame: pd.DataFrame, kind: str, options: Options) -> Table | Non
     row_labels[AVERAGE] = f"Average ({n_avg})"
     rows.append(AVERAGE)
 
-    if kind == "base2novel":
-        groups = ["base", "novel", "hm"]
-        group_labels = dict(GROUP_LABELS)
-    elif kind == "few_shot":
-        groups = sorted(sub["group"].unique(), key=int)
-        group_labels = {g: f"K={g}" for g in groups}
-    else:
-        groups = ["acc"]
-        group_labels = dict(GROUP_LABELS)
+    groups = shape.groups(sub["group"].unique())
     entries = entry_table(sub)
     expected_seeds = {e: sorted(v) for e, v in expected.items()}
     entries["expected_seeds"] = [",".join(str(x) for x in expected_seeds[e]) for e in entries["entry"]]
@@ -219,7 +223,7 @@ def build_table(frame: pd.DataFrame, kind: str, options: Options) -> Table | Non
         row_labels=row_labels,
         columns=[Column(e, g) for e in entries["entry"] for g in groups],
         entries=entries,
-        group_labels=group_labels,
+        group_labels=group_labels(shape, groups),
         seed_values=seed_values,
     )
     _notes(table, sub, options, n_dup, n_avg, source_name)
@@ -277,7 +281,7 @@ def _title(kind: str, entries: pd.DataFrame) -> str:
     backbones = sorted(set(entries["backbone"].dropna().astype(str)))
     if len(backbones) == 1:
         parts.append(backbones[0])
-    if kind != "few_shot":
+    if PROTOCOLS[kind].table.shots_in_entry:
         shots = sorted({s for ss in entries["shots"] for s in ss})
         if len(shots) == 1:
             parts.append(f"{shots[0]} shots")
@@ -285,16 +289,7 @@ def _title(kind: str, entries: pd.DataFrame) -> str:
 
 
 def _notes(table: Table, sub: pd.DataFrame, options: Options, n_dup: int, n_avg: int, source: str) -> None:
-    if table.kind == "base2novel":
-        table.note(
-            "rule",
-            "HM = 2·B·N/(B+N) of the seed-mean Base (B) and Novel (N) accuracy; Average = mean B and mean N over "
-            f"the {n_avg} datasets and the HM of those two means (not the mean of per-dataset HMs).",
-        )
-    elif table.kind == "few_shot":
-        table.note("rule", f"Accuracy per K shots per class; Average = mean over the {n_avg} datasets for each K.")
-    else:
-        table.note("rule", f"Average = mean over the {n_avg} target datasets; the {source} source row is not averaged.")
+    table.note("rule", table.shape.rule.format(n=n_avg, source=source))
     value = (
         "per-seed accuracies rounded to 1 decimal (as the reference parser reads them)"
         if options.rounded
@@ -319,9 +314,9 @@ def _leakage_notes(table: Table, sub: pd.DataFrame) -> None:
         weights = esub["n"].astype(float).fillna(1.0)
         overall = 100 * np.average(esub["leakage"], weights=weights)
         line = f"{entry}: {overall:.1f}% of descriptions name the true class"
-        if table.kind == "base2novel":
+        if table.shape.columns == "classes":
             parts = []
-            for cls in ("base", "novel"):
+            for cls in table.shape.classes:
                 c = esub[esub["classes"] == cls]
                 if len(c):
                     parts.append(
@@ -337,12 +332,7 @@ def ablation_table(table: Table) -> Table | None:
     info = table.entries
     full = info[info["variant"] == ""]
     variants = info[info["variant"] != ""]
-    if table.kind == "base2novel":
-        groups = ["hm"]
-    elif table.kind == "few_shot":
-        groups = sorted(table.group_labels, key=int)
-    else:
-        groups = ["acc"]
+    groups = table.shape.headline(list(table.group_labels))
     columns: list[Column] = []
     delta_cells = []
     cells = table.cells
@@ -380,7 +370,7 @@ def ablation_table(table: Table) -> Table | None:
     abl_cells = pd.concat([cells[cells["entry"].isin(used)], pd.DataFrame(delta_cells)], ignore_index=True)
     group_labels = dict(table.group_labels)
     group_labels.update({f"Δ{g}": f"Δ {table.group_labels[g]}" for g in groups})
-    metric = "HM" if table.kind == "base2novel" else "accuracy"
+    metric = table.shape.metric
     abl = Table(
         kind=table.kind,
         ablation=True,

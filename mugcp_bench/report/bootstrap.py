@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from mugcp_bench.protocols import PROTOCOLS, TableShape
 from mugcp_bench.report.published import AVERAGE
 from mugcp_bench.report.structure import Table
 from mugcp_bench.store import predictions
@@ -191,7 +192,7 @@ def table_replicates(
         weighted = (w * reps).sum(axis=1) / np.where(total > 0, total, 1.0)
         # a replicate that drew none of this cell's seeds (a cell missing some seeds): all of its seeds, equally
         result.values[cell] = np.where(total > 0, weighted, reps.mean(axis=1))
-    _derived(kind, cells, result.values)
+    _derived(PROTOCOLS[kind].table, cells, result.values)
     return result
 
 
@@ -200,10 +201,10 @@ def _hm(base: np.ndarray, novel: np.ndarray) -> np.ndarray:
     return np.where(total > 0, 2.0 * base * novel / np.where(total > 0, total, 1.0), 0.0)
 
 
-def _derived(kind: str, cells: pd.DataFrame, values: dict[tuple[str, str, str], np.ndarray]) -> None:
+def _derived(shape: TableShape, cells: pd.DataFrame, values: dict[tuple[str, str, str], np.ndarray]) -> None:
     """HM per dataset and the Average rows, per replicate, following `statistics.derive`."""
     measured = cells[~cells["is_average"].astype(bool) & cells["group"].isin({k[2] for k in values})]
-    if kind == "base2novel":
+    if shape.harmonic_mean:
         for entry, row in {(k[0], k[1]) for k in values}:
             b, nv = values.get((entry, row, "base")), values.get((entry, row, "novel"))
             if b is not None and nv is not None:
@@ -213,7 +214,7 @@ def _derived(kind: str, cells: pd.DataFrame, values: dict[tuple[str, str, str], 
         reps = [values[(entry, r, group)] for r in sub["row"] if (entry, r, group) in values]
         if reps:
             values[(entry, AVERAGE, group)] = np.mean(np.stack(reps, axis=1), axis=1)
-    if kind == "base2novel":
+    if shape.harmonic_mean:
         for entry in {k[0] for k in values}:
             b, nv = values.get((entry, AVERAGE, "base")), values.get((entry, AVERAGE, "novel"))
             if b is not None and nv is not None:

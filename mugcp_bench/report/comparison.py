@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pandas as pd
 
-from mugcp_bench.protocols import real_suite
+from mugcp_bench.protocols import PROTOCOLS, real_suite
 from mugcp_bench.report.published import AVERAGE, CONFIDENCE_MARKERS, load_published, published_method
 from mugcp_bench.report.structure import Table
 
@@ -23,7 +23,7 @@ def paper_average_rows(kind: str, published: pd.DataFrame | None = None) -> froz
     rows = published[(published["protocol"] == kind) & (published["dataset_key"] != AVERAGE)]
     if rows.empty:
         return None
-    source = real_suite().source if kind != "base2novel" else None
+    source = real_suite().source if PROTOCOLS[kind].table.source_row else None
     return frozenset(set(rows["dataset_key"]) - {source})
 
 
@@ -36,9 +36,12 @@ REFERENCE_PRECISION = "reference-fp16"
 
 
 def _paper_metric(kind: str, group: str, is_average: bool) -> str | None:
-    if kind == "base2novel" and group in ("base", "novel", "hm"):
+    """The published numbers' metric for a cell (published.csv `metric`): base / novel / hm, acc, or their averages;
+    None where the papers publish no such number (per-K few-shot cells)."""
+    shape = PROTOCOLS[kind].table
+    if shape.columns == "classes" and group in shape.groups():
         return f"avg_{group}" if is_average else group
-    if kind in ("cross_dataset", "domain_generalization") and group == "acc":
+    if shape.columns == "single" and group == "acc":
         return "avg" if is_average else "acc"
     return None
 
@@ -55,7 +58,7 @@ def attach_paper(table: Table, published: pd.DataFrame | None = None) -> None:
         e
         for e, r in info.iterrows()
         if re.sub(r"[^0-9a-z]", "", str(r["backbone"]).lower()) == PAPER_BACKBONE
-        and (table.kind == "few_shot" or set(r["shots"]) == {PAPER_SHOTS})
+        and (not table.shape.shots_in_entry or set(r["shots"]) == {PAPER_SHOTS})
     }
     counted = table.cells[table.cells["in_average"].fillna(False).astype(bool) & table.cells["mean"].notna()]
     averaged = {k: frozenset(g["row"]) for k, g in counted.groupby(["entry", "group"])}

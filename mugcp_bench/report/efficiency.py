@@ -12,7 +12,7 @@ import math
 
 import pandas as pd
 
-from mugcp_bench.protocols import TRAIN_PROTOCOLS, train_title
+from mugcp_bench.protocols import PROTOCOLS, TRAIN_PROTOCOLS, train_title
 from mugcp_bench.report.aggregate import assign_entries, entry_table
 from mugcp_bench.report.structure import Options, RowTable
 from mugcp_bench.report.tidy import Results
@@ -57,7 +57,8 @@ def efficiency_tables(results: Results, options: Options) -> list[RowTable]:
 
 
 def _table(protocol: str, runs: pd.DataFrame, by_config: bool = False) -> RowTable:
-    runs = assign_entries(runs, with_shots=protocol != "few_shot", by_config=by_config)
+    with_shots = all(p.table.shots_in_entry for p in PROTOCOLS.values() if p.train_protocol == protocol)
+    runs = assign_entries(runs, with_shots=with_shots, by_config=by_config)
     runs = runs.assign(device_label=runs["device_name"].fillna(runs["device"]).fillna("–").astype(str))
     rows, data = [], []
     for entry in entry_table(runs)["entry"]:

@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 
 from mugcp_bench.errors import UserError
-from mugcp_bench.protocols import short_title
+from mugcp_bench.protocols import PROTOCOLS, short_title
 from mugcp_bench.registry import suggest
-from mugcp_bench.report.aggregate import GROUP_LABELS, assign_entries, entry_table, prepare
+from mugcp_bench.report.aggregate import assign_entries, entry_table, group_labels, prepare
 from mugcp_bench.report.published import AVERAGE
 from mugcp_bench.report.statistics import seed_cells
 from mugcp_bench.report.structure import Column, Options, Table
@@ -96,9 +96,10 @@ def per_class_tables(results: Results, datasets: Sequence[str], options: Options
 
 
 def _table(part: pd.DataFrame, key: str, protocol: str, classes: str, by_config: bool = False) -> Table | None:
-    few = protocol == "few_shot"
-    part = assign_entries(part, with_shots=not few, by_config=by_config)
-    part = part.assign(group=part["shots"].astype(int).astype(str) if few else "acc")
+    kind = protocol if protocol in PROTOCOLS else "cross_dataset"  # the source evaluation of a cross-dataset run
+    shape = PROTOCOLS[kind].table
+    part = assign_entries(part, with_shots=shape.shots_in_entry, by_config=by_config)
+    part = part.assign(group=part["shots"].astype(int).astype(str) if not shape.shots_in_entry else "acc")
     values, classnames, missing = _per_class_values(part)
     if values.empty:
         return None
@@ -112,14 +113,14 @@ def _table(part: pd.DataFrame, key: str, protocol: str, classes: str, by_config:
     )
     cells = pd.concat([cells, averages], ignore_index=True)
     entries = entry_table(part[part["entry"].isin(set(values["entry"]))])
-    groups = sorted(values["group"].unique(), key=lambda g: int(g) if few else 0)
+    groups = sorted(values["group"].unique(), key=lambda g: int(g) if not shape.shots_in_entry else 0)
     rows = [str(c) for c in range(len(classnames)) if str(c) in set(values["row"])]
     row_labels = {str(c): name for c, name in enumerate(classnames)}
     row_labels[AVERAGE] = f"Mean over {len(rows)} classes"
     name = dataset_display(str(part["eval_dataset"].iloc[0]))
     which = f"{_SUBSET_TITLE.get(classes, classes)} ({short_title(protocol)})"
     table = Table(
-        kind=protocol if protocol != "source" else "cross_dataset",
+        kind=kind,
         ablation=False,
         title=f"Per-class accuracy: {name}, {which}",
         cells=cells,
@@ -127,7 +128,7 @@ def _table(part: pd.DataFrame, key: str, protocol: str, classes: str, by_config:
         row_labels=row_labels,
         columns=[Column(e, g) for e in entries["entry"] for g in groups],
         entries=entries,
-        group_labels={g: f"K={g}" for g in groups} if few else dict(GROUP_LABELS),
+        group_labels=group_labels(shape, groups),
         seed_values=values,
         table_name=f"per_class_{key}_{protocol}_{classes}",
         row_header="Class",

@@ -23,6 +23,7 @@ from matplotlib.ticker import FixedLocator, NullLocator
 
 from mugcp_bench.atomic import atomic_path
 from mugcp_bench.errors import UserError
+from mugcp_bench.protocols import short_title
 from mugcp_bench.report.published import AVERAGE
 from mugcp_bench.report.statistics import seedwise_average
 from mugcp_bench.report.structure import Report, Table
@@ -295,7 +296,7 @@ def plot_ablation(table: Table) -> Figure:
     info = table.entries.set_index("entry")
     fig = _new_figure(max(8.0, 3.0 + len(table.rows) * max(0.7, 0.17 * len(delta_cols))), 4.6)
     ax = fig.add_subplot()
-    if table.kind == "few_shot":
+    if table.shape.columns == "shots":
         groups = list(dict.fromkeys(c.group for c in delta_cols))
         variants = list(dict.fromkeys(c.entry for c in delta_cols))
         x = np.arange(len(groups))
@@ -316,7 +317,7 @@ def plot_ablation(table: Table) -> Figure:
     pad = 0.12 * (high - low or 1.0)
     ax.set_ylim(low - pad, high + pad)
     families = sorted({info.loc[c.entry, "method"] for c in delta_cols})
-    metric = "HM" if table.kind == "base2novel" else "accuracy"
+    metric = table.shape.metric
     ax.set_ylabel(f"Δ {metric} vs full {', '.join(families)} (pp)")
     ax.set_title(table.title, fontsize=10)
     _bar_legend(ax, table, [c.entry for c in delta_cols], handles, title="Variant")
@@ -490,22 +491,23 @@ def save_figure(fig: Figure, out_dir: str | Path, stem: str) -> list[Path]:
 def report_figures(report: Report) -> dict[str, Figure]:
     """Every plot the report's data supports, by file stem; plots without data are left out (logged)."""
     figures: dict[str, Figure] = {}
-    tables = {t.name: t for t in report.tables}
-    b2n = tables.get("base2novel")
-    if b2n is not None:
-        figures["b2n_hm_per_dataset"] = plot_hm_bars(b2n)
-        figures["b2n_base_vs_novel"] = plot_base_novel(b2n)
-        radar = plot_hm_radar(b2n)
+    main = [t for t in report.tables if not t.ablation and not t.table_name]
+    hm_tables = [t for t in main if t.shape.harmonic_mean]
+    for t in hm_tables:
+        prefix = t.shape.plot_prefix
+        figures[f"{prefix}_hm_per_dataset"] = plot_hm_bars(t)
+        figures[f"{prefix}_base_vs_novel"] = plot_base_novel(t)
+        radar = plot_hm_radar(t)
         if radar is None:
-            log.info("skipping the HM radar: it needs three or more base-to-novel datasets")
+            log.info("skipping the HM radar: it needs three or more %s datasets", short_title(t.kind))
         else:
-            figures["b2n_hm_radar"] = radar
-    else:
+            figures[f"{prefix}_hm_radar"] = radar
+    if not hm_tables:
         log.info("no base-to-novel results: skipping the HM bars, base-vs-novel scatter and HM radar")
-    few = tables.get("few_shot")
-    if few is not None:
-        figures["few_shot_curves"] = plot_few_shot(few)
-    else:
+    shot_tables = [t for t in main if t.shape.columns == "shots"]
+    for t in shot_tables:
+        figures[f"{t.shape.plot_prefix}_curves"] = plot_few_shot(t)
+    if not shot_tables:
         log.info("no few-shot results: skipping the few-shot curves")
     ablations = [t for t in report.tables if t.ablation]
     for t in ablations:

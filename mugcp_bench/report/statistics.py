@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from mugcp_bench.protocols import PROTOCOLS, TableShape
 from mugcp_bench.report.published import AVERAGE
 
 
@@ -67,20 +68,22 @@ def seed_cells(values: pd.DataFrame, keys: Sequence[str], expected: dict[str, se
 # ---------------------------------------------------------------------------------------------------------------
 # Dataset stage
 # ---------------------------------------------------------------------------------------------------------------
-def derive(kind: str, cells: pd.DataFrame) -> pd.DataFrame:
-    """Add per-dataset HM rows (base2novel) and the Average row per entry and group.
+def derive(shape: TableShape | str, cells: pd.DataFrame) -> pd.DataFrame:
+    """Add per-dataset HM rows (tables whose shape has `harmonic_mean`) and the Average row per entry and group.
 
-    `cells` has columns entry, row, group, mean, complete, in_average (others are carried). base2novel groups
-    are "base" and "novel"; the Average HM is hm(mean base, mean novel). A method's Average is marked incomplete
-    when any of its cells is incomplete or it lacks a row that another method has.
+    `shape`: the table's `TableShape` (or its protocol's name). `cells` has columns entry, row, group, mean,
+    complete, in_average (others are carried); HM groups are "base" and "novel", and the Average HM is
+    hm(mean base, mean novel). A method's Average is marked incomplete when any of its cells is incomplete or it lacks
+    a row that another method has.
     """
+    shape = PROTOCOLS[shape].table if isinstance(shape, str) else shape
     cells = cells.copy()
     for col, default in (("n", 1), ("n_expected", 1), ("std", np.nan), ("ci95", np.nan), ("is_average", False)):
         if col not in cells:
             cells[col] = default
     cells["is_average"] = False
     parts = [cells]
-    if kind == "base2novel":
+    if shape.harmonic_mean:
         parts.append(_hm_rows(cells))
     counted = cells[cells["in_average"]]
     averages = []
@@ -103,7 +106,7 @@ def derive(kind: str, cells: pd.DataFrame) -> pd.DataFrame:
                 }
             )
     avg = pd.DataFrame(averages)
-    if kind == "base2novel" and not avg.empty:
+    if shape.harmonic_mean and not avg.empty:
         avg = pd.concat([avg, _hm_rows(avg)], ignore_index=True)
     parts.append(avg)
     out = pd.concat([p for p in parts if not p.empty], ignore_index=True)

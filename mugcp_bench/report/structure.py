@@ -7,6 +7,8 @@ from typing import Any
 
 import pandas as pd
 
+from mugcp_bench.protocols import PROTOCOLS, TableShape
+
 
 @dataclass(frozen=True)
 class Options:
@@ -96,6 +98,11 @@ class Table:
     @property
     def name(self) -> str:
         return self.table_name or (f"ablation_{self.kind}" if self.ablation else self.kind)
+
+    @property
+    def shape(self) -> TableShape:
+        """The layout of the table's protocol (its columns, HM, source row, averaging rule)."""
+        return PROTOCOLS[self.kind].table
 
     def note(self, kind: str, text: str, entry: str | None = None) -> None:
         """Add a footnote."""

@@ -333,7 +333,7 @@ def tidy_cells(report: Report) -> pd.DataFrame:
                 c = table.cell(col.entry, row, col.group)
                 if c is None:
                     continue
-                few = table.kind == "few_shot"
+                few = table.shape.columns == "shots"
                 group = col.group.removeprefix("Δ")
                 records.append(
                     {

@@ -58,9 +58,10 @@ def evaluate_imported(
         if m.train_protocol not in TRAIN_PROTOCOLS:
             raise UserError(f"import: unknown train protocol '{m.train_protocol}' ({', '.join(TRAIN_PROTOCOLS)})")
         protocols = [proto for proto in PROTOCOLS.values() if proto.train_protocol == m.train_protocol]
-        datasets = None if m.train_protocol == "xd" else (m.train_dataset,)
+        on_source = any(proto.on_source for proto in protocols)
+        datasets = None if on_source else (m.train_dataset,)
         source = p.world.suite.source
-        if m.train_protocol == "xd" and m.train_dataset != source:
+        if on_source and m.train_dataset != source:
             raise UserError(f"import: a cross-dataset checkpoint is trained on {source}, this one on {m.train_dataset}")
         settings = dataclasses.replace(p.settings, overrides={**p.settings.overrides, **m.settings})
         for run in plan(settings, p.backbone, [m.method], protocols, p.world.suite, datasets, (m.shots,), (m.seed,),

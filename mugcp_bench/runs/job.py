@@ -141,7 +141,7 @@ def run_log(record: RunRecord) -> Iterator[None]:
 def eval_split(run: PlannedRun, target: EvalTarget, settings: RunSettings):
     """The data a run is evaluated on for one target (docs/protocol.md §2)."""
     seed = run.key.seed
-    if target.protocol == "base2novel":
+    if target.classes in ("base", "novel"):  # a half of the training dataset's classes, sampled as for training
         subset = "base" if target.classes == "base" else "new"
         return prepare(target.dataset, settings.data_root, run.key.shots, seed, subset, settings.cache_dir)
     if target.dataset == run.key.train_dataset:
