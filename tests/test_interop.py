@@ -37,6 +37,7 @@ from tests.reference_fixtures import (
     PA_NAMES,
     TRAINERS,
     cmpa_entries,
+    cocoop_entries,
     coop_entries,
     maple_entries,
     write_reference_checkpoint,
@@ -524,3 +525,61 @@ def test_an_imagenet_trained_file_is_evaluated_on_the_cross_dataset_and_dg_targe
     assert ("source", "imagenet") in tags and ("cross_dataset", "dtd") in tags
     assert {d for p, d in tags if p == "domain_generalization"} == {"imagenet_v2", "imagenet_sketch", "imagenet_a",
                                                                     "imagenet_r"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["MISSING"], "does not exist"),
+        (["EMPTY"], "no checkpoint (model.pth.tar-N or model-best.pth.tar) under"),
+        (["NOTDASSL"], "is not a reference trainer's checkpoint"),
+        (["GARBAGE"], "cannot read checkpoint"),
+        (["COOP", "--method", "zsclip"], "zsclip has no reference checkpoint format"),
+        (["COOP", "--method", "dcp-paper"], "dcp-paper has no reference checkpoint format"),
+        (["COOP", "--dataset", "dtdd"], "Did you mean 'dtd'"),
+        (["COOP", "--protocol", "base2novl"], "Did you mean 'base2novel'"),
+        (["COOP", "--set", "n_ctx=8"], "contradicts the checkpoint"),
+        (["LONE"], "which dataset was it trained on?"),
+    ],
+    ids=["missing", "empty-folder", "not-dassl", "garbage", "zsclip", "dcp-paper", "dataset", "protocol", "set",
+         "no-dataset"],
+)  # fmt: skip
+def test_bad_import_input_is_one_line_and_exit_2(args, needle, dtd, tmp_path, capsys):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "log.txt").write_text("x")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "model.pth.tar-1")
+    (tmp_path / "garbage").mkdir()
+    (tmp_path / "garbage" / "model.pth.tar-3").write_bytes(b"PK\x03\x04 truncated")
+    lone = write_reference_checkpoint(
+        tmp_path / "lone", "prompt_learner", coop_entries(shared_tiny_backbone()), 2, 0.002
+    )
+    subst = {"MISSING": str(tmp_path / "nope"), "EMPTY": str(tmp_path / "empty"), "GARBAGE": str(tmp_path / "garbage"),
+             "NOTDASSL": str(tmp_path / "model.pth.tar-1"), "COOP": str(write_case(tmp_path, "CoOp")),
+             "LONE": str(lone)}  # fmt: skip
+    results = tmp_path / "results"
+    argv = ["import", *[subst.get(a, a) for a in args], *IMPORT, "--data-root", str(dtd), "--results-dir", str(results)]
+    code, out, err = cli(argv, capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    assert needle in lines[0], lines[0]
+    assert not records(results)
+
+
+def test_vit_b16_shaped_coop_and_cocoop_files_map_with_their_real_shapes(tmp_path):
+    """The one place the reference's real widths are used: ViT-B/16's 512-wide text tower, 77 tokens, E = 512."""
+    vit = load_backbone("ViT-B-16")  # random weights: shapes only
+    opts = ImportOptions(backbone="ViT-B-16", pretrained="random", dataset="oxford_pets", seed=1, shots=16)
+    coop = write_reference_checkpoint(tmp_path / "coop", "prompt_learner", coop_entries(vit), 200, 0.002)
+    plan = plan_one(coop, opts, backbones := {("ViT-B-16", "random"): vit})
+    assert plan.method == "coop" and plan.state["ctx"].shape == (4, 512)
+    assert read_reference_file(coop).shapes["token_suffix"] == (3, 72, 512)  # 77 − 1 − n_ctx
+    cocoop = write_reference_checkpoint(tmp_path / "cocoop", "prompt_learner", cocoop_entries(vit), 10, 0.002)
+    plan = plan_one(cocoop, opts, backbones)
+    shapes = {k: tuple(v.shape) for k, v in plan.state.items()}
+    assert plan.method == "cocoop" and shapes == {
+        "ctx": (4, 512),
+        "meta_net.linear1.weight": (32, 512),
+        "meta_net.linear1.bias": (32,),
+        "meta_net.linear2.weight": (512, 32),
+        "meta_net.linear2.bias": (512,),
+    }

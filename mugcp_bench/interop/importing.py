@@ -479,9 +479,9 @@ def _backbone_for(opts: ImportOptions, cfg: Mapping[str, str], cache: dict) -> t
     if name is None:
         name, origin["backbone"] = "ViT-B-16", "default (the reference configs' backbone)"
     pretrained = opts.pretrained or ("openai" if name in BACKBONE_NAMES.values() else "random")
-    key = (name, pretrained, opts.device)
-    if key not in cache:
-        cache[key] = load_backbone(name, pretrained, device=opts.device)
+    key = (name, pretrained)
+    if key not in cache:  # on the CPU: mapping and checking need no GPU (evaluation loads its own on --device)
+        cache[key] = load_backbone(name, pretrained, device="cpu")
     return cache[key], origin
 
 

@@ -22,11 +22,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mugcp_bench.atomic import atomic_torch_save, atomic_write_text
+from mugcp_bench.atomic import atomic_write_text
 from mugcp_bench.errors import UserError
 from mugcp_bench.interop.formats import ReferenceFormat, clip_fp16
 from mugcp_bench.interop.keys import first_to_ours, first_to_reference
 from mugcp_bench.interop.safe_load import load_checkpoint_file
+from mugcp_bench.tensor_files import atomic_torch_save
 
 CHECKPOINT_NAME = re.compile(r"^model\.pth\.tar-(\d+)$")
 BEST_NAME = "model-best.pth.tar"
@@ -134,8 +135,8 @@ class MappingProblems:
 
 
 def _frozen_matches(theirs: torch.Tensor, ours: torch.Tensor) -> bool:
-    a = theirs.detach().float()
-    b = ours.detach().to(theirs.dtype).float()
+    a = theirs.detach().to("cpu", torch.float32)
+    b = ours.detach().to("cpu", theirs.dtype).float()
     scale = float(b.abs().max()) if b.numel() else 0.0
     return bool(torch.allclose(a, b, rtol=FROZEN_RTOL, atol=FROZEN_RTOL * scale + 1e-12))
 
