@@ -10,7 +10,6 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 from mugcp_bench.errors import DiskFull
 
@@ -97,26 +96,4 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
-def tensor_bytes(obj: Any) -> int:
-    """Bytes of the tensors in a (nested) dict / list / tuple: about what torch.save writes."""
-    import torch
-
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v) for v in obj)
-    return 0
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """`torch.save` atomically (checkpoints, feature caches)."""
-    import torch
-
-    # through a Python file object: a full disk surfaces as the OSError behind torch's RuntimeError
-    with atomic_path(path, size_hint=lambda: max(tensor_bytes(obj), 1)) as tmp, open(tmp, "wb") as f:
-        torch.save(obj, f)
-
-
-__all__ = ["atomic_path", "atomic_torch_save", "atomic_write_text", "default_mode", "disk_full", "tensor_bytes"]
+__all__ = ["atomic_path", "atomic_write_text", "default_mode", "disk_full"]

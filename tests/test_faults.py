@@ -319,6 +319,7 @@ def test_disk_full_message_names_the_folder_and_the_space(tmp_path, monkeypatch)
 
     from mugcp_bench import atomic
     from mugcp_bench.errors import DiskFull
+    from mugcp_bench.tensor_files import atomic_torch_save
 
     def full(*a, **kw):
         raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
@@ -328,7 +329,7 @@ def test_disk_full_message_names_the_folder_and_the_space(tmp_path, monkeypatch)
     with pytest.raises(
         DiskFull, match=rf"no space left in {tmp_path} writing model.pt \(.* free, about 8.0 KB needed\)"
     ):
-        atomic.atomic_torch_save({"w": torch.zeros(2048)}, tmp_path / "model.pt")
+        atomic_torch_save({"w": torch.zeros(2048)}, tmp_path / "model.pt")
     assert (tmp_path / "model.pt").read_bytes() == b"x" * 3000  # the old file is intact
     assert list(tmp_path.iterdir()) == [tmp_path / "model.pt"]
 

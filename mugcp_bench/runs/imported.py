@@ -44,9 +44,9 @@ def evaluate_imported(
     """Record every model as an imported run and evaluate it on its protocol's targets (base and novel classes; the
     cross-dataset and domain-generalization targets for a source-trained one). Options as `run_sweep` takes them
     (data root, backbone and weights, results dir, executor, ...); `force` re-evaluates runs already recorded."""
-    from mugcp_bench.atomic import atomic_torch_save
     from mugcp_bench.protocols import PROTOCOLS, TRAIN_PROTOCOLS
     from mugcp_bench.runs.plan import Action, decide_action, plan
+    from mugcp_bench.tensor_files import atomic_torch_save
 
     if not models:
         raise UserError("nothing to import: no checkpoint was found")

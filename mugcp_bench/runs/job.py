@@ -246,7 +246,7 @@ def execute(
 
 def _train(run: PlannedRun, method: Method, data, backbone: Backbone, settings: RunSettings, callbacks) -> None:
     """Train (or resume) the method and store its trainable state as model.pt."""
-    from mugcp_bench.atomic import atomic_torch_save
+    from mugcp_bench.tensor_files import atomic_torch_save
 
     record = run.record
     if run.action == Action.TRAIN and record.checkpoint_path.exists():
