@@ -17,10 +17,10 @@ import torch
 from filelock import FileLock
 from torch.utils.data import DataLoader
 
-from mugcp_bench.atomic import atomic_torch_save
 from mugcp_bench.datasets.base import Datum, ImageListDataset
 from mugcp_bench.engine.trainer import autocast
 from mugcp_bench.model.backbone import Backbone
+from mugcp_bench.tensor_files import atomic_torch_save
 
 log = logging.getLogger(__name__)
 

@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from filelock import FileLock
 
-from mugcp_bench.atomic import atomic_torch_save
 from mugcp_bench.datasets.base import Datum
 from mugcp_bench.model.backbone import Backbone
+from mugcp_bench.tensor_files import atomic_torch_save
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler
 
-from mugcp_bench.atomic import atomic_torch_save
 from mugcp_bench.datasets.base import Datum, ImageListDataset
 from mugcp_bench.engine.callbacks import StepInfo, TrainCallback, global_callbacks
 from mugcp_bench.engine.interrupts import stop_requested
@@ -38,6 +37,7 @@ from mugcp_bench.methods.base import Method, TrainConfig
 from mugcp_bench.model.backbone import REFERENCE_FP16, Backbone
 from mugcp_bench.model.state_fit import StateMismatch
 from mugcp_bench.registry import suggest
+from mugcp_bench.tensor_files import atomic_torch_save
 
 log = logging.getLogger(__name__)
 

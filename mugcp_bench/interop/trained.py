@@ -159,7 +159,7 @@ def from_run(run: str | Path, results_dir: str | Path = "results") -> TrainedMod
 def save_mugcp(model: TrainedModel, path: str | Path) -> Path:
     """Write `model` as one self-contained .mugcp file (atomically)."""
     import mugcp_bench
-    from mugcp_bench.atomic import atomic_torch_save
+    from mugcp_bench.tensor_files import atomic_torch_save
 
     payload = {
         "format": MUGCP_FORMAT,
