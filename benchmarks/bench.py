@@ -6,8 +6,8 @@ prompts share encoded once (``prefix_sharing``) and blocks on fused attention (`
 and, for methods with a frozen image tower, cached image features (steady state: the cache is warm, the tensor is
 passed in). The naive path is what the reference code does: ``eot_truncation = False`` before the method is built
 (every text pass runs the full context length, 77 tokens on ViT-B/16), ``forward`` on every test batch (all class
-prompts re-encoded per batch) and no feature cache. ``--before`` adds our path as it was before issue 18 (EOT cut
-only: no shared-prefix text encoding, open_clip's block modules) as a third path.
+prompts re-encoded per batch) and no feature cache. ``--before`` adds our path with the EOT cut only (no
+shared-prefix text encoding, open_clip's block modules) as a third path.
 
 Each (backbone, class count) runs in a fresh worker process; inside it every method is built twice (our path and
 the naive path, the same trainable weights) and the two are measured interleaved on the same synthetic inputs
@@ -215,7 +215,7 @@ class MemoryMeter:
 
 # --- the worker: one backbone, one class count, every method ---------------------------------------------------------
 # Backbone settings of each measured path: (eot_truncation, fused_attention, prefix_sharing). "before" is our path
-# as it was before shared-prefix text encoding and fused attention (issue 18): EOT cut only, open_clip's modules.
+# as it was before shared-prefix text encoding and fused attention: EOT cut only, open_clip's modules.
 PATH_SETTINGS = {"ours": (True, True, True), "before": (True, False, False), "naive": (False, False, False)}
 SETTINGS = ("eot_truncation", "fused_attention", "prefix_sharing")
 
@@ -369,7 +369,7 @@ def eval_pair(
 
     ours = methods["ours"]
     timer, meter = Timer(device), MemoryMeter(device)
-    size, cond = backbone.image_size, ours.instance_conditional
+    size, cond = backbone.image_size, getattr(ours, "instance_conditional", False)
     n_eval = eval_batch * (prof.cond_eval_batches if cond else prof.eval_batches)
     images = torch.randn(n_eval, 3, size, size, generator=gen).to(device)
     keys = [keys_pool[i % len(keys_pool)] for i in range(n_eval)]
@@ -463,7 +463,7 @@ def bench_method(
             with text_path(backbone, path):
                 m.prepare_images(items, "train")
     keys_pool = [d.relpath for d in items] or [f"img_{i}" for i in range(8)]
-    cond = ours.instance_conditional
+    cond = getattr(ours, "instance_conditional", False)
     tcfg = TrainConfig(**{k: v for k, v in t_keys.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}})
 
     def cap(value: int, limit: int) -> int:
@@ -815,8 +815,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--before",
         action="store_true",
-        help="also measure our path as it was before issue 18 (EOT cut only: whole-row text passes, open_clip's "
-        "attention modules), interleaved with the other two",
+        help="also measure our path with the EOT cut only (whole-row text passes, open_clip's attention modules), "
+        "interleaved with the other two",
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument(

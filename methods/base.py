@@ -162,12 +162,6 @@ class Method(nn.Module):
         self.template = template  # the dataset's hand-written zero-shot template (docs/protocol.md §5.1)
         self.dataset = dataset  # registry name of the dataset the classes come from
 
-    # --- properties the trainer reads -----------------------------------------------------------------------------
-    @property
-    def instance_conditional(self) -> bool:
-        """True when text features depend on the image (cannot be computed once per class set)."""
-        return False
-
     def set_classnames(
         self, classnames: Sequence[str], template: str | None = None, dataset: str | None = None
     ) -> None:

@@ -1,5 +1,5 @@
 """Every kind of bad input, through the real entry point: exit 2, exactly one `error:` line, no traceback, nothing
-written (issue 19's rule: a known user error is one line naming the problem and the fix, before any work)."""
+written (the rule for bad input: one line naming the problem and the fix, before any work)."""
 
 from __future__ import annotations
 

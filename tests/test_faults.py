@@ -1,4 +1,4 @@
-"""Faults end cleanly through the real CLI: non-finite losses, Ctrl-C, SIGKILL inside an epoch (issue 19).
+"""Faults end cleanly through the real CLI: non-finite losses, Ctrl-C, SIGKILL inside an epoch.
 
 Faults are injected by the plugin `tests.fault_plugins` (``MUGCP_PLUGINS``): a method whose loss turns non-finite,
 and a training callback that kills, interrupts or fills the disk at a chosen step.

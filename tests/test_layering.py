@@ -42,8 +42,8 @@ def test_import_contracts_hold(tmp_path):
 
 @pytest.mark.parametrize(
     "module",
-    ["mugcp_bench.report.aggregate", "mugcp_bench.report.plots", "mugcp_bench.store.records", "mugcp_bench.store.claims",
-     "mugcp_bench.commands.report"],
+    ["mugcp_bench.report.aggregate", "mugcp_bench.report.plots", "mugcp_bench.store.records",
+     "mugcp_bench.store.claims", "mugcp_bench.commands.report"],
 )  # fmt: skip
 def test_the_report_and_the_store_import_without_torch(module):
     code = f"import sys, {module}; bad = [m for m in ('torch', 'open_clip') if m in sys.modules]; assert not bad, bad"
