@@ -16,6 +16,7 @@ from tests.method_harness import (
     shared_tiny_backbone,
     vit_b16_backbone,
 )
+from tests.numerics import assert_close_scaled
 
 
 @pytest.fixture
@@ -30,19 +31,21 @@ def zero_shot_logits(images: torch.Tensor, texts: list[str]) -> torch.Tensor:
         return bb.logit_scale * image_f @ bb.text_features(texts).t()
 
 
+@pytest.mark.numerics
 def test_word_initialised_context_is_zero_shot_clip(batch):
     coop = build_method("coop", ctx_init="a photo of a")
     zs = build_method("zsclip")  # template "a photo of a {}."
     with torch.no_grad():
         got = coop(batch.images).logits
         expected = zs(batch.images).logits
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert_close_scaled(got, expected)
     assert coop.n_ctx == 4
     bb = shared_tiny_backbone()
     words = bb.embed_tokens(bb.tokenize(["a photo of a"]))[0, 1:5]
     assert torch.equal(coop.ctx.detach(), words)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize(
     ("position", "text"),
     [("end", "a photo of a {}."), ("front", "{} a photo of a."), ("middle", "a photo {} of a.")],
@@ -53,7 +56,7 @@ def test_class_token_position_places_the_name(position, text, batch):
     with torch.no_grad():
         got = coop(batch.images).logits
     expected = zero_shot_logits(batch.images, [text.format(c.replace("_", " ")) for c in CLASSNAMES])
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert_close_scaled(got, expected)
 
 
 def test_ctx_init_sets_n_ctx_and_random_init_keeps_it():
@@ -79,6 +82,7 @@ def test_bad_position_is_a_user_error():
         build_method("coop", class_token_position="start")
 
 
+@pytest.mark.numerics
 def test_fast_eval_encodes_the_prompts_once(batch, monkeypatch):
     coop = build_method("coop", ctx_init="")
     with torch.no_grad():
@@ -89,7 +93,7 @@ def test_fast_eval_encodes_the_prompts_once(batch, monkeypatch):
         raise AssertionError("predict re-encoded the class prompts")
 
     monkeypatch.setattr(shared_tiny_backbone(), "encode_text", no_text)
-    torch.testing.assert_close(coop.predict(batch.images), naive, atol=1e-6, rtol=0)
+    assert_close_scaled(coop.predict(batch.images), naive)
 
 
 def test_image_tower_gets_no_graph(batch):
