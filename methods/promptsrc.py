@@ -1,5 +1,5 @@
 """PromptSRC: independent deep vision and language prompts regularised towards the frozen CLIP, with Gaussian prompt
-aggregation over epochs (docs/methods/promptsrc.md §11).
+aggregation over epochs (docs/methods/promptsrc.md §12).
 
 Matched against muzairkhattak/PromptSRC @ bb95c77:
 - ``trainers/promptsrc.py`` (VLPromptLearner, CustomCLIP, PromptSRC.forward_backward, state_dict_weighting,

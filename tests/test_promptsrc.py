@@ -58,7 +58,7 @@ def items(tmp_path_factory):
 
 def test_parameter_counts_vit_b16():
     """46,080 (base-to-novel, few-shot: 9 × 4 × (512 + 768)) and 15,360 (cross-dataset, depth 3): the counts of the
-    reference's own CLIP built with ViT-B/16's sizes (docs/methods/promptsrc.md §11.4)."""
+    reference's own CLIP built with ViT-B/16's sizes (docs/methods/promptsrc.md §12.4)."""
     counts = {}
     for protocol in ("base2novel", "xd", "few_shot"):
         cfg, _ = split_overrides(PromptSRC, PromptSRC.recipe("paper", protocol, 16, "caltech101"))
