@@ -23,7 +23,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mugcp_bench.errors import UserError
-from mugcp_bench.interop.formats import ReferenceFormat, Shape
 from mugcp_bench.methods.base import TOY_TRAIN, Method, MethodOutput, cosine_logits
 from mugcp_bench.methods.coop import effective_n_ctx, frozen_image_features
 from mugcp_bench.methods.prompts import ClassPrompts, init_context
@@ -74,11 +73,11 @@ class CoCoOp(Method):
     ablations = {"metanet": {"meta_net": False}, "init": {"ctx_init": ""}}
     # KaiyangZhou/CoOp@ff61507 trainers/cocoop.py saves the PromptLearner as "prompt_learner": ctx and the Meta-Net
     # under our names, plus the class buffers its load_model deletes; it always has a Meta-Net (docs/interop.md).
-    reference_checkpoint = ReferenceFormat(
+    reference_checkpoint = dict(
         trainer="CoCoOp",
         learner="prompt_learner",
         keys={"ctx": "ctx", "meta_net.*": "meta_net.*"},
-        config={"n_ctx": Shape("ctx", 0)},
+        config={"n_ctx": ("shape", "ctx", 0)},
         requires={"meta_net": True},
         options={"n_ctx": "TRAINER.COCOOP.N_CTX", "ctx_init": "TRAINER.COCOOP.CTX_INIT"},
         configs={

@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from mugcp_bench.errors import UserError
-from mugcp_bench.interop.formats import Ndim, ReferenceFormat, Shape
 from mugcp_bench.methods.base import TOY_TRAIN, SharedTextMethod
 from mugcp_bench.methods.prompts import ClassPrompts, init_context
 from mugcp_bench.registry import METHODS
@@ -102,11 +101,11 @@ class CoOp(SharedTextMethod):
     ablations = {"init": {"ctx_init": ""}}
     # KaiyangZhou/CoOp@ff61507 trainers/coop.py saves the PromptLearner as "prompt_learner": ctx (n_ctx, D), or
     # (C, n_ctx, D) with CSC, plus the class buffers its load_model deletes (docs/interop.md, coop).
-    reference_checkpoint = ReferenceFormat(
+    reference_checkpoint = dict(
         trainer="CoOp",
         learner="prompt_learner",
         keys={"ctx": "ctx"},
-        config={"n_ctx": Shape("ctx", -2), "csc": Ndim("ctx", 3)},
+        config={"n_ctx": ("shape", "ctx", -2), "csc": ("ndim", "ctx", 3)},
         options={
             "n_ctx": "TRAINER.COOP.N_CTX",
             "csc": "TRAINER.COOP.CSC",

@@ -58,7 +58,6 @@ import torch
 from torch import nn
 
 from mugcp_bench.errors import UserError
-from mugcp_bench.interop.formats import CMPA_TOWERS, WHOLE_MODEL_BUFFERS, OneOf, ReferenceFormat, Shape
 from mugcp_bench.methods.base import TOY_TRAIN, Method, MethodOutput, cosine_logits
 from mugcp_bench.methods.prompts import ClassPrompts, init_context
 from mugcp_bench.model.backbone import Backbone
@@ -213,7 +212,7 @@ class DCP(Method):
     # False: one per block, ours exist for the injecting blocks only. Its text half and unused blocks play no part at
     # evaluation in `dcp` (docs/interop.md).
     reference_checkpoint = tuple(
-        ReferenceFormat(
+        dict(
             trainer="CMPA",
             learner="MultiModalPromptLearner",
             keys={
@@ -237,16 +236,16 @@ class DCP(Method):
                     )
                 },
             },
-            deleted_buffers=WHOLE_MODEL_BUFFERS,
-            frozen=CMPA_TOWERS,
+            deleted_buffers="whole_model",
+            frozen="cmpa",
             ignored=("encoder.resblocks.*.prompt_attn.*",),
-            config={"n_ctx": Shape("prompt_learner.prompts_text", 0)},
+            config={"n_ctx": ("shape", "prompt_learner.prompts_text", 0)},
             requires={
                 "share": share,
                 "cmpa": True,
                 "text_update": False,
                 "depth_semantics": "official",
-                "fusing": OneOf(("mean", "first", "max")),
+                "fusing": {"mean", "first", "max"},  # one of
                 "vision_heads": 0,
                 "text_heads": 0,
                 "mlp_ratio": 4,

@@ -31,7 +31,6 @@ from torch import nn
 
 from mugcp_bench.engine.frozen import class_text_features
 from mugcp_bench.errors import UserError
-from mugcp_bench.interop.formats import ReferenceFormat, Shape
 from mugcp_bench.methods.base import TOY_TRAIN, MethodOutput, Provenance, SharedTextMethod, cosine_logits
 from mugcp_bench.methods.coop import frozen_image_features
 from mugcp_bench.methods.prompts import ClassPrompts, init_context
@@ -153,13 +152,13 @@ class KgCoOp(SharedTextMethod):
     ablations = {"kg": {"w": 0.0}, "init": {"ctx_init": False}}
     # KgCoOp/trainers/kgcoop.py saves the PromptLearner as "prompt_learner": ctx, the class buffers its load_model
     # deletes, and two modules it never uses (bias_vectors, meta_net: frozen, random) (docs/interop.md).
-    reference_checkpoint = ReferenceFormat(
+    reference_checkpoint = dict(
         trainer="KgCoOp",
         learner="prompt_learner",
         keys={"ctx": "ctx"},
         deleted_buffers=("token_prefix", "token_suffix", "token_midfix"),
         ignored=("bias_vectors", "meta_net.*"),
-        config={"n_ctx": Shape("ctx", 0)},
+        config={"n_ctx": ("shape", "ctx", 0)},
         options={"n_ctx": "TRAINER.COOP.N_CTX", "ctx_init": "TRAINER.COOP.CTX_INIT", "w": "TRAINER.COOP.W"},
         repo="htyao89/KgCoOp@c43ccc3",
     )

@@ -27,7 +27,6 @@ import torch
 from torch import nn
 
 from mugcp_bench.errors import UserError
-from mugcp_bench.interop.formats import CLIP_TOWERS, WHOLE_MODEL_BUFFERS, Count, ReferenceFormat, Shape
 from mugcp_bench.methods.base import TOY_TRAIN, SharedTextMethod
 from mugcp_bench.methods.prompts import ClassPrompts, init_context
 from mugcp_bench.registry import METHODS
@@ -96,15 +95,15 @@ class MaPLe(SharedTextMethod):
     # coupling=false variant is the IVLP trainer's file (trainers/independentVL.py, "VLPromptLearner": deep prompts
     # as VPT_shallow of the blocks they enter), used when --method maple is named (docs/interop.md).
     reference_checkpoint = (
-        ReferenceFormat(
+        dict(
             trainer="MaPLe",
             learner="MultiModalPromptLearner",
             keys={"*": "prompt_learner.*"},
-            deleted_buffers=WHOLE_MODEL_BUFFERS,
-            frozen=CLIP_TOWERS,
+            deleted_buffers="whole_model",
+            frozen="clip",
             config={
-                "n_ctx": Shape("prompt_learner.ctx", 0),
-                "prompt_depth": Count("prompt_learner.compound_prompts_text.{i}", plus=1),
+                "n_ctx": ("shape", "prompt_learner.ctx", 0),
+                "prompt_depth": ("count", "prompt_learner.compound_prompts_text.{i}", 1),
             },
             requires={"coupling": True},
             options={
@@ -119,7 +118,7 @@ class MaPLe(SharedTextMethod):
             fp16_always=("prompt_learner.proj.*",),
             repo="muzairkhattak/multimodal-prompt-learning@69bce21",
         ),
-        ReferenceFormat(
+        dict(
             trainer="IVLP",
             learner="VLPromptLearner",
             keys={
@@ -128,11 +127,11 @@ class MaPLe(SharedTextMethod):
                 "vision_ctx": "image_encoder.VPT",
                 "compound_prompts_vision.{i}": "image_encoder.transformer.resblocks.{i+1}.VPT_shallow",
             },
-            deleted_buffers=WHOLE_MODEL_BUFFERS,
-            frozen=CLIP_TOWERS,
+            deleted_buffers="whole_model",
+            frozen="clip",
             config={
-                "n_ctx": Shape("prompt_learner.ctx", 0),
-                "prompt_depth": Count("text_encoder.transformer.resblocks.{i}.VPT_shallow", plus=1),
+                "n_ctx": ("shape", "prompt_learner.ctx", 0),
+                "prompt_depth": ("count", "text_encoder.transformer.resblocks.{i}.VPT_shallow", 1),
             },
             requires={"coupling": False},
             options={

@@ -1,5 +1,6 @@
 """What a method's checkpoint looks like in its reference code: `ReferenceFormat`, declared by each method in its own
-file (``reference_checkpoint = ReferenceFormat(...)``; /work/notes/interop_api.md).
+file as plain data (``reference_checkpoint = {"trainer": ..., "keys": ...}``: the methods wing imports nothing from
+``interop``, which sits above it; docs/interop.md §6).
 
 Every reference trainer here saves with Dassl (KaiyangZhou/Dassl.pytorch@c61a1b5 ``dassl/engine/trainer.py``
 save_model): ``<run dir>/<learner>/model.pth.tar-<E>`` holding ``{"state_dict", "epoch", "optimizer", "scheduler"
@@ -19,7 +20,7 @@ declaratively, everything `mugcp_bench.interop` needs to read and write such fil
   printed with the command line on export;
 * ``configs``: the reference config file per train protocol; ``epochs``: --load-epoch defaults are the run's epochs.
 
-This module imports nothing heavy: method files import it at class-definition time.
+This module imports nothing but torch-free helpers; `formats_of` reads a method class's declaration.
 """
 
 from __future__ import annotations
@@ -201,12 +202,61 @@ class ReferenceFormat:
         return {**out, **{k: v for k, v in self.requires.items() if not isinstance(v, OneOf)}}
 
 
+# --- declarations as plain data (what method files write: they import nothing from this package) ---------------------
+TOWERS = {"clip": CLIP_TOWERS, "cmpa": CMPA_TOWERS}
+BUFFERS = {"prompt_learner": PROMPT_LEARNER_BUFFERS, "whole_model": WHOLE_MODEL_BUFFERS}
+_SPECS = {"shape": Shape, "ndim": Ndim, "count": Count}
+_FIELDS = {f for f in ReferenceFormat.__dataclass_fields__}
+
+
+def _config_value(field_name: str, value: Any) -> Any:
+    """("shape", key, dim[, default]) / ("ndim", key, n) / ("count", pattern, plus[, requires]) -> the reader; any
+    other value is a constant."""
+    if isinstance(value, tuple) and value and value[0] in _SPECS:
+        try:
+            return _SPECS[value[0]](*value[1:])
+        except TypeError as e:
+            raise ValueError(f"reference_checkpoint config '{field_name}': {value!r} ({e})") from None
+    return value
+
+
+def from_declaration(decl: Mapping[str, Any] | ReferenceFormat) -> ReferenceFormat:
+    """A `ReferenceFormat` from a method's plain-data declaration (a dict of its fields). Strings name the shared
+    maps: ``frozen="clip" | "cmpa"``, ``deleted_buffers="prompt_learner" | "whole_model"``; in ``config``, tuples
+    ``("shape", key, dim)``, ``("ndim", key, n)``, ``("count", pattern, plus)`` read the file's shapes; in
+    ``requires``, a set means "one of" (checked on export, never set)."""
+    if isinstance(decl, ReferenceFormat):
+        return decl
+    unknown = sorted(set(decl) - _FIELDS)
+    if unknown:
+        raise ValueError(
+            f"reference_checkpoint: unknown field(s) {', '.join(unknown)}; fields: {', '.join(sorted(_FIELDS))}"
+        )
+    out = dict(decl)
+    if isinstance(out.get("frozen"), str):
+        out["frozen"] = TOWERS[out["frozen"]]
+    if isinstance(out.get("deleted_buffers"), str):
+        out["deleted_buffers"] = BUFFERS[out["deleted_buffers"]]
+    for name in ("deleted_buffers", "ignored", "fp16_always", "frozen_fp32"):
+        if name in out:
+            out[name] = tuple(out[name])
+    if isinstance(out.get("config"), Mapping):
+        out["config"] = {k: _config_value(k, v) for k, v in out["config"].items()}
+    if "requires" in out:
+        out["requires"] = {
+            k: OneOf(tuple(sorted(v))) if isinstance(v, (set, frozenset)) else v for k, v in out["requires"].items()
+        }
+    return ReferenceFormat(**out)
+
+
 def formats_of(method_cls: type) -> tuple[ReferenceFormat, ...]:
-    """The reference formats a method class declares (``reference_checkpoint``: one format or a tuple)."""
-    fmt = getattr(method_cls, "reference_checkpoint", None)
-    if fmt is None:
+    """The reference formats a method class declares: ``reference_checkpoint``, one declaration or a tuple of them
+    (plain dicts of `ReferenceFormat`'s fields, or `ReferenceFormat`s for code outside the methods wing)."""
+    decl = getattr(method_cls, "reference_checkpoint", None)
+    if decl is None:
         return ()
-    return tuple(fmt) if isinstance(fmt, (tuple, list)) else (fmt,)
+    decls = decl if isinstance(decl, (tuple, list)) else (decl,)
+    return tuple(from_declaration(d) for d in decls)
 
 
 __all__ = [
@@ -221,4 +271,5 @@ __all__ = [
     "Shape",
     "clip_fp16",
     "formats_of",
+    "from_declaration",
 ]

@@ -293,6 +293,7 @@ class ImportPlan:
     n_classes_trained: int | None
     origin: dict[str, str] = field(default_factory=dict)  # fact -> where it was read (flag, log.txt, tree, file, ...)
     reference_config: str = ""  # the reference config it was trained with (log.txt's config_file, or the tree's)
+    settings: dict[str, str] = field(default_factory=dict)  # the settings that differ from the recipe (as --set)
 
     @property
     def epoch(self) -> int:
@@ -415,8 +416,9 @@ def _assemble(
     shots: int,
     dataset: str,
     where: str,
-) -> tuple[Any, Any, dict[str, str]]:
-    """Method config and TrainConfig: recipe <- log.txt / folder options <- the file's shapes <- format <- --set."""
+) -> tuple[Any, Any, dict[str, str], dict[str, str]]:
+    """Method config, TrainConfig, where each setting was read, and the settings that differ from the recipe: recipe
+    <- log.txt / folder options <- the file's shapes <- format <- --set."""
     from mugcp_bench.methods.base import TrainConfig, apply_overrides, split_overrides
     from mugcp_bench.registry import METHODS
 
@@ -446,9 +448,16 @@ def _assemble(
         origin[k] = "log.txt / folder names"
     for k in from_file:
         origin[k] = "checkpoint"
-    tcfg = apply_overrides(TrainConfig(), {**rt, "epochs": ref.epoch or 1}, "training")
+    base_t = apply_overrides(TrainConfig(), rt, "training")
+    tcfg = apply_overrides(base_t, {"epochs": ref.epoch or 1}, "training")
     tcfg = apply_overrides(tcfg, {k: v for k, v in ut.items() if k != "epochs"}, "training")
-    return cfg, tcfg, origin
+    # What the run path must set on top of the recipe: the settings that differ from it, less those the model ignores
+    # under this config (a sweep refuses a setting the model would not use).
+    base_m = cls.make_config(rm)
+    ignored = set(getattr(cls, "ignored_settings", lambda c: {})(cfg))
+    settings = {k: _setting(v) for k, v in asdict(cfg).items() if v != getattr(base_m, k) and k not in ignored}
+    settings |= {k: _setting(v) for k, v in asdict(tcfg).items() if v != getattr(base_t, k)}
+    return cfg, tcfg, origin, settings
 
 
 class _NotThisFormat(Exception):
@@ -559,7 +568,7 @@ def plan_one(path: Path, opts: ImportOptions, backbones: dict) -> ImportPlan:
         if by_keys and not structurally_fits(fmt, list(ref.state_dict)):
             continue
         try:
-            m_cfg, t_cfg, c_origin = _assemble(name, fmt, ref, options, opts, protocol, shots, dataset, where)
+            m_cfg, t_cfg, c_origin, settings = _assemble(name, fmt, ref, options, opts, protocol, shots, dataset, where)
         except _NotThisFormat as e:
             tried.append((name, fmt, str(e)))
             continue
@@ -598,6 +607,7 @@ def plan_one(path: Path, opts: ImportOptions, backbones: dict) -> ImportPlan:
             n_classes_trained=int(n_cls) if n_cls is not None else None,
             origin=origin,
             reference_config=args.get("config_file") or tree.cfg_name or "",
+            settings=settings,
         )
     raise UserError(_no_fit(path, ref, tried, trainer))
 
@@ -664,14 +674,12 @@ def _setting(value: Any) -> str:
 
 
 def imported_models(plans: Sequence[ImportPlan]) -> list[Any]:
-    """The run path's `ImportedModel`s of `plans`: the state, every method setting and the file's epoch count as
-    settings (so the record says what the reference trained), and the `imported` block."""
+    """The run path's `ImportedModel`s of `plans`: the state, the settings that differ from the recipe (the file's
+    epochs among them, so the record says what the reference trained), and the `imported` block."""
     from mugcp_bench.runs.imported import ImportedModel
 
     out = []
     for plan in plans:
-        settings = {k: _setting(v) for k, v in asdict(plan.method_config).items()}
-        settings["epochs"] = str(plan.epoch)
         out.append(
             ImportedModel(
                 method=plan.method,
@@ -680,7 +688,7 @@ def imported_models(plans: Sequence[ImportPlan]) -> list[Any]:
                 shots=plan.shots,
                 seed=plan.seed,
                 state=plan.state,
-                settings=settings,
+                settings=dict(plan.settings),
                 source=plan.imported(),
             )
         )
