@@ -357,6 +357,20 @@ class PromptSRC(SharedTextMethod):
 
     # --- recipes --------------------------------------------------------------------------------------------------
     @classmethod
+    def ignored_settings(cls, cfg: PromptSRCConfig) -> dict[str, str]:
+        """Settings this config makes the model ignore (`Method.ignored_settings`)."""
+        out = {}
+        if cfg.ctx_init and cfg.n_ctx_text > 4:
+            out["ctx_init"] = (
+                f"promptsrc initialises its text context from ctx_init only with n_ctx_text <= 4 (the reference's "
+                f"rule); n_ctx_text={cfg.n_ctx_text} starts from N(0, init_std²): also --set n_ctx_text=4 or less"
+            )
+        if not cfg.gpa:
+            for key in ("gpa_mean", "gpa_std"):
+                out[key] = "Gaussian prompt aggregation is off (gpa=false): also --set gpa=true"
+        return out
+
+    @classmethod
     def recipe(cls, recipe: str, train_protocol: str, shots: int, dataset: str) -> dict[str, Any]:
         """Few-shot GPA by dataset: (45, 5) for the five datasets the few-shot config's comment names."""
         out = super().recipe(recipe, train_protocol, shots, dataset)

@@ -212,6 +212,13 @@ class TCP(SharedTextMethod):
         )
         self._build_class_buffers()
 
+    @classmethod
+    def ignored_settings(cls, cfg: TCPConfig) -> dict[str, str]:
+        """Settings this config makes the model ignore (`Method.ignored_settings`)."""
+        if cfg.tke:
+            return {}
+        return {"insert_layer": "without class-aware tokens (tke=false) nothing is injected: also --set tke=true"}
+
     def _build_class_buffers(self) -> None:
         device = self.ctx.device
         self.prompts = TemplatePrompts(

@@ -26,15 +26,9 @@ from tests.method_harness import (
     vit_b16_backbone,
     write_items,
 )
+from tests.numerics import FP32, GRAD, assert_close_scaled, assert_differs
 
 CPU = torch.device("cpu")
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5, atol: float = 1e-6, msg: str = ""):
-    """max |actual − expected| <= rtol · max |expected| + atol (the scale of the whole tensor)."""
-    bound = rtol * float(expected.abs().max()) + atol
-    diff = float((actual - expected).abs().max())
-    assert diff <= bound, f"{msg}: differ by {diff:.3e} > {bound:.3e}"
 
 
 def perturbed(**overrides) -> PromptSRC:
@@ -119,14 +113,14 @@ def test_towers_match_hand_written_layer_loops(batch):
                 x = x.clone()
                 x[:, 1 : 1 + n] = method.deep_text[i - 1]
             x = bb.text_block(i, x, mask)
-        assert_close(method.text_features(), bb.text_head(x, eot), msg="text")
+        assert_close_scaled(method.text_features(), bb.text_head(x, eot), msg="text")
         v = bb.vision_embed(images, method.vision_ctx[None])
         for i in range(bb.vision_layers):
             if i == 1:
                 v = v.clone()
                 v[:, -3:] = method.deep_vision[0]
             v = bb.vision_block(i, v)
-        assert_close(method.image_features(images), bb.vision_head(v), msg="vision")
+        assert_close_scaled(method.image_features(images), bb.vision_head(v), msg="vision")
 
 
 def test_teacher_is_the_normalised_mean_of_unnormalised_template_features():
@@ -140,9 +134,9 @@ def test_teacher_is_the_normalised_mean_of_unnormalised_template_features():
         [bb.text_features([t.format(c) for c in names], normalize=False) for t in TEACHER_TEMPLATES]
     )
     want = F.normalize(per_template.mean(0), dim=-1)  # (C, E)
-    assert_close(method.teacher_text(), want, msg="teacher")
+    assert_close_scaled(method.teacher_text(), want, msg="teacher")
     normalised_mean = F.normalize(F.normalize(per_template, dim=-1).mean(0), dim=-1)
-    assert (normalised_mean - want).abs().max() > 1e-4  # the other averaging would be visibly different
+    assert_differs(normalised_mean, want, msg="the other averaging")  # would be visibly different
 
 
 def test_losses_equal_the_reference_formulas(batch):
@@ -160,9 +154,9 @@ def test_losses_equal_the_reference_formulas(batch):
         p_teacher = (scale * zs @ teacher.t()).log_softmax(-1)
         kl = (p_teacher.exp() * (p_teacher - p_student)).sum() / p_student.numel()  # KL(teacher ‖ student) / (B·C)
     assert set(out.losses) == {"text_scl", "image_scl", "kl"}
-    assert_close(out.losses["text_scl"], 25.0 * (text_n - teacher).abs().mean(), msg="text_scl")
-    assert_close(out.losses["image_scl"], 10.0 * (image_n - zs).abs().mean(), msg="image_scl")
-    assert_close(out.losses["kl"], kl, msg="kl")
+    assert_close_scaled(out.losses["text_scl"], 25.0 * (text_n - teacher).abs().mean(), msg="text_scl")
+    assert_close_scaled(out.losses["image_scl"], 10.0 * (image_n - zs).abs().mean(), msg="image_scl")
+    assert_close_scaled(out.losses["kl"], kl, msg="kl")
     assert out.losses["kl"] > 0 and out.losses["text_scl"] > 0
     assert method.eval()(batch.images).losses == {}  # evaluation: logits only
 
@@ -209,8 +203,8 @@ def test_final_weights_are_the_gaussian_weighted_epoch_weights(items, tmp_path):
     final = method.trainable_state()
     for name, value in final.items():
         want = sum(w * s[name].double() for w, s in zip(weights, snaps.states)).float()
-        assert_close(value, want, rtol=1e-6, atol=1e-9, msg=name)
-        assert (value - snaps.states[-1][name]).abs().max() > 1e-4, f"{name} is the last epoch's, not the average"
+        assert_close_scaled(value, want, FP32, msg=name)
+        assert_differs(value, snaps.states[-1][name], msg=f"{name}: the average against the last epoch's")
     saved = torch.load(tmp_path / "ckpt.pt", weights_only=False)
     assert all(torch.equal(saved["model"][k], v) for k, v in final.items())  # the last checkpoint holds the GPA model
     assert saved["method_state"]["gpa_epochs"] == [0, 1, 2, 3]
@@ -283,9 +277,62 @@ def test_training_step_fast_equals_naive_with_every_loss(items):
         loss.backward()
         outs.append(out)
         grads.append({k: p.grad.clone() for k, p in m.named_parameters() if p.requires_grad})
-    assert_close(outs[0].logits, outs[1].logits, msg="logits")
+    assert_close_scaled(outs[0].logits, outs[1].logits, msg="logits")
     for part in ("text_scl", "image_scl", "kl"):
-        assert_close(outs[0].losses[part].detach(), outs[1].losses[part].detach(), msg=part)
+        assert_close_scaled(outs[0].losses[part].detach(), outs[1].losses[part].detach(), msg=part)
     for k, g in grads[1].items():
         assert g.abs().max() > 0, f"{k} gets no gradient"
-        assert_close(grads[0][k], g, rtol=1e-4, msg=f"gradient of {k}")
+        assert_close_scaled(grads[0][k], g, GRAD, msg=f"gradient of {k}")
+
+
+# --- end to end ----------------------------------------------------------------------------------------------------
+TOY_PROTOCOLS = (
+    ("base2novel", "toy_shapes", {"base", "novel"}),
+    ("cross_dataset,domain_generalization", "toy_shapes,toy_objects_sketch", {"all"}),
+    ("few_shot", "toy_shapes", {"all"}),
+)
+
+
+@pytest.mark.slow
+def test_toy_world_runs_every_protocol(tmp_path):
+    """The toy recipes through `run_sweep` on the quick toy world (2 epochs): base-to-novel, the ImageNet-like source
+    run with its cross-dataset and domain-generalization evaluations, few-shot; every loss part in every epoch."""
+    from mugcp_bench import run_sweep
+
+    for protocols, datasets, classes in TOY_PROTOCOLS:
+        result = run_sweep(
+            methods="promptsrc", protocols=protocols, datasets=datasets, seeds=[1], quick_toy=True,
+            sets={"epochs": 2}, shots="2" if protocols == "few_shot" else None, results_dir=tmp_path / protocols,
+        )  # fmt: skip
+        (record,) = result.records()
+        assert record["status"] == "complete" and record["key"]["recipe"] == "toy"
+        assert {e["classes"] for e in record["evaluations"]} >= classes
+        assert all(0 <= e["accuracy"] <= 100 for e in record["evaluations"])
+        history = record["history"]
+        assert len(history) == 2 and all(
+            {"loss_ce", "loss_text_scl", "loss_image_scl", "loss_kl"} <= h.keys() for h in history
+        )
+        assert record["trainable_params"] > 0
+
+
+@pytest.mark.slow
+def test_ablate_drops_each_component(tmp_path, capsys):
+    """`ablate --method promptsrc --drop X` for each of its four components, one sweep: each variant trains without
+    its part (no loss_<part> in its history; no-gpa ends on the last epoch's prompts)."""
+    from tests.cli_harness import cli, records
+    from tests.miniature import build_miniature
+
+    data_root = build_miniature(tmp_path / "data", ["eurosat"])
+    args = ["ablate", "--method", "promptsrc", "--datasets", "eurosat", "--seeds", "1", "--data-root", str(data_root)]
+    for drop in PromptSRC.ablations:
+        args += ["--drop", drop]
+    args += ["--backbone", "tiny", "--pretrained", "random", "--recipe", "toy", "--set", "epochs=2"]
+    code, _, err = cli([*args, "--results-dir", str(tmp_path / "results")], capsys)
+    assert code == 0, err
+    by_label = {r["method_label"]: r for r in records(tmp_path / "results")}
+    assert set(by_label) == {"promptsrc", *(f"promptsrc-no-{d}" for d in PromptSRC.ablations)}
+    parts = {label: {k for k in r["history"][-1] if k.startswith("loss_")} for label, r in by_label.items()}
+    assert parts["promptsrc"] == {"loss_ce", "loss_text_scl", "loss_image_scl", "loss_kl"}
+    assert parts["promptsrc-no-gpa"] == parts["promptsrc"]
+    for drop in ("text_scl", "image_scl", "kl"):
+        assert parts[f"promptsrc-no-{drop}"] == parts["promptsrc"] - {f"loss_{drop}"}
