@@ -138,7 +138,8 @@ class DeepPrompts(SharedTextMethod):
             nn.init.normal_(vision, std=INIT_STD)
             self.vision_ctx = nn.Parameter(vision)  # (n_vision, Dv)
             self.compound_prompts_vision = _free_prompts(self.depth_vision - 1, self.n_vision, backbone.vision_width)
-        self._fixed: torch.Tensor | None = None  # VPT's class features of the current class set, built on first use
+        if self.fixed_text:  # VPT's class features of the current class set: (C, E), frozen, never in a checkpoint
+            self.register_buffer("vpt_text", self._encode_fixed_text(), persistent=False)
 
     def _check(self, backbone: Backbone) -> None:
         """Settings the design cannot use are refused, each in one line naming the fix."""
@@ -179,25 +180,23 @@ class DeepPrompts(SharedTextMethod):
         super().set_classnames(classnames, template, dataset)
         if self.depth_text:
             self.prompts = ClassPrompts(self.backbone, self.classnames, self.n_text, self.prefix).to(self.ctx.device)
-        self._fixed = None
+        if self.fixed_text:
+            self.vpt_text = self._encode_fixed_text().to(self.vpt_text.device)
         self.refresh_eval()
 
     # --- text -----------------------------------------------------------------------------------------------------
-    def fixed_text_features(self) -> torch.Tensor:
+    def _encode_fixed_text(self) -> torch.Tensor:
         """VPT's class features (C, E), unnormalised, of "a photo of a {class}." whatever the dataset, encoded by
-        the fp32 text tower (an fp32 copy under reference-fp16: the reference's VPT model is fp32), outside any
-        autocast; frozen, built once per class set (`engine.frozen.class_text_features`)."""
-        if self._fixed is None:
-            with torch.autocast(self.backbone.device.type, enabled=False):
-                self._fixed = class_text_features(
-                    self.backbone, self.classnames, VPT_TEXT_TEMPLATE, normalize=False, fp32=True
-                ).to(self.backbone.dtype)  # (C, E)
-        return self._fixed
+        the fp32 text tower (an fp32 copy under reference-fp16: the reference's VPT model is fp32) outside any
+        autocast, once per class set as the reference's FixedEmbeddings (`engine.frozen.class_text_features`)."""
+        with torch.autocast(self.backbone.device.type, enabled=False):
+            feats = class_text_features(self.backbone, self.classnames, VPT_TEXT_TEMPLATE, normalize=False, fp32=True)
+        return feats.to(self.backbone.dtype)  # (C, E)
 
     def text_features(self) -> torch.Tensor:
         """Class text features (C, E), unnormalised; deep text prompts replace positions 1 … n_ctx_text."""
         if self.fixed_text:
-            return self.fixed_text_features()
+            return self.vpt_text  # (C, E)
         deep = list(self.compound_prompts_text)
         n = self.n_text
 
@@ -214,8 +213,12 @@ class DeepPrompts(SharedTextMethod):
         return self.backbone.encode_text(embeds, self.prompts.tokens, layer_fn, shared_prefix=shared)  # (C, E)
 
     # --- image ----------------------------------------------------------------------------------------------------
-    def _vision_prompt(self, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return p.half().to(dtype) if self.round_fp16 else p.to(dtype)
+    def _vision_prompt(self, p: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
+        """Prompt (n, Dv) -> (B, n, Dv) in `dtype`. With `round_prompts_fp16` the expanded prompt is cast to fp16 and
+        back, in the reference's order (``VPT.expand(B, …).half()``, clip/model.py:238, 405): the values are fp16,
+        each image's gradient is rounded to fp16 and the batch's are summed in fp32."""
+        expanded = p.unsqueeze(0).expand(batch, -1, -1)  # (B, n, Dv)
+        return expanded.half().to(dtype) if self.round_fp16 else expanded.to(dtype)
 
     def image_features(self, images: torch.Tensor | None, image_features: torch.Tensor | None = None) -> torch.Tensor:
         """Image features (B, E), unnormalised: frozen without vision prompts, else prompted (the last n_ctx_vision
@@ -229,11 +232,11 @@ class DeepPrompts(SharedTextMethod):
 
         def layer_fn(i: int, x: torch.Tensor) -> torch.Tensor:  # before vision block i; x (B, 1+P+n, Dv)
             if 1 <= i < self.depth_vision:
-                p = self._vision_prompt(deep[i - 1], x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)  # (B, n, Dv)
+                p = self._vision_prompt(deep[i - 1], x.shape[0], x.dtype)  # (B, n, Dv)
                 x = torch.cat([x[:, :-n], p], dim=1)  # (B, 1+P+n, Dv)
             return x
 
-        shallow = self._vision_prompt(self.vision_ctx, self.backbone.dtype).unsqueeze(0)  # (1, n, Dv)
+        shallow = self._vision_prompt(self.vision_ctx, images.shape[0], self.backbone.dtype)  # (B, n, Dv)
         return self.backbone.encode_image(images, prompts=shallow, layer_fn=layer_fn)  # (B, E)
 
 
