@@ -46,6 +46,12 @@ def test_same_seed_renders_identical_files(tmp_path: Path) -> None:
     assert sum(a[k] != c[k] for k in pngs) > 0.9 * len(pngs)  # another seed gives other images
 
 
+def test_worker_processes_render_the_same_files(tmp_path: Path) -> None:
+    write_suite(tmp_path / "a", TINY, seed=3, workers=0)
+    write_suite(tmp_path / "b", TINY, seed=3, workers=2)
+    assert _tree_digest(tmp_path / "a") == _tree_digest(tmp_path / "b")
+
+
 def test_render_is_pure_and_uses_no_global_rng() -> None:
     np.random.seed(0)
     before = np.random.get_state()[1].copy()

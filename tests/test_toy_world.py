@@ -9,7 +9,14 @@ from click.testing import CliRunner
 
 from mugcp_bench.commands.toy import toy
 from mugcp_bench.toy import world as world_mod
-from mugcp_bench.toy.pretrain import MODEL_NAME, PretrainSettings, pretrain
+from mugcp_bench.toy.pretrain import (
+    MODEL_NAME,
+    PretrainSettings,
+    encode_text_by_length,
+    pair_batch,
+    pretrain,
+    register_model_config,
+)
 from mugcp_bench.toy.suite import DATASETS, QUICK_SIZES, TOY_SUITE
 from mugcp_bench.toy.world import ensure_toy_world, world_settings
 
@@ -31,11 +38,34 @@ def test_same_seed_pretrains_identical_weights() -> None:
     torch.manual_seed(123)
     a, _ = pretrain(TINY, progress=False, workers=0)
     assert torch.equal(torch.rand(1), outside)  # global RNG state is left alone
-    b, _ = pretrain(TINY, progress=False, workers=1)  # batches rendered ahead in a worker process: same weights
+    b, _ = pretrain(TINY, progress=False, workers=2)  # batches rendered by two worker processes: same weights
     c, _ = pretrain(PretrainSettings(steps=3, batch_size=16, warmup_steps=1, seed=1), progress=False, workers=0)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_text_by_length_equals_the_full_context_encoding() -> None:
+    """Captions encoded in length groups, cut after their end-of-text token, give open_clip's features (float
+    rounding aside), in the captions' order."""
+    register_model_config()
+    torch.manual_seed(0)
+    model = open_clip.create_model(MODEL_NAME).eval()
+    texts = pair_batch(PretrainSettings(batch_size=48), 0)[1] + ["a photo of a red circle.", "x."]
+    tokens = open_clip.get_tokenizer(MODEL_NAME)(texts)  # (50, 32)
+    assert int(tokens.argmax(dim=-1).max()) < tokens.shape[1] - 4  # there is padding to skip
+    with torch.no_grad():
+        full = model.encode_text(tokens, normalize=True)
+        for chunks in (1, 3, 8):
+            torch.testing.assert_close(encode_text_by_length(model, tokens, chunks), full, rtol=1e-4, atol=1e-5)
+
+
+def test_pretraining_progress_in_a_log_file(capsys: pytest.CaptureFixture[str]) -> None:
+    """Off a terminal (stderr captured: not a TTY) pretraining writes plain lines, not an empty progress bar."""
+    pretrain(TINY, progress=True, workers=0)
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "pretraining toy CLIP: 0/3 steps (0%)"
+    assert err[-1].startswith("pretraining toy CLIP: 3/3 steps (100%), done in ") and ", loss " in err[-1]
 
 
 def test_world_key_covers_settings() -> None:

@@ -482,6 +482,14 @@ def render_pil(scene: Scene) -> Image.Image:
     return Image.fromarray(render(scene), "RGB")
 
 
+def render_batch(scenes: Sequence[Scene]) -> np.ndarray:
+    """(len(scenes), IMAGE_SIZE, IMAGE_SIZE, 3) uint8: `render` of each scene (what worker processes are sent)."""
+    out = np.empty((len(scenes), IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    for i, scene in enumerate(scenes):
+        out[i] = render(scene)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------- captions
 
 
@@ -606,6 +614,7 @@ __all__ = [
     "caption",
     "describe",
     "render",
+    "render_batch",
     "render_pil",
     "sample_scene",
     "sentence",

@@ -37,6 +37,7 @@ from mugcp_bench.toy.render import (
     render,
     sample_scene,
 )
+from mugcp_bench.toy.workers import RenderPool
 
 log = logging.getLogger(__name__)
 
@@ -256,34 +257,55 @@ def count_images(sizes: SuiteSizes, names: list[str] | None = None) -> int:
     return sum(len(DATASETS[n].classnames) * sum(_splits(DATASETS[n], sizes).values()) for n in names or DATASETS)
 
 
+def _render_class(folder: str, name: str, split: str, label: int, n: int, seed: int) -> tuple[list[list], list[str]]:
+    """Render images 0..n-1 of one class and split into `folder`; returns their split-list entries and metadata
+    lines (a task of its own, for worker processes)."""
+    ds = DATASETS[name]
+    entries, meta_lines = [], []
+    for i in range(n):
+        scene = ds.sample(label, _image_rng(seed, ds.name, split, label, i))
+        impath = f"{ds.class_dir(label)}/{split}_{i:04d}.png"
+        Image.fromarray(render(scene), "RGB").save(Path(folder) / IMAGE_DIR / impath, format="PNG")
+        entries.append([impath, label, ds.classnames[label]])
+        record = {
+            "path": f"{IMAGE_DIR}/{impath}",
+            "split": split,
+            "label": label,
+            "classname": ds.classnames[label],
+            "caption": describe(scene),
+            **scene.metadata(),
+        }
+        meta_lines.append(json.dumps(record, sort_keys=True))
+    return entries, meta_lines
+
+
 def write_dataset(
-    ds: ToyDataset, root: Path, sizes: SuiteSizes, seed: int, advance: Callable[[int], None] | None = None
+    ds: ToyDataset,
+    root: Path,
+    sizes: SuiteSizes,
+    seed: int,
+    advance: Callable[[int], None] | None = None,
+    pool: RenderPool | None = None,
 ) -> None:
-    """Render one dataset into `root/<ds.name>/` (images, split JSON, metadata.jsonl)."""
+    """Render one dataset into `root/<ds.name>/` (images, split JSON, metadata.jsonl); `pool` spreads its classes
+    over worker processes (same files either way)."""
     folder = Path(root) / ds.name
     lists: dict[str, list] = {"train": [], "val": [], "test": []}
     meta_lines: list[str] = []
     for label in range(len(ds.classnames)):
         (folder / IMAGE_DIR / ds.class_dir(label)).mkdir(parents=True, exist_ok=True)
-    for split, n in _splits(ds, sizes).items():
-        # Split lists are label-major so few-shot grouping sees labels in order.
-        for label in range(len(ds.classnames)):
-            for i in range(n):
-                scene = ds.sample(label, _image_rng(seed, ds.name, split, label, i))
-                impath = f"{ds.class_dir(label)}/{split}_{i:04d}.png"
-                Image.fromarray(render(scene), "RGB").save(folder / IMAGE_DIR / impath, format="PNG")
-                lists[split].append([impath, label, ds.classnames[label]])
-                record = {
-                    "path": f"{IMAGE_DIR}/{impath}",
-                    "split": split,
-                    "label": label,
-                    "classname": ds.classnames[label],
-                    "caption": describe(scene),
-                    **scene.metadata(),
-                }
-                meta_lines.append(json.dumps(record, sort_keys=True))
-            if advance is not None:
-                advance(n)
+    # Split lists are label-major so few-shot grouping sees labels in order.
+    tasks = [
+        (str(folder), ds.name, split, label, n)
+        for split, n in _splits(ds, sizes).items()
+        for label in range(len(ds.classnames))
+    ]
+    results = (pool or RenderPool(0)).imap(_render_class, [(*task, seed) for task in tasks])
+    for (_, _, split, _, n), (entries, lines) in zip(tasks, results):
+        lists[split] += entries
+        meta_lines += lines
+        if advance is not None:
+            advance(n)
     if ds.test_only:  # the reference loaders of test-only sets use the data as both train and test
         lists["train"] = list(lists["test"])
     with open(folder / ds.split_file, "w", encoding="utf-8") as f:
@@ -293,11 +315,16 @@ def write_dataset(
 
 
 def write_suite(
-    root: Path, sizes: SuiteSizes = FULL_SIZES, seed: int = 0, advance: Callable[[int], None] | None = None
+    root: Path,
+    sizes: SuiteSizes = FULL_SIZES,
+    seed: int = 0,
+    advance: Callable[[int], None] | None = None,
+    workers: int = 0,
 ) -> None:
-    """Render every toy dataset under `root` (single-threaded; deterministic in `seed`)."""
-    for ds in DATASETS.values():
-        write_dataset(ds, root, sizes, seed, advance)
+    """Render every toy dataset under `root` (deterministic in `seed`; `workers` render processes, 0: this one)."""
+    with RenderPool(workers) as pool:
+        for ds in DATASETS.values():
+            write_dataset(ds, root, sizes, seed, advance, pool)
 
 
 def load_scene_metadata(dataset_folder: str | Path) -> dict[str, dict]:

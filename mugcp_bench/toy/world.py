@@ -25,17 +25,13 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from mugcp_bench.atomic import atomic_torch_save, atomic_write_text, default_mode
-from mugcp_bench.toy.pretrain import (
-    CONFIG_PATH,
-    MODEL_NAME,
-    PretrainSettings,
-    pretrain,
-    progress_bar,
-    register_model_config,
-)
+from mugcp_bench.atomic import atomic_write_text, default_mode
+from mugcp_bench.console import Progress
+from mugcp_bench.tensor_files import atomic_torch_save
+from mugcp_bench.toy.pretrain import CONFIG_PATH, MODEL_NAME, PretrainSettings, pretrain, register_model_config
 from mugcp_bench.toy.render import RENDERER_VERSION
 from mugcp_bench.toy.suite import DATASETS, FULL_SIZES, QUICK_SIZES, TOY_SUITE, SuiteSizes, count_images, write_suite
+from mugcp_bench.toy.workers import default_workers
 from mugcp_bench.toy.zeroshot import evaluate_checkpoint
 
 log = logging.getLogger(__name__)
@@ -88,13 +84,14 @@ def world_settings(steps: int | None = None, quick: bool = False) -> WorldSettin
     return settings
 
 
-def _render(data_dir: Path, settings: WorldSettings, progress: bool) -> float:
+def _render(data_dir: Path, settings: WorldSettings, progress: bool, workers: int) -> float:
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=".data.tmp-", dir=data_dir.parent))
     try:
-        with progress_bar(progress) as bar:
-            task = bar.add_task("rendering toy suite", total=count_images(settings.sizes), status="")
-            write_suite(tmp, settings.sizes, settings.seed, advance=lambda n: bar.update(task, advance=n))
+        with Progress(
+            "rendering toy suite", total=count_images(settings.sizes), unit="images", enabled=progress
+        ) as bar:
+            write_suite(tmp, settings.sizes, settings.seed, advance=bar.advance, workers=workers)
         os.chmod(tmp, default_mode(directory=True))
         os.rename(tmp, data_dir)
     except BaseException:
@@ -137,24 +134,22 @@ def ensure_toy_world(
             if data_dir.exists():
                 shutil.rmtree(data_dir)
         info = json.loads(world_file.read_text()) if world_file.is_file() else {}
+        workers = 0 if quick else default_workers()  # render processes (the files and weights do not depend on it)
         if not data_dir.is_dir():
             log.info("rendering the toy suite into %s", data_dir)
-            info = {"render_seconds": round(_render(data_dir, settings, progress), 2)}
+            info = {"render_seconds": round(_render(data_dir, settings, progress, workers), 2)}
             world_file.unlink(missing_ok=True)
         if not ckpt.is_file():
             log.info(
                 "pretraining the toy CLIP (%d steps of %d pairs)", settings.pretrain.steps, settings.pretrain.batch_size
             )
-            # Render batches ahead in a worker process only with cores to spare (measured on 2 cores: no gain, the
-            # renderer then competes with torch's threads).
-            workers = 1 if (os.cpu_count() or 1) > 2 and not quick else 0
             state, stats = pretrain(settings.pretrain, progress=progress, workers=workers)
             atomic_torch_save(state, ckpt)
             info = {**info, "pretrain": stats}
             world_file.unlink(missing_ok=True)
         if not world_file.is_file() or "zero_shot" not in info:
             names = [*TOY_SUITE["base2novel"], *TOY_SUITE["domain_targets"]]
-            zero_shot = evaluate_checkpoint(MODEL_NAME, ckpt, data_dir, names)
+            zero_shot = evaluate_checkpoint(MODEL_NAME, ckpt, data_dir, names, progress=progress)
             info = {
                 **info,
                 "key": settings.key(),
