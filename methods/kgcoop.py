@@ -15,8 +15,8 @@ Matched against htyao89/KgCoOp @ c43ccc3 (the code lives in its ``KgCoOp/`` fold
   trainer in ``trainers/kgcoop.py``): batch 4, LR 0.0035, 10 epochs, W 2.0.
 
 The image tower is untouched (cached image features serve evaluation); the class prompts do not depend on the image
-(encoded once per class set at evaluation); the frozen class features are computed once per class set, when the
-first training step needs them.
+(encoded once per class set at evaluation); the frozen class features are built with the class set, as the
+reference builds them with its prompt learner (cached by content, `engine.frozen`).
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ class KgCoOp(SharedTextMethod):
         learner="prompt_learner",
         keys={"ctx": "ctx"},
         deleted_buffers=("token_prefix", "token_suffix", "token_midfix"),
-        ignored=("bias_vectors", "meta_net.*"),
+        ignored=("bias_vectors", "meta_net.linear1.*"),  # its meta_net has linear1 only (TCP: linear2 too)
         config={"n_ctx": ("shape", "ctx", 0)},
         options={"n_ctx": "TRAINER.COOP.N_CTX", "ctx_init": "TRAINER.COOP.CTX_INIT", "w": "TRAINER.COOP.W"},
         repo="htyao89/KgCoOp@c43ccc3",
@@ -186,12 +186,14 @@ class KgCoOp(SharedTextMethod):
         ctx, self.prefix = init_context(backbone, self.n_ctx, HARD_CODED_INIT if cfg.ctx_init else "", INIT_STD)
         self.ctx = nn.Parameter(ctx)  # (n_ctx, Dt), the only trainable tensor
         self.prompts = ClassPrompts(backbone, self.classnames, self.n_ctx, self.prefix)
-        self._kg: torch.Tensor | None = None  # frozen class features of the current class set, built on first use
+        # frozen class features of the current class set (C, E), built with it as the reference builds them with its
+        # prompt learner; a non-persistent buffer: it follows the method's device and never enters a checkpoint
+        self.register_buffer("kg_text", knowledge_features(backbone, self.classnames, self.kg_template()), False)
 
     def set_classnames(self, classnames: Sequence[str], template: str | None = None, dataset: str | None = None):
         super().set_classnames(classnames, template, dataset)
         self.prompts = ClassPrompts(self.backbone, self.classnames, self.n_ctx, self.prefix).to(self.ctx.device)
-        self._kg = None
+        self.kg_text = knowledge_features(self.backbone, self.classnames, self.kg_template()).to(self.kg_text.device)
         self.refresh_eval()
 
     # --- the frozen knowledge -------------------------------------------------------------------------------------
@@ -202,9 +204,7 @@ class KgCoOp(SharedTextMethod):
 
     def kg_features(self) -> torch.Tensor:
         """Frozen, normalised class text features (C, E) of the current class set (`knowledge_features`)."""
-        if self._kg is None:
-            self._kg = knowledge_features(self.backbone, self.classnames, self.kg_template())
-        return self._kg
+        return self.kg_text
 
     # --- features -------------------------------------------------------------------------------------------------
     def text_features(self) -> torch.Tensor:

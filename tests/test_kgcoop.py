@@ -137,28 +137,15 @@ def test_templates_are_the_datasets_own_except_dtd():
     assert KG_TEMPLATES["dtd"] == "a photo of a {}, a type of texture." and ours["dtd"] == "{} texture."
 
 
-def test_knowledge_features_follow_the_class_set_and_are_never_built_for_evaluation(batch, monkeypatch):
+def test_knowledge_features_follow_the_class_set_and_stay_out_of_checkpoints(batch):
+    bb = shared_tiny_backbone()
     method = kgcoop()
-    built = []
-    real = method.kg_features
-
-    def counting():
-        built.append(tuple(method.classnames))
-        return real()
-
-    monkeypatch.setattr(method, "kg_features", counting)
-    method.begin_eval()
-    method.predict(batch.images)
-    method.end_eval()
-    with torch.no_grad():
-        method(batch.images)  # eval mode: logits only
-    assert built == []
-    method.train()
-    method(batch.images)
     method.set_classnames(["orange cross", "pink circle"], TEMPLATE, "dtd")
-    out = method(batch.images)
-    assert built == [tuple(CLASSNAMES), ("orange cross", "pink circle")]
-    assert method._kg.shape == (2, shared_tiny_backbone().embed_dim) and set(out.losses) == {"kg"}
+    expected = ZeroShotCLIP(bb, ["orange cross", "pink circle"], ZSCLIPConfig(), KG_TEMPLATES["dtd"], "dtd")
+    assert_close_scaled(method.kg_features(), expected.class_features)
+    method.train()
+    assert set(method(batch.images).losses) == {"kg"}
+    assert set(method.state_dict()) == {"ctx"}  # the frozen features are no part of the saved state
 
 
 # --- the loss --------------------------------------------------------------------------------------------------------
