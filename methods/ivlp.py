@@ -306,6 +306,35 @@ class IVLP(DeepPrompts):
         "deep": {"depth_text": 1, "depth_vision": 1},
         "vision": {"depth_vision": 0, "n_ctx_vision": 0},
     }
+    # trainers/independentVL.py saves the whole CustomCLIP as "VLPromptLearner": ctx under "prompt_learner.", the
+    # input vision prompt as image_encoder.VPT, each deep prompt as VPT_shallow of the block it enters, the frozen CLIP
+    # (docs/interop.md). Language-only files (no image_encoder.VPT) are language_deep's.
+    reference_checkpoint = dict(
+        trainer="IVLP",
+        learner="VLPromptLearner",
+        keys={
+            "ctx": "prompt_learner.ctx",
+            "compound_prompts_text.{i}": "text_encoder.transformer.resblocks.{i+1}.VPT_shallow",
+            "vision_ctx": "image_encoder.VPT",
+            "compound_prompts_vision.{i}": "image_encoder.transformer.resblocks.{i+1}.VPT_shallow",
+        },
+        deleted_buffers="whole_model",
+        frozen="clip",
+        config={
+            "n_ctx_text": ("shape", "prompt_learner.ctx", 0),
+            "n_ctx_vision": ("shape", "image_encoder.VPT", 0),
+            "depth_text": ("count", "text_encoder.transformer.resblocks.{i}.VPT_shallow", 1),
+            "depth_vision": ("count", "image_encoder.transformer.resblocks.{i}.VPT_shallow", 1),
+        },
+        options={
+            "n_ctx_text": "TRAINER.IVLP.N_CTX_TEXT",
+            "n_ctx_vision": "TRAINER.IVLP.N_CTX_VISION",
+            "depth_text": "TRAINER.IVLP.PROMPT_DEPTH_TEXT",
+            "depth_vision": "TRAINER.IVLP.PROMPT_DEPTH_VISION",
+            "ctx_init": "TRAINER.IVLP.CTX_INIT",
+        },
+        repo="muzairkhattak/multimodal-prompt-learning@69bce21",
+    )
 
 
 @METHODS.register("language_deep")
@@ -338,6 +367,28 @@ class LanguageDeep(DeepPrompts):
         ),
     }
     ablations = {"deep": {"depth_text": 1}}  # no-deep: input prompts only (CoOp's "a photo of a" context)
+    # The IVLP trainer's file with PROMPT_DEPTH_VISION 0: ctx, the text blocks' VPT_shallow, no vision prompt.
+    reference_checkpoint = dict(
+        trainer="IVLP",
+        learner="VLPromptLearner",
+        keys={
+            "ctx": "prompt_learner.ctx",
+            "compound_prompts_text.{i}": "text_encoder.transformer.resblocks.{i+1}.VPT_shallow",
+        },
+        deleted_buffers="whole_model",
+        frozen="clip",
+        config={
+            "n_ctx_text": ("shape", "prompt_learner.ctx", 0),
+            "depth_text": ("count", "text_encoder.transformer.resblocks.{i}.VPT_shallow", 1),
+        },
+        options={
+            "n_ctx_text": "TRAINER.IVLP.N_CTX_TEXT",
+            "depth_text": "TRAINER.IVLP.PROMPT_DEPTH_TEXT",
+            "ctx_init": "TRAINER.IVLP.CTX_INIT",
+        },
+        fixed_options={"TRAINER.IVLP.N_CTX_VISION": 0, "TRAINER.IVLP.PROMPT_DEPTH_VISION": 0},
+        repo="muzairkhattak/multimodal-prompt-learning@69bce21",
+    )
 
 
 @METHODS.register("vpt_deep")
@@ -373,3 +424,22 @@ class VPTDeep(DeepPrompts):
         ),
     }
     ablations = {"deep": {"depth_vision": 1}}  # no-deep: VPT-shallow (the input prompt only)
+    # trainers/vpt.py saves the whole (fp32) CustomCLIP under the name "prompt_learner": image_encoder.VPT, the image
+    # blocks' VPT_shallow and the frozen CLIP, all fp32; no text prompt, no class buffers (docs/interop.md).
+    reference_checkpoint = dict(
+        trainer="VPT",
+        learner="prompt_learner",
+        keys={
+            "vision_ctx": "image_encoder.VPT",
+            "compound_prompts_vision.{i}": "image_encoder.transformer.resblocks.{i+1}.VPT_shallow",
+        },
+        deleted_buffers="whole_model",
+        frozen="clip",
+        frozen_fp32=("*",),
+        config={
+            "n_ctx_vision": ("shape", "image_encoder.VPT", 0),
+            "depth_vision": ("count", "image_encoder.transformer.resblocks.{i}.VPT_shallow", 1),
+        },
+        options={"n_ctx_vision": "TRAINER.VPT.N_CTX_VISION", "depth_vision": "TRAINER.VPT.PROMPT_DEPTH_VISION"},
+        repo="muzairkhattak/multimodal-prompt-learning@69bce21",
+    )

@@ -200,6 +200,40 @@ class PromptSRC(SharedTextMethod):
         "kl": {"kl_weight": 0.0},
         "gpa": {"gpa": False},
     }
+    # trainers/promptsrc.py saves the whole CustomCLIP as "VLPromptLearner", IVLP's layout plus the zero-shot teacher
+    # image encoder (prompt_learner.ZS_image_encoder.*, training only), after Gaussian prompt aggregation has averaged
+    # every tensor, frozen ones included (docs/interop.md).
+    reference_checkpoint = dict(
+        trainer="PromptSRC",
+        learner="VLPromptLearner",
+        keys={
+            "ctx": "prompt_learner.ctx",
+            "deep_text.{i}": "text_encoder.transformer.resblocks.{i+1}.VPT_shallow",
+            "vision_ctx": "image_encoder.VPT",
+            "deep_vision.{i}": "image_encoder.transformer.resblocks.{i+1}.VPT_shallow",
+        },
+        deleted_buffers="whole_model",
+        frozen="clip",
+        ignored=("prompt_learner.ZS_image_encoder.*",),
+        config={
+            "n_ctx_text": ("shape", "prompt_learner.ctx", 0),
+            "n_ctx_vision": ("shape", "image_encoder.VPT", 0),
+            "prompt_depth_text": ("count", "text_encoder.transformer.resblocks.{i}.VPT_shallow", 1),
+            "prompt_depth_vision": ("count", "image_encoder.transformer.resblocks.{i}.VPT_shallow", 1),
+        },
+        options={
+            "n_ctx_text": "TRAINER.PROMPTSRC.N_CTX_TEXT",
+            "n_ctx_vision": "TRAINER.PROMPTSRC.N_CTX_VISION",
+            "prompt_depth_text": "TRAINER.PROMPTSRC.PROMPT_DEPTH_TEXT",
+            "prompt_depth_vision": "TRAINER.PROMPTSRC.PROMPT_DEPTH_VISION",
+            "ctx_init": "TRAINER.PROMPTSRC.CTX_INIT",
+            "text_loss_weight": "TRAINER.PROMPTSRC.TEXT_LOSS_WEIGHT",
+            "image_loss_weight": "TRAINER.PROMPTSRC.IMAGE_LOSS_WEIGHT",
+            "gpa_mean": "TRAINER.PROMPTSRC.GPA_MEAN",
+            "gpa_std": "TRAINER.PROMPTSRC.GPA_STD",
+        },
+        repo="muzairkhattak/PromptSRC@bb95c77",
+    )
 
     def __init__(
         self,

@@ -175,6 +175,19 @@ class TCP(SharedTextMethod):
     # no-kg: no knowledge-guided loss; no-tke: no class-aware tokens (no meta_net): CoOp's context in the TCP
     # templates, trained with the knowledge-guided loss and Adam.
     ablations = {"kg": {"kg_weight": 0.0}, "tke": {"tke": False}}
+    # trainers/tcp.py saves the PromptLearner as "prompt_learner": ctx, the class buffers, and the knowledge-embedding
+    # meta_net under our names; its 4 class tokens and block 8 are hard-coded (docs/interop.md).
+    reference_checkpoint = dict(
+        trainer="TCP",
+        learner="prompt_learner",
+        keys={"ctx": "ctx", "meta_net.*": "meta_net.*"},
+        deleted_buffers=("token_prefix", "token_suffix", "token_midfix"),
+        config={"n_ctx": ("shape", "ctx", 0)},
+        requires={"tke": True, "insert_layer": 8, "n_ctx": 4},
+        options={"n_ctx": "TRAINER.COOP.N_CTX"},
+        fixed_options={"TRAINER.COOP.CTX_INIT": False, "TRAINER.COOP.CSC": False},
+        repo="htyao89/Textual-based_Class-aware_prompt_tuning@bd97bec",
+    )
 
     def __init__(
         self,

@@ -237,9 +237,12 @@ def maple_entries(backbone, n_cls: int = 3, n_ctx: int = 2, depth: int = 3, seed
     return e + image_encoder_entries(clip_sd) + text_encoder_entries(clip_sd)
 
 
-def ivlp_entries(backbone, n_cls: int = 3, n_ctx: int = 2, depth: int = 3, seed: int = 0) -> list[Entry]:
+def ivlp_entries(
+    backbone, n_cls: int = 3, n_ctx: int = 2, depth: int = 3, vision: bool = True, seed: int = 0
+) -> list[Entry]:
     """multimodal-prompt-learning trainers/independentVL.py CustomCLIP: ctx fp16, buffers, image_encoder.VPT and one
-    VPT_shallow (fp32) per prompted block 1 … depth−1 of each tower, listed first within its block."""
+    VPT_shallow (fp32) per prompted block 1 … depth−1 of each tower, listed first within its block (`vision=False`:
+    the language-only config, PROMPT_DEPTH_VISION 0: no vision prompt at all)."""
     r = _rand(torch.Generator().manual_seed(seed))
     dt, dv, length = backbone.text_width, backbone.vision_width, backbone.context_length
     clip_sd = clip_state(backbone)
@@ -249,18 +252,72 @@ def ivlp_entries(backbone, n_cls: int = 3, n_ctx: int = 2, depth: int = 3, seed:
         ("prompt_learner.ctx", r(1, length, dt)[0, 1 : 1 + n_ctx], "train"),
         ("prompt_learner.token_prefix", emb[:, :1], "buffer"),
         ("prompt_learner.token_suffix", emb[:, 1 + n_ctx :], "buffer"),
-        ("image_encoder.VPT", r(n_ctx, dv, dtype=torch.float32), "train"),
     ]
+    if vision:
+        e.append(("image_encoder.VPT", r(n_ctx, dv, dtype=torch.float32), "train"))
+    towers = (("image_encoder", dv), ("text_encoder", dt)) if vision else (("text_encoder", dt),)
     for entry in image_encoder_entries(clip_sd) + text_encoder_entries(clip_sd):
-        key = entry[0]
-        for tower, width in (("image_encoder", dv), ("text_encoder", dt)):
-            block = f"{tower}.transformer.resblocks."
-            if key.startswith(block) and key.endswith(".attn.in_proj_weight"):
-                i = int(key[len(block) :].split(".")[0])
-                if 1 <= i < depth:
-                    e.append((f"{block}{i}.VPT_shallow", r(n_ctx, width, dtype=torch.float32), "train"))
+        e += _deep_prompt(entry[0], towers, depth, n_ctx, r)
         e.append(entry)
     return e
+
+
+def _deep_prompt(key: str, towers, depth: int, n_ctx: int, r) -> list[Entry]:
+    """The VPT_shallow (fp32) of block i (1 … depth−1) of a tower, listed first within its block."""
+    for tower, width in towers:
+        block = f"{tower}.transformer.resblocks."
+        if key.startswith(block) and key.endswith(".ln_1.weight"):  # a block's first tensor (ln_1, then attn)
+            i = int(key[len(block) :].split(".")[0])
+            if 1 <= i < depth:
+                return [(f"{block}{i}.VPT_shallow", r(n_ctx, width, dtype=torch.float32), "train")]
+    return []
+
+
+def vpt_entries(backbone, n_ctx: int = 8, depth: int = 3, seed: int = 0) -> list[Entry]:
+    """multimodal-prompt-learning trainers/vpt.py: the whole CustomCLIP registered as "prompt_learner", all fp32
+    (load_clip_to_cpu returns model.float()): image_encoder.VPT before the frozen image encoder, VPT_shallow in image
+    blocks 1 … depth−1, the frozen text encoder; no prompt learner, no class buffers."""
+    r = _rand(torch.Generator().manual_seed(seed))
+    clip_sd = {k: v.float() for k, v in clip_state(backbone).items()}
+    towers = (("image_encoder", backbone.vision_width),)
+    e = [
+        ("logit_scale", clip_sd["logit_scale"].clone(), "frozen"),
+        ("image_encoder.VPT", r(n_ctx, backbone.vision_width, dtype=torch.float32), "train"),
+    ]
+    for key, value, kind in image_encoder_entries(clip_sd) + text_encoder_entries(clip_sd):
+        e += _deep_prompt(key, towers, depth, n_ctx, r)
+        e.append((key, value.float(), kind))
+    return e
+
+
+def promptsrc_entries(backbone, n_cls: int = 3, n_ctx: int = 4, depth: int = 3, seed: int = 0) -> list[Entry]:
+    """muzairkhattak/PromptSRC trainers/promptsrc.py: IVLP 4+4 plus the zero-shot image encoder
+    (prompt_learner.ZS_image_encoder.*, fp16 regime) after the buffers; the saved model is the Gaussian average of the
+    epochs' states, which moves frozen fp16 tensors too: one fp16 step at some positions."""
+    entries = ivlp_entries(backbone, n_cls, n_ctx, depth, seed=seed)
+    g = torch.Generator().manual_seed(seed + 7)
+    zs = image_encoder_entries(clip_state(backbone), prefix="prompt_learner.ZS_image_encoder.")
+    out: list[Entry] = []
+    for key, value, kind in entries[:4] + zs + entries[4:]:
+        if kind == "frozen" and value.dtype == torch.float16:
+            bump = ((torch.rand(value.shape, generator=g) < 0.3) & (value != 0)).to(torch.float16)  # Σ w·0 = 0
+            value = torch.nextafter(value, value + bump * torch.sign(value + 1e-3).to(value.dtype))  # GPA rounding
+        out.append((key, value, kind))
+    return out
+
+
+def tcp_entries(backbone, n_cls: int = 3, seed: int = 0) -> list[Entry]:
+    """htyao89/Textual-based_Class-aware_prompt_tuning trainers/tcp.py PromptLearner (fp16): random ctx (4, D),
+    buffers, meta_net linear1 (E/4, E), linear2 (4·D, E/4) (vis_dim = E; 4 class tokens hard-coded)."""
+    entries = coop_entries(backbone, n_cls, n_ctx=4, ctx_init=False, seed=seed)
+    r = _rand(torch.Generator().manual_seed(seed + 3))
+    e, d = backbone.embed_dim, backbone.text_width
+    return entries + [
+        ("meta_net.linear1.weight", r(e // 4, e), "train"),
+        ("meta_net.linear1.bias", r(e // 4), "train"),
+        ("meta_net.linear2.weight", r(4 * d, e // 4), "train"),
+        ("meta_net.linear2.bias", r(4 * d), "train"),
+    ]
 
 
 # GingL/CMPA clip/model.py PromptAttention, registration order: (name, shape(dv, dt), fp16 under convert_weights?)
@@ -359,7 +416,11 @@ TRAINERS: dict[str, tuple[str, Callable[..., list[Entry]], int, float]] = {
     "MaPLe": ("MultiModalPromptLearner", maple_entries, 5, 0.0035),
     "IVLP": ("VLPromptLearner", ivlp_entries, 5, 0.0035),
     "CMPA": ("MultiModalPromptLearner", cmpa_entries, 20, 0.0035),
+    "VPT": ("prompt_learner", vpt_entries, 5, 0.0025),
+    "PromptSRC": ("VLPromptLearner", promptsrc_entries, 20, 0.0025),
+    "TCP": ("prompt_learner", tcp_entries, 50, 0.002),
 }
+OPTIMIZERS = {"TCP": "adam"}  # TCP's README patches Dassl's Adam (eps 1e-3); every other trainer: SGD
 
 
 def write_trainer_checkpoint(run_dir: Path, trainer: str, backbone, epochs: int | None = None, **kw: Any) -> Path:
@@ -369,5 +430,12 @@ def write_trainer_checkpoint(run_dir: Path, trainer: str, backbone, epochs: int 
     seed = kw.pop("seed", 0)
     options = {k: kw.pop(k) for k in ("val_result", "location") if k in kw}
     return write_reference_checkpoint(
-        run_dir, learner, build(backbone, seed=seed, **kw), epochs or stock_epochs, lr, seed=seed, **options
+        run_dir,
+        learner,
+        build(backbone, seed=seed, **kw),
+        epochs or stock_epochs,
+        lr,
+        seed=seed,
+        optimizer=OPTIMIZERS.get(trainer, "sgd"),
+        **options,
     )

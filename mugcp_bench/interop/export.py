@@ -105,6 +105,8 @@ def reference_command(fmt: ReferenceFormat, model: TrainedModel, model_dir: Path
     for name, keys in fmt.options.items():
         for yacs in (keys,) if isinstance(keys, str) else keys:
             parts.append(f"{yacs} {_value(getattr(cfg, name))}")
+    for yacs, value in fmt.fixed_options.items():
+        parts.append(f"{yacs} {_value(value)}")
     yacs_keys = [k for v in fmt.options.values() for k in ((v,) if isinstance(v, str) else v)]
     if yacs_keys:
         prefix = ".".join(yacs_keys[0].split(".")[:2])

@@ -156,9 +156,10 @@ class ReferenceFormat:
     config: ConfigSpec = field(default_factory=dict)  # our config field -> value read off the file
     requires: Mapping[str, Any] = field(default_factory=dict)  # our config values this format represents
     options: Mapping[str, str | tuple[str, ...]] = field(default_factory=dict)  # our field -> reference yacs key(s)
+    fixed_options: Mapping[str, Any] = field(default_factory=dict)  # reference yacs key -> the value it must have
     configs: Mapping[str, str] = field(default_factory=dict)  # train protocol -> reference config file
     fp16_always: tuple[str, ...] = ()  # fnmatch patterns of reference keys in fp16 even under PREC fp32/amp
-    frozen_fp32: tuple[str, ...] = ()  # frozen reference keys the fp16 regime keeps in fp32 (CMPA's proj_visual)
+    frozen_fp32: tuple[str, ...] = ()  # fnmatch patterns of frozen keys the fp16 regime keeps fp32 (CMPA's proj_visual)
     repo: str = ""  # owner/name@commit of the reference code
     secondary: bool = False  # another method is the trainer's own: used only when --method names this one
     note: str = ""  # printed with every export (what the user must know before running the reference)

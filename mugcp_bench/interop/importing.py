@@ -430,12 +430,15 @@ def _assemble(
         recipe = {}
         origin["recipe"] = f"none ({cls.name} has no '{opts.recipe}' recipe for {protocol}): defaults"
     rm, rt = split_overrides(cls, recipe)
+    for yacs, value in fmt.fixed_options.items():  # e.g. language-only IVLP: no vision prompt at all
+        if yacs in options and options[yacs].strip().lower() != str(value).lower():
+            raise _NotThisFormat(f"log.txt says {yacs} {options[yacs]}, {cls.name} has {value}")
     from_log = _log_values(fmt, cls, options, where)
     try:
         from_file = fmt.read_config(ref.shapes)
     except (KeyError, IndexError) as e:
         raise _NotThisFormat(f"1 missing ({str(e).strip(chr(39))}, which sizes its settings)") from None
-    um, ut = split_overrides(cls, dict(opts.sets))
+    um, ut = split_overrides(cls, _sets_for(cls, opts.sets))
     clash = sorted(k for k in um if k in from_file and str(from_file[k]).lower() != str(um[k]).lower())
     if clash:
         k = clash[0]
@@ -458,6 +461,23 @@ def _assemble(
     settings = {k: _setting(v) for k, v in asdict(cfg).items() if v != getattr(base_m, k) and k not in ignored}
     settings |= {k: _setting(v) for k, v in asdict(tcfg).items() if v != getattr(base_t, k)}
     return cfg, tcfg, origin, settings
+
+
+def _sets_for(cls: type, sets: Mapping[str, str]) -> dict[str, str]:
+    """The --set values that apply to method `cls`: its scoped ones (``dcp.depth=3``) and the unscoped ones it has."""
+    from mugcp_bench.methods.base import TrainConfig, config_fields
+    from mugcp_bench.registry import METHODS
+
+    known = set(config_fields(cls.Config)) | set(config_fields(TrainConfig))
+    out = {}
+    for key, value in sets.items():
+        scope, _, name = key.rpartition(".")
+        if scope:
+            if METHODS.canonical(scope) == cls.name:
+                out[name] = value  # unknown names: split_overrides says so, with a did-you-mean
+        elif key in known:
+            out[key] = value
+    return out
 
 
 class _NotThisFormat(Exception):
@@ -576,7 +596,13 @@ def plan_one(path: Path, opts: ImportOptions, backbones: dict) -> ImportPlan:
         from mugcp_bench.registry import DATASETS
 
         template = DATASETS.get(dataset).template
-        method = cls(backbone, _placeholder_classes(fmt, ref), m_cfg, template=template, dataset=dataset)
+        try:
+            method = cls(backbone, _placeholder_classes(fmt, ref), m_cfg, template=template, dataset=dataset)
+        except UserError as e:  # settings this backbone cannot hold: the next candidate, or this line
+            if by_keys:
+                tried.append((name, fmt, str(e)))
+                continue
+            raise UserError(f"{where}: {e}") from None
         state, problems = from_reference(fmt, ref.state_dict, method, clip_sd, backbone.vision_layers)
         if problems:
             tried.append((name, fmt, problems))
@@ -630,6 +656,20 @@ def _no_fit(path: Path, ref: ReferenceFile, tried: list, trainer: str | None) ->
     )
 
 
+def _check_sets(sets: Mapping[str, str], plans: Sequence[ImportPlan]) -> None:
+    """An unscoped --set that no imported method has is a typo: one line, with the settings they have."""
+    from mugcp_bench.methods.base import TrainConfig, config_fields
+    from mugcp_bench.registry import METHODS, suggest
+
+    known = set(config_fields(TrainConfig))
+    for plan in plans:
+        known |= set(config_fields(METHODS.get(plan.method).Config))
+    for key in sets:
+        if "." not in key and key not in known:
+            methods = ", ".join(sorted({p.method for p in plans}))
+            raise UserError(f"unknown setting '{key}' for {methods}.{suggest(key, sorted(known))}")
+
+
 def plan_imports(paths: Sequence[str | os.PathLike[str]], opts: ImportOptions) -> tuple[list[ImportPlan], Found]:
     """Every checkpoint under `paths`, planned; a UserError at the first that does not fit (nothing is recorded
     before all are checked)."""
@@ -641,6 +681,7 @@ def plan_imports(paths: Sequence[str | os.PathLike[str]], opts: ImportOptions) -
         )
     backbones: dict = {}
     plans = [plan_one(p, opts, backbones) for p in found.files]
+    _check_sets(opts.sets, plans)
     seen: dict[tuple, Path] = {}
     for plan in plans:
         key = (plan.method, plan.dataset, plan.train_protocol, plan.shots, plan.seed, repr(asdict(plan.method_config)))

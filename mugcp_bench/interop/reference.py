@@ -297,7 +297,11 @@ def to_reference(
             names = first_to_reference(frozen_rules, clip_key, n_layers)
             if names is None:
                 continue
-            keep32 = regime == "fp32" or not clip_fp16(clip_key) or names[0] in fmt.frozen_fp32
+            keep32 = (
+                regime == "fp32"
+                or not clip_fp16(clip_key)
+                or any(fnmatch.fnmatchcase(names[0], p) for p in fmt.frozen_fp32)
+            )
             out[names[0]] = value.detach().to("cpu", torch.float32 if keep32 else torch.float16).clone()
         out.move_to_end("logit_scale", last=False)
     return out
