@@ -463,6 +463,10 @@ def bench_method(
             with text_path(backbone, path):
                 m.prepare_images(items, "train")
     keys_pool = [d.relpath for d in items] or [f"img_{i}" for i in range(8)]
+    for m in methods.values():  # frozen teacher features (PromptSRC), built once at the start in the reference too:
+        if hasattr(m, "teacher_text"):  # outside the timing, and once (the content-keyed cache serves both paths)
+            with text_path(backbone, "ours"):
+                m.teacher_text()
     cond = getattr(ours, "instance_conditional", False)
     tcfg = TrainConfig(**{k: v for k, v in t_keys.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}})
 
