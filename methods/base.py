@@ -141,6 +141,9 @@ class Method(nn.Module):
     in_default_set: ClassVar[bool] = False
     # recipe name -> where its settings come from (`Provenance`); recipes without an entry are our own design
     provenance: ClassVar[dict[str, Provenance]] = {}
+    # False for methods with nothing to train (zero-shot CLIP): a sweep-wide training setting (`--set lr=...`) does
+    # not apply to them and is not recorded in their runs; one scoped to them (`--set zsclip.lr=...`) is refused
+    trains: ClassVar[bool] = True
     # Parameters the reference code keeps in fp32 under its fp16 regime (`--precision reference-fp16`), as fnmatch
     # patterns over `named_parameters()` names ("compound_prompts_text.*"; "*" keeps every parameter fp32). Every
     # other parameter is cast to fp16, except LayerNorm's (see `to_reference_fp16`).
@@ -277,6 +280,13 @@ class Method(nn.Module):
         return self
 
     # --- recipes and configs --------------------------------------------------------------------------------------
+    @classmethod
+    def ignored_settings(cls, cfg: Any) -> dict[str, str]:
+        """The settings this config makes the model ignore (another setting overrides them), each with why and the
+        way out, e.g. {"n_ctx": "coop takes n_ctx from ctx_init ...; for n_ctx random tokens also --set ctx_init="}.
+        A sweep refuses a user's --set or --grid of any of them: never a run recorded with a value it did not use."""
+        return {}
+
     @classmethod
     def recipe(cls, recipe: str, train_protocol: str, shots: int, dataset: str) -> dict[str, Any]:
         """Config + training overrides for a (recipe, protocol, shots, dataset)."""

@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mugcp_bench.errors import UserError
 from mugcp_bench.methods.base import TOY_TRAIN, Method, MethodOutput, cosine_logits
-from mugcp_bench.methods.coop import effective_n_ctx, frozen_image_features
+from mugcp_bench.methods.coop import context_couplings, effective_n_ctx, frozen_image_features
 from mugcp_bench.methods.prompts import ClassPrompts, init_context
 from mugcp_bench.registry import METHODS
 
@@ -85,6 +85,10 @@ class CoCoOp(Method):
         },
         repo="KaiyangZhou/CoOp@ff61507",
     )
+
+    @classmethod
+    def ignored_settings(cls, cfg: CoCoOpConfig) -> dict[str, str]:
+        return context_couplings("cocoop", cfg)
 
     def __init__(
         self,

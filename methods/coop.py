@@ -42,6 +42,22 @@ def effective_n_ctx(n_ctx: int, ctx_init: str) -> int:
     return n_ctx
 
 
+def context_couplings(method: str, cfg: Any) -> dict[str, str]:
+    """CoOp's rule as `Method.ignored_settings` states it: with init words, n_ctx is their count and the random init's
+    std is unused."""
+    if not cfg.ctx_init:
+        return {}
+    out = {"init_std": f"{method} initialises its context from ctx_init '{cfg.ctx_init}'; init_std applies to a "
+                       "random context: also --set ctx_init="}  # fmt: skip
+    n = effective_n_ctx(cfg.n_ctx, cfg.ctx_init)
+    if cfg.n_ctx != n:
+        out["n_ctx"] = (
+            f"{method} takes n_ctx from ctx_init '{cfg.ctx_init}' ({n} words); for a random context of {cfg.n_ctx} "
+            "tokens also --set ctx_init="
+        )
+    return out
+
+
 def frozen_image_features(
     backbone: Any, images: torch.Tensor | None, image_features: torch.Tensor | None
 ) -> torch.Tensor:
@@ -136,17 +152,21 @@ class CoOp(SharedTextMethod):
         self.n_ctx = effective_n_ctx(cfg.n_ctx, cfg.ctx_init)
         if self.n_ctx < 1:
             raise UserError(f"coop: n_ctx must be at least 1, got {self.n_ctx}")
-        if cfg.ctx_init and self.n_ctx != cfg.n_ctx:
-            log.info("coop: ctx_init '%s' sets n_ctx to %d (was %d)", cfg.ctx_init, self.n_ctx, cfg.n_ctx)
         ctx, self.prefix = init_context(backbone, self.n_ctx, cfg.ctx_init, cfg.init_std)  # (n_ctx, Dt)
-        if cfg.csc and cfg.ctx_init:
-            log.warning("coop: csc is ignored with ctx_init (the reference initialises one shared context)")
-        elif cfg.csc:
+        if cfg.csc and not cfg.ctx_init:  # with ctx_init the reference builds one shared context (refused when planned)
             ctx = torch.empty(len(self.classnames), self.n_ctx, backbone.text_width)  # (C, n_ctx, Dt)
             nn.init.normal_(ctx, std=cfg.init_std)
         self.ctx = nn.Parameter(ctx)
         self._trained_classes = list(self.classnames)
         self.prompts = self._build_prompts()
+
+    @classmethod
+    def ignored_settings(cls, cfg: CoOpConfig) -> dict[str, str]:
+        return context_couplings("coop", cfg) | (
+            {"csc": "a class-specific context needs a random init (the reference ignores csc with ctx_init); "
+                    "also --set ctx_init="}
+            if cfg.ctx_init and cfg.csc else {}
+        )  # fmt: skip
 
     @property
     def class_specific(self) -> bool:

@@ -268,6 +268,28 @@ class DCP(Method):
         for share in (True, False)
     )
 
+    @classmethod
+    def ignored_settings(cls, cfg: DCPConfig) -> dict[str, str]:
+        out = {}
+        if cfg.ctx_init and cfg.n_ctx > 4:  # trainers/cmpa.py: the init words only for N_CTX <= 4
+            out["ctx_init"] = (
+                f"dcp uses init words only for n_ctx <= 4 (here {cfg.n_ctx}: a random context); also --set n_ctx=4 "
+                "or fewer"
+            )
+        if not cfg.cmpa:  # no prompt attention module: its settings shape nothing
+            why = "it configures the CMPA module, which cmpa=false removes; drop it or --set cmpa=true"
+            for name in (
+                "share",
+                "text_update",
+                "fusing",
+                "vision_heads",
+                "text_heads",
+                "mlp_ratio",
+                "depth_semantics",
+            ):
+                out[name] = why
+        return out
+
     def __init__(
         self,
         backbone: Backbone,
@@ -291,6 +313,12 @@ class DCP(Method):
             raise UserError(
                 f"dcp steps both towers together and needs equal depths; backbone '{backbone.name}' has "
                 f"{backbone.vision_layers} vision and {backbone.text_layers} text layers (e.g. ViT-L/14 cannot be used)"
+            )
+        most = backbone.vision_layers - (1 if cfg.depth_semantics == "official" else 0)  # block 0 never injects
+        if cfg.cmpa and cfg.depth > most:  # the reference on ViT-B/16 never runs out of blocks: refuse, never clip
+            raise UserError(
+                f"dcp: depth must be at most {most} for '{backbone.name}' ({backbone.vision_layers} layers, "
+                f"depth_semantics {cfg.depth_semantics}), got {cfg.depth}; --set dcp.depth={most} or less"
             )
         dv, dt = backbone.vision_width, backbone.text_width
         self.inject = (

@@ -145,6 +145,17 @@ class MaPLe(SharedTextMethod):
         ),
     )
 
+    @classmethod
+    def ignored_settings(cls, cfg: MaPLeConfig) -> dict[str, str]:
+        # MultiModalPromptLearner uses the init words only for n_ctx <= 4, and then not the random init's std
+        if cfg.ctx_init and cfg.n_ctx > 4:
+            return {"ctx_init": f"maple uses init words only for n_ctx <= 4 (here {cfg.n_ctx}: a random context); "
+                                "also --set n_ctx=4 or fewer"}  # fmt: skip
+        if cfg.ctx_init:
+            return {"init_std": f"maple initialises its context from ctx_init '{cfg.ctx_init}'; init_std applies to "
+                                "a random context: also --set ctx_init="}  # fmt: skip
+        return {}
+
     def __init__(
         self,
         backbone,
@@ -157,7 +168,8 @@ class MaPLe(SharedTextMethod):
         max_depth = min(backbone.vision_layers, backbone.text_layers)
         if not 1 <= cfg.prompt_depth <= max_depth:
             raise UserError(
-                f"maple: prompt_depth must be in 1 … {max_depth} for '{backbone.name}', got {cfg.prompt_depth}"
+                f"maple: prompt_depth must be in 1 … {max_depth} for '{backbone.name}' ({max_depth} layers), got "
+                f"{cfg.prompt_depth}; --set maple.prompt_depth={max_depth} or less"
             )
         if cfg.n_ctx < 1:
             raise UserError(f"maple: n_ctx must be at least 1, got {cfg.n_ctx}")

@@ -28,7 +28,7 @@ CLIPs; not ViT-B/16) z_l goes through the frozen text projection; (2) identical 
 (3) each meta-net output layer starts small (N(0, 0.02²), zero bias) rather than zero, since the gates start at 0 and
 a zero output would leave both without a gradient; (4) `scp` off also drops L_align (its target s would be 0);
 without AMG attention (`amg` or `vcp` off) the evidence r_l is the plain mean of the image tokens X_l;
-(5) depths larger than the backbone are clipped to its number of layers; (6) `scp_only` / `vcp_only` are gated_sum
+(5) a depth larger than the backbone's number of layers is refused; (6) `scp_only` / `vcp_only` are gated_sum
 without the other instance term; (7) with `describer: auto` (default) toy-world images get the `scene` describer
 and every other image the `interrogator` (offline, any backbone); the `paper` recipe uses the `mllm` describer
 (Qwen2-VL-7B-Instruct, a guess: the paper's MLLM is unknown).
@@ -289,6 +289,44 @@ class MuGCP(Method):
             out.update(batch_size=1, accum_steps=4)
         return out
 
+    @classmethod
+    def ignored_settings(cls, cfg: MuGCPConfig) -> dict[str, str]:
+        """Switches that make other settings do nothing (our design, docs/methods/mugcp.md)."""
+        out: dict[str, str] = {}
+
+        def off(names: tuple[str, ...], why: str) -> None:
+            for name in names:
+                out.setdefault(name, why)
+
+        describing = ("describer", "describer_model", "describer_file", "prompt_id", "mask_classnames",
+                      "describe_missing", "scene_drop", "scene_swap", "interrogator_k")  # fmt: skip
+        attention = ("amg_heads", "amg_mlp_ratio", "amg_share", "layer_scale", "mutual")
+        aligning = ("align_weight", "align_temperature", "align_bank")
+        if not cfg.scp:
+            off(describing + ("mutual",) + aligning, "scp=false uses no descriptions; drop it or --set scp=true")
+        if not cfg.vcp:
+            off(("amg",) + attention, "vcp=false has no visual conditional prompts (no AMG); drop it or --set vcp=true")
+        elif not cfg.amg:
+            off(attention, "amg=false builds the prompts without attention; drop it or --set amg=true")
+        if not cfg.align:
+            off(aligning, "align=false has no alignment loss; drop it or --set align=true")
+        if cfg.reg != "promptsrc":
+            off(
+                ("scl_text_weight", "scl_image_weight", "scl_logit_weight"),
+                f"they weigh reg=promptsrc (here reg={cfg.reg})",
+            )
+        if cfg.reg != "kgcoop":
+            off(("kgcoop_weight",), f"it weighs reg=kgcoop (here reg={cfg.reg})")
+        if cfg.scp and cfg.describer != "mllm":
+            off(("describer_model",), f"it names the mllm describer's model (here describer={cfg.describer})")
+        if cfg.scp and cfg.describer != "file":
+            off(("describer_file",), f"it names the file describer's file (here describer={cfg.describer})")
+        if cfg.scp and cfg.describer not in ("scene", "auto"):
+            off(("scene_drop", "scene_swap"), f"they tune the scene describer (here describer={cfg.describer})")
+        if cfg.scp and cfg.describer not in ("interrogator", "auto"):
+            off(("interrogator_k",), f"it tunes the interrogator describer (here describer={cfg.describer})")
+        return out
+
     def __init__(
         self,
         backbone,
@@ -303,10 +341,14 @@ class MuGCP(Method):
         dv, dt, e = b.vision_width, b.text_width, b.embed_dim
         if dv % cfg.amg_heads:
             raise UserError(f"mugcp: amg_heads {cfg.amg_heads} must divide the vision width {dv}")
-        self.depth = min(cfg.depth, b.vision_layers)
-        self.text_depth = max(1, min(cfg.text_depth, b.text_layers))
-        if self.depth < cfg.depth:
-            log.info("mugcp: depth %d clipped to the backbone's %d vision layers", cfg.depth, b.vision_layers)
+        for key, layers in (("depth", b.vision_layers), ("text_depth", b.text_layers)):
+            if getattr(cfg, key) > layers:  # a depth the backbone cannot hold is refused, never clipped silently
+                raise UserError(
+                    f"mugcp: {key} must be at most {layers} for '{b.name}' ({layers} layers), got {getattr(cfg, key)}; "
+                    f"--set mugcp.{key}={layers} or less"
+                )
+        self.depth = cfg.depth
+        self.text_depth = max(1, cfg.text_depth)
         mode, m_t = cfg.mpf, cfg.n_ctx
         self.use_scp_text = cfg.scp and mode in ("gated_sum", "concat", "scp_only")
         self.use_vcp_text = cfg.vcp and mode in ("gated_sum", "concat", "vcp_only")

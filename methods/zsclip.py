@@ -34,6 +34,7 @@ class ZeroShotCLIP(Method):
     """Frozen CLIP with hand-written prompts: nothing trains (epochs 0)."""
 
     name = "zsclip"
+    trains = False
     report_order = 0
     color = "#7f7f7f"
     in_default_set = True

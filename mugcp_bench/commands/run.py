@@ -9,11 +9,12 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from mugcp_bench.commands.params import NameList, ids
 from mugcp_bench.commands.progress import make_reporter
-from mugcp_bench.errors import RunFailed
+from mugcp_bench.errors import RunFailed, UserError
 from mugcp_bench.runs.options import SweepOptions
 from mugcp_bench.runs.sweep import SweepResult, run_sweep
 
@@ -93,17 +94,37 @@ def run_options(f):
         ),
         click.option("--quick-toy", is_flag=True, hidden=True, help="Use the quick toy world (tests)."),
         click.option("--json", "as_json", is_flag=True, help="Print the plan/results summary as JSON on stdout."),
+        click.option(
+            "--show-config",
+            is_flag=True,
+            help="With --dry-run: every planned run's resolved settings, those you set highlighted.",
+        ),
     ]
     return functools.reduce(lambda acc, o: o(acc), reversed(opts), f)
 
 
-def sweep(methods: str | None, variants: dict[str, list[str]] | None, as_json: bool = False, **kw: Any) -> None:
+def sweep(
+    methods: str | None,
+    variants: dict[str, list[str]] | None,
+    as_json: bool = False,
+    show_config: bool = False,
+    **kw: Any,
+) -> None:
     """Run the sweep the options describe and print its summary; exit 1 (RunFailed) when a run failed."""
+    if show_config and not kw.get("dry_run"):
+        raise UserError("--show-config shows the plan without running it: add --dry-run")
     console = Console(stderr=True)
     result = run_sweep(SweepOptions(methods=methods, variants=variants, **kw), reporter=make_reporter(console))
     if result.dry_run:
         if as_json:
-            click.echo(json.dumps({**result.counts, "runs_planned": result.plan.labels}))
+            planned = [
+                {"label": r.label, "id": r.id, "action": r.action, "status": r.status, "overrides": r.overrides}
+                | ({"config": r.config} if show_config else {})
+                for r in result.runs
+            ]
+            click.echo(json.dumps({**result.counts, "runs_planned": result.plan.labels, "planned": planned}))
+        elif show_config:
+            show_configs(result, Console())
         return
     failures = result.failed
     if as_json:
@@ -117,6 +138,19 @@ def sweep(methods: str | None, variants: dict[str, list[str]] | None, as_json: b
             table.add_row(r.label, r.reason or "")
         console.print(table)
         raise RunFailed(f"{len(failures)} of {len(result.trained)} runs failed (see the table above and each run.json)")
+
+
+def show_configs(result: SweepResult, console: Console) -> None:
+    """Every planned run with its resolved settings (method, then training), the ones the user set in bold."""
+    for r in result.runs:
+        console.print(f"[bold]{escape(r.label)}[/]  id {r.id}, {r.action}", highlight=False)
+        for part in ("method", "train"):
+            items = []
+            for key, value in r.config.get(part, {}).items():
+                text = escape(f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}")
+                given = key in r.overrides
+                items.append(f"[bold yellow]{text}[/]" if given else text)
+            console.print(f"  {part}: " + ", ".join(items), highlight=False, soft_wrap=not console.is_terminal)
 
 
 def summarize(result: SweepResult, console: Console) -> None:

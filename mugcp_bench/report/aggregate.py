@@ -77,10 +77,12 @@ def assign_entries(frame: pd.DataFrame, with_shots: bool, by_config: bool = Fals
                 .astype(str)
                 .apply(lambda r, v=varying: ", ".join(f"{x}-shot" if f == "shots" else x for f, x in zip(v, r)), axis=1)
             )
-    if by_config:
-        named = config_labels(frame)
-        frame["setting"] = frame["setting"] + "|" + named  # runs of another config: another entry everywhere
-        suffix = (suffix + ", " + named).where((suffix != "") & (named != ""), suffix + named)
+    # runs of another config are another entry everywhere: by the settings the user gave (a recipe's own runs have
+    # none), or with `by_config` by every setting that differs between the method's runs
+    named = config_labels(frame) if by_config else frame.get("overrides", pd.Series("", index=frame.index))
+    named = named.fillna("").astype(str)
+    frame["setting"] = frame["setting"] + "|" + named
+    suffix = (suffix + ", " + named).where((suffix != "") & (named != ""), suffix + named)
     imported = frame["origin"].astype(str) == "imported" if "origin" in frame else pd.Series(False, index=frame.index)
     suffix = suffix.where(~imported, ("imported, " + suffix).where(suffix != "", "imported"))
     label = frame["method_label"].astype(object)
@@ -184,6 +186,7 @@ def build_table(frame: pd.DataFrame, kind: str, options: Options) -> Table | Non
     sub = _kind_frame(frame, kind)
     if sub.empty:
         return None
+    sub, hidden = _recipe_runs(sub, options)
     sub = assign_entries(sub, with_shots=shape.shots_in_entry, by_config=options.by_config)
     sub = assign_groups(sub, shape)
     sub, n_dup = _drop_duplicate_seeds(sub, ["entry", "row", "group"])
@@ -227,8 +230,32 @@ def build_table(frame: pd.DataFrame, kind: str, options: Options) -> Table | Non
         seed_values=seed_values,
     )
     _notes(table, sub, options, n_dup, n_avg, source_name)
+    if hidden:
+        table.note(
+            "configs",
+            f"Not in the table: runs with other settings than their recipe's ({'; '.join(hidden)}); "
+            "report --by-config shows each setting as its own entry.",
+        )
     _seed_flag_notes(table)
     return table
+
+
+def _recipe_runs(frame: pd.DataFrame, options: Options) -> tuple[pd.DataFrame, list[str]]:
+    """Where a method has runs of its recipe's own settings, leave out its runs with other settings (the user's
+    --set / --grid): a method's entry is its recipe, never an average over configs. Returns the kept rows and one
+    description per left-out config. With --by-config every config is kept (as its own entry)."""
+    if options.by_config or "overrides" not in frame:
+        return frame, []
+    overrides = frame["overrides"].fillna("").astype(str)
+    fields = [f for f in SETTING_FIELDS if f in frame]
+    group = frame[["method_label", *fields]].astype(str).agg("|".join, axis=1)
+    has_recipe = set(group[overrides == ""])
+    hide = (overrides != "") & group.isin(has_recipe)
+    hidden = [
+        f"{label} with {ov} ({n} run{'s' if n != 1 else ''})"
+        for (label, ov), n in frame[hide].groupby(["method_label", overrides[hide]])["run_id"].nunique().items()
+    ]
+    return frame[~hide], hidden
 
 
 def _seed_flag_notes(table: Table) -> None:

@@ -45,6 +45,7 @@ TIDY_COLUMNS = ["run_id", "status", *KEY_COLUMNS, *EVAL_COLUMNS]
 EXTRA_COLUMNS = [
     "config_hash",
     "config",  # the run's method and training settings, canonical JSON (`report --by-config` names entries by them)
+    "overrides",  # the user's settings that made the run differ from its recipe ("lr=0.01, n_ctx=16"; "" if none)
     "path",
     "mtime",
     "n_classes",
@@ -77,6 +78,7 @@ RUN_COLUMNS = [
     *KEY_COLUMNS,
     "config_hash",
     "config",
+    "overrides",
     "path",
     "mtime",
     "report_order",
@@ -271,6 +273,7 @@ def records_to_tables(
         extra = {
             "config_hash": rec.key.config_hash or None,
             "config": _config_json(rec),
+            "overrides": ", ".join(f"{k}={v}" for k, v in sorted(rec.overrides.items())),
             "path": str(path),
             "mtime": path.stat().st_mtime if path.exists() else np.nan,
             **_display_fields(rec),

@@ -32,7 +32,7 @@ from mugcp_bench.model.backbone import Backbone, load_backbone
 from mugcp_bench.protocols import EvalTarget
 from mugcp_bench.registry import METHODS
 from mugcp_bench.runs.options import RunSettings
-from mugcp_bench.runs.plan import Action, PlannedRun, decide_action
+from mugcp_bench.runs.plan import QUIET_OVERRIDES, Action, PlannedRun, decide_action
 from mugcp_bench.store import predictions
 from mugcp_bench.store.claims import Claim, new_token
 from mugcp_bench.store.records import Evaluation, Record, RunRecord, RunStatus
@@ -161,11 +161,14 @@ def execute(
     method_cls = METHODS.get(run.method)
     spec = get_spec(run.key.train_dataset)
     set_seed(run.key.seed)  # as Dassl: seed before building the dataset (few-shot sampling uses its own RNG)
-    data = prepare(
-        run.key.train_dataset, settings.data_root, run.key.shots, run.key.seed, run.key.classes, settings.cache_dir
-    )
-    method = method_cls(backbone, data.classnames, run.method_config, template=spec.template, dataset=spec.name)
-    prepare_method(method, device, run.key.precision)  # device and parameter dtypes (reference-fp16: as the reference)
+    try:
+        data = prepare(
+            run.key.train_dataset, settings.data_root, run.key.shots, run.key.seed, run.key.classes, settings.cache_dir
+        )
+        method = method_cls(backbone, data.classnames, run.method_config, template=spec.template, dataset=spec.name)
+        prepare_method(method, device, run.key.precision)  # device and dtypes (reference-fp16: as the reference)
+    except Exception as e:  # the data or the method could not be built: a failed run, recorded with its reason
+        _failed(run, e)
     config = {
         "method": asdict(run.method_config),
         "train": asdict(run.train_config),
@@ -173,6 +176,7 @@ def execute(
     }
     record.start(config, method.n_trainable(), run.train_config.eval_batch_size, versions())
     rec = record.rec
+    rec.overrides = {k: v for k, v in run.overrides.items() if k not in QUIET_OVERRIDES}
     # All parameters the method holds (DCP's official preset keeps a text half that never gets a gradient).
     rec.method_params = sum(p.numel() for p in method.parameters())
     rec.display = {"order": method_cls.report_order, "color": method_cls.color}
@@ -229,19 +233,26 @@ def execute(
             log.warning("%s: could not record the interruption in %s (disk full)", run.label, record.path)
         raise
     except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else ""
-        reason = first if isinstance(e, NonFiniteLoss) else f"{type(e).__name__}: {first}"
-        rec.traceback = traceback.format_exc()
-        if isinstance(e, NonFiniteLoss):
-            rec.failure = e.details()
-        try:
-            record.finish(RunStatus.FAILED, reason)
-        except DiskFull:  # the disk is too full even for the record: it stays `running`, a rerun resumes
-            log.warning("%s: could not record the failure in %s (disk full)", run.label, record.path)
-        if isinstance(e, UserError):
-            raise
-        raise RunFailed(f"{run.label}: {reason}") from e
+        _failed(run, e)
     return accuracies
+
+
+def _failed(run: PlannedRun, e: Exception) -> None:
+    """Record the run as failed with its reason (and traceback), then raise: the UserError itself (bad data found while
+    running), else RunFailed."""
+    record, rec = run.record, run.record.rec
+    first = str(e).splitlines()[0] if str(e) else ""
+    reason = first if isinstance(e, NonFiniteLoss) else f"{type(e).__name__}: {first}"
+    rec.traceback = traceback.format_exc()
+    if isinstance(e, NonFiniteLoss):
+        rec.failure = e.details()
+    try:
+        record.finish(RunStatus.FAILED, reason)
+    except DiskFull:  # the disk is too full even for the record: it stays as it was, a rerun resumes
+        log.warning("%s: could not record the failure in %s (disk full)", run.label, record.path)
+    if isinstance(e, UserError):
+        raise e
+    raise RunFailed(f"{run.label}: {reason}") from e
 
 
 def _train(run: PlannedRun, method: Method, data, backbone: Backbone, settings: RunSettings, callbacks) -> None:

@@ -8,6 +8,7 @@ take the plan.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -26,6 +27,10 @@ from mugcp_bench.store.claims import claim_is_live
 from mugcp_bench.store.records import RunKey, RunRecord, RunStatus, config_hash
 
 log = logging.getLogger(__name__)
+
+
+# overrides that change how a run is done, not what it computes: left out of its label
+QUIET_OVERRIDES = frozenset({"describe_missing"})
 
 
 class Action(str, Enum):
@@ -55,11 +60,19 @@ class PlannedRun:
     evals: tuple[EvalTarget, ...]
     record: RunRecord
     action: Action = Action.TRAIN
+    # the user's settings (--set / --grid) that apply to this run, as given: what tells it apart from the recipe's run
+    overrides: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def label(self) -> str:
         k = self.key
-        return f"{k.method_label} {k.train_dataset} {k.classes} {k.shots}-shot seed {k.seed}"
+        label = f"{k.method_label} {k.train_dataset} {k.classes} {k.shots}-shot seed {k.seed}"
+        shown = {s: v for s, v in self.overrides.items() if s not in QUIET_OVERRIDES}
+        return label + (f" ({', '.join(f'{s}={v}' for s, v in shown.items())})" if shown else "")
+
+    def config(self) -> dict[str, Any]:
+        """The resolved settings the run trains with: {"method": {...}, "train": {...}}."""
+        return {"method": dataclasses.asdict(self.method_config), "train": dataclasses.asdict(self.train_config)}
 
     def missing_evaluations(self) -> list[EvalTarget]:
         return [e for e in self.evals if not self.record.has_evaluation(e.protocol, e.dataset, e.classes)]
@@ -110,17 +123,80 @@ def variant_overrides(method_cls: type[Method], drop: str) -> dict[str, Any]:
     return dict(method_cls.ablations[drop])
 
 
+def method_overrides(method_cls: type[Method], user: Mapping[str, str]) -> dict[str, str]:
+    """The --set / --grid settings of a sweep that apply to one method: the unscoped ones (for a method that trains
+    nothing, not the training settings: they would be recorded for a run they do not change) and those scoped to it
+    (`maple.prompt_depth=3`)."""
+    training = {f.name for f in dataclasses.fields(TrainConfig)} - {"eval_batch_size"}
+    out = {}
+    for key, value in user.items():
+        scope, _, name = key.rpartition(".")
+        if scope and scope != method_cls.name:
+            continue
+        if not scope and not method_cls.trains and name in training:
+            continue
+        out[name] = value
+    return out
+
+
+def check_overrides(methods: Sequence[str], user: Mapping[str, str]) -> None:
+    """Every --set / --grid key names a setting of the methods it applies to (UserError naming which methods have
+    it, and the scoped form), before anything is planned."""
+    classes = {m: METHODS.get(m) for m in methods}
+    settings = {m: {f.name for f in dataclasses.fields(c.Config)} | {f.name for f in dataclasses.fields(TrainConfig)}
+                for m, c in classes.items()}  # fmt: skip
+    training = {f.name for f in dataclasses.fields(TrainConfig)} - {"eval_batch_size"}
+    for key, value in user.items():
+        scope, _, name = key.rpartition(".")
+        if scope:
+            method = METHODS.canonical(scope)
+            if method not in classes:
+                raise UserError(
+                    f"--set {key}={value}: {method} is not among the methods of this sweep ({', '.join(classes)})"
+                )
+            if not classes[method].trains and name in training:
+                raise UserError(f"--set {key}={value}: {method} trains nothing, so {name} would change nothing")
+            if name not in settings[method]:
+                raise UserError(
+                    f"unknown setting '{name}' for method '{method}'.{suggest(name, settings[method])} "
+                    f"Settings: {', '.join(sorted(settings[method]))}"
+                )
+            continue
+        lacking = [m for m, names in settings.items() if name not in names]
+        if not lacking:
+            continue
+        having = [m for m, names in settings.items() if name in names]
+        if having:
+            scoped = " ".join(f"--set {m}.{name}={value}" for m in having)
+            raise UserError(
+                f"--set {name}={value}: {name} is a setting of {', '.join(having)}, not of {', '.join(lacking)}; "
+                f"scope it: {scoped}"
+            )
+        known = sorted(set().union(*settings.values()))
+        if len(classes) == 1:
+            raise UserError(
+                f"unknown setting '{name}' for method '{lacking[0]}'.{suggest(name, known)} "
+                f"Settings: {', '.join(known)}"
+            )
+        raise UserError(f"unknown setting '{name}' for methods {', '.join(classes)}.{suggest(name, known)}")
+
+
 def resolve_configs(
     method_cls: type[Method], recipe: str, train: TrainTarget, variant_cfg: dict[str, Any], user: Mapping[str, str]
 ) -> tuple[Any, TrainConfig]:
-    """Method config and TrainConfig: defaults <- recipe <- ablation variant <- --set overrides."""
+    """Method config and TrainConfig: defaults <- recipe <- ablation variant <- --set overrides (those that apply to
+    the method). A user's setting that the resulting config ignores is refused (`Method.ignored_settings`)."""
     rm, rt = split_overrides(method_cls, method_cls.recipe(recipe, train.train_protocol, train.shots, train.dataset))
-    um, ut = split_overrides(method_cls, dict(user))
+    um, ut = split_overrides(method_cls, method_overrides(method_cls, user))
     cfg = method_cls.make_config({**rm, **variant_cfg})
     cfg = apply_overrides(cfg, um, method_cls.name)
     tcfg = apply_overrides(apply_overrides(TrainConfig(), rt, "training"), ut, "training")
     check_ranges(tcfg, "training")  # every setting within its range, at planning time (runs/settings.py)
     check_ranges(cfg, f"method '{method_cls.name}'")
+    ignored = method_cls.ignored_settings(cfg)
+    for key, value in um.items():
+        if key in ignored:
+            raise UserError(f"--set {key}={value}: {ignored[key]}")
     return cfg, tcfg
 
 
@@ -137,8 +213,11 @@ def plan(
     origin: str = "trained",
 ) -> list[PlannedRun]:
     """Keyed runs with their configs and actions; cross-dataset and domain generalization share the source run.
-    `origin="imported"`: runs whose model is a reference checkpoint (`mugcp-bench import`), evaluated, never trained."""
+    Every run's method is built once on the backbone with its full config here, so a setting the backbone cannot
+    hold stops the sweep before the first run trains. `origin="imported"`: runs whose model is a reference checkpoint
+    (`mugcp-bench import`), evaluated, never trained."""
     runs: dict[str, PlannedRun] = {}
+    built: set[str] = set()
     for name in methods:
         method_cls = METHODS.get(name)
         for drop in [""] + list((variants or {}).get(name, [])):
@@ -165,16 +244,35 @@ def plan(
                             activation=backbone.activation,
                             origin=origin,
                         )
+                        if key.config_hash not in built:
+                            check_buildable(method_cls, cfg, backbone, train.dataset)
+                            built.add(key.config_hash)
                         if key.id in runs:  # cross-dataset + DG share the source run: merge evaluations
                             prev = runs[key.id]
                             prev.evals = tuple(dict.fromkeys([*prev.evals, *evals]))
                             continue
                         record = RunRecord(settings.results_dir, key)
-                        runs[key.id] = PlannedRun(key, name, variant, cfg, tcfg, train, evals, record)
+                        applied = method_overrides(method_cls, settings.overrides)
+                        runs[key.id] = PlannedRun(
+                            key, name, variant, cfg, tcfg, train, evals, record, overrides=applied
+                        )
     check_records(list(runs.values()), settings.force)
     for run in runs.values():
         run.action = decide_action(run, settings, claim_is_live(run.record.dir, settings.claim_timeout))
     return list(runs.values())
+
+
+def check_buildable(method_cls: type[Method], cfg: Any, backbone: Backbone, dataset: str) -> None:
+    """Build the method with its config on the backbone (two stand-in class names): what its constructor refuses
+    (a depth the backbone cannot hold, heads that do not divide a width, ...) is a UserError now, not after other runs
+    trained. The method is dropped at once."""
+    import torch
+
+    from mugcp_bench.datasets.base import get_spec
+
+    spec = get_spec(dataset)
+    with torch.no_grad():
+        method_cls(backbone, ["stand-in class", "another class"], cfg, template=spec.template, dataset=spec.name)
 
 
 def check_records(runs: Sequence[PlannedRun], force: bool) -> None:

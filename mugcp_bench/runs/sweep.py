@@ -51,6 +51,8 @@ class RunOutcome:
     reason: str | None = None
     accuracies: dict[str, float] = field(default_factory=dict)  # "dataset classes" -> accuracy (%) evaluated now
     seconds: float = 0.0
+    config: dict[str, Any] = field(default_factory=dict)  # the run's resolved settings {"method": .., "train": ..}
+    overrides: dict[str, str] = field(default_factory=dict)  # the user's settings that apply to it
 
 
 @dataclass
@@ -132,7 +134,7 @@ def prepare_sweep(o: SweepOptions) -> Prepared:
     from mugcp_bench.protocols import get_protocol
     from mugcp_bench.runs.executors import build_executor
     from mugcp_bench.runs.job import get_backbone
-    from mugcp_bench.runs.plan import resolve_methods
+    from mugcp_bench.runs.plan import check_overrides, resolve_methods
 
     method_names = resolve_methods(parse_names(o.methods if o.methods is not None else default_methods()))
     if not method_names:
@@ -153,6 +155,7 @@ def prepare_sweep(o: SweepOptions) -> Prepared:
     clash = sorted(set(grid) & set(overrides))
     if clash:
         raise UserError(f"--grid {clash[0]} is also given with --set; give it in one of them")
+    check_overrides(method_names, {**overrides, **{k: v[0] for k, v in grid.items()}})
     combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] or [{}]
     if not o.claim_timeout > 0:
         raise UserError(f"--claim-timeout {o.claim_timeout}: must be a positive number of seconds")
@@ -172,7 +175,7 @@ def prepare_sweep(o: SweepOptions) -> Prepared:
 
         for m in method_names:
             if "describe_missing" in METHODS.get(m).Config.__dataclass_fields__:
-                overrides.setdefault("describe_missing", "false")
+                overrides.setdefault(f"{m}.describe_missing", "false")
     settings = RunSettings(
         results_dir=results_dir,
         data_root=Path(world.data_root),
@@ -238,8 +241,10 @@ def execute_plan(p: Prepared, runs: list, reporter: Reporter) -> SweepResult:
     result = SweepResult(sweep_plan, dry_run=o.dry_run)
     if o.dry_run:
         result.runs = [
-            RunOutcome(r.label, r.key.id, r.record.path, r.action.value, r.record.status.value) for r in runs
-        ]
+            RunOutcome(r.label, r.key.id, r.record.path, r.action.value, r.record.status.value, config=r.config(),
+                       overrides=dict(r.overrides))
+            for r in runs
+        ]  # fmt: skip
         return result
     tasks = [RunTask(r) for r in runs if r.action in WORK]
     stop_file = StopFile(settings.stop_file)

@@ -151,6 +151,8 @@ class Record:
     key: RunKey
     method_label: str
     config: dict[str, Any] = field(default_factory=dict)  # {"method": {...}, "train": {...}, "transform": ...}
+    # the user's settings (--set / --grid) that made this run differ from its recipe's; {} for the recipe's own run
+    overrides: dict[str, str] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     trainable_params: int | None = None
     eval_batch_size: int | None = None
@@ -189,7 +191,7 @@ class Record:
         values["evaluations"] = [Evaluation.from_dict(e) for e in d.get("evaluations") or []]
         values.setdefault("id", key.id)
         values.setdefault("method_label", key.method_label)
-        for name in ("config", "versions", "timings", "train_info", "resources"):
+        for name in ("config", "overrides", "versions", "timings", "train_info", "resources"):
             values[name] = values.get(name) or {}
         for name in ("history", "attempts"):
             values[name] = values.get(name) or []
