@@ -78,7 +78,8 @@ def import_cmd(
     summary = {
         "imported": [
             {"source": str(p.source), "method": p.method, "dataset": p.dataset, "protocol": p.train_protocol,
-             "shots": p.shots, "seed": p.seed, "epoch": p.epoch, "sha256": p.file.sha256}
+             "shots": p.shots, "seed": p.seed, "epoch": p.epoch, "sha256": p.file.sha256, "read_from": p.origin,
+             "settings": p.settings}
             for p in plans
         ],
         "skipped_not_checkpoints": found.not_checkpoints,
