@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import subprocess
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -50,6 +54,38 @@ def test_worker_processes_render_the_same_files(tmp_path: Path) -> None:
     write_suite(tmp_path / "a", TINY, seed=3, workers=0)
     write_suite(tmp_path / "b", TINY, seed=3, workers=2)
     assert _tree_digest(tmp_path / "a") == _tree_digest(tmp_path / "b")
+
+
+def test_render_workers_leave_when_their_parent_is_killed(tmp_path: Path) -> None:
+    """A prepare killed by a signal never shuts its pool down: its workers must not linger (holding its log open)."""
+    script = (
+        "import os, sys, time, numpy as np\n"
+        "from mugcp_bench.toy import render\n"
+        "from mugcp_bench.toy.workers import RenderPool\n"
+        "with RenderPool(2) as pool:\n"
+        "    pool.render([render.sample_scene(np.random.default_rng(i)) for i in range(4)])\n"
+        "    print(*pool._pool._processes, flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        workers = [int(pid) for pid in child.stdout.readline().split()]
+    finally:
+        child.kill()
+        child.wait()
+    assert len(workers) == 2
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    deadline = time.monotonic() + 60
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(pid) for pid in workers)
 
 
 def test_render_is_pure_and_uses_no_global_rng() -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import concurrent.futures
 import multiprocessing
 import os
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
@@ -35,6 +37,18 @@ def default_workers() -> int:
     return 0 if cores < 2 else min(cores, MAX_WORKERS)
 
 
+def _exit_with_parent(parent: int) -> None:
+    """Worker initializer: leave when the parent process is gone (killed by a signal, its pool never shut down)
+    instead of lingering, holding its log file open."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 class RenderPool:
     """`workers` spawned processes (0: render in this process). Use as a context manager."""
 
@@ -48,7 +62,9 @@ class RenderPool:
         if self.workers > 0:
             # spawn: never fork a process whose torch/OpenMP threads are running
             ctx = multiprocessing.get_context("spawn")
-            self._pool = concurrent.futures.ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx)
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                max_workers=self.workers, mp_context=ctx, initializer=_exit_with_parent, initargs=(os.getpid(),)
+            )
         return self
 
     def __exit__(
