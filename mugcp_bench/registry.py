@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import ast
 import difflib
 import fnmatch
+import functools
 import importlib
+import importlib.util
 import logging
 import pkgutil
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from mugcp_bench.errors import UserError
@@ -30,15 +35,69 @@ def import_submodules(package: str, path: Iterable[str]) -> list[str]:
     return names
 
 
+@dataclass(frozen=True)
+class Declared:
+    """A plugin as its source declares it (read without importing the module, so naming, listing and checking names
+    never pays for torch): its name and aliases, its class docstring, and the literal keys of its `recipes` and
+    `ablations` (None where they are not literals in the class body)."""
+
+    name: str
+    aliases: tuple[str, ...]
+    module: str
+    doc: str
+    recipes: tuple[str, ...] | None
+    ablations: tuple[str, ...] | None
+
+
+def _literal_keys(node: ast.ClassDef, attr: str) -> tuple[str, ...] | None:
+    for stmt in node.body:
+        if isinstance(stmt, (ast.Assign, ast.AnnAssign)):
+            targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
+            if any(isinstance(x, ast.Name) and x.id == attr for x in targets) and isinstance(stmt.value, ast.Dict):
+                keys = [k.value for k in stmt.value.keys if isinstance(k, ast.Constant) and isinstance(k.value, str)]
+                return tuple(keys) if len(keys) == len(stmt.value.keys) else None
+    return None
+
+
+def declared_in(path: Path, module: str, decorator: str) -> list[Declared]:
+    """Every class of the file decorated `@<decorator>.register("name", aliases=(...))`, read with `ast`."""
+    out = []
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
+    for node in classes.values():
+        for dec in node.decorator_list:
+            if not (isinstance(dec, ast.Call) and isinstance(dec.func, ast.Attribute) and dec.func.attr == "register"):
+                continue
+            if not (isinstance(dec.func.value, ast.Name) and dec.func.value.id == decorator and dec.args):
+                continue
+            name = dec.args[0].value if isinstance(dec.args[0], ast.Constant) else None
+            aliases: tuple[str, ...] = ()
+            for kw in dec.keywords:
+                if kw.arg == "aliases" and isinstance(kw.value, (ast.Tuple, ast.List)):
+                    aliases = tuple(e.value for e in kw.value.elts if isinstance(e, ast.Constant))
+            if not isinstance(name, str):
+                continue
+            base = next((classes[b.id] for b in node.bases if isinstance(b, ast.Name) and b.id in classes), None)
+            recipes = _literal_keys(node, "recipes")
+            ablations = _literal_keys(node, "ablations")
+            if base is not None:  # a preset subclass inherits what it does not set
+                recipes = recipes if recipes is not None else _literal_keys(base, "recipes")
+                ablations = ablations if ablations is not None else _literal_keys(base, "ablations")
+            doc = ast.get_docstring(node) or (ast.get_docstring(base) if base is not None else "") or ""
+            out.append(Declared(name, aliases, module, doc, recipes, ablations))
+    return out
+
+
 class Registry(Generic[T]):
     """Maps lowercase names to objects. Built-ins are imported lazily on first lookup so it is never empty."""
 
-    def __init__(self, kind: str, builtin_modules: Iterable[str] = ()) -> None:
+    def __init__(self, kind: str, builtin_modules: Iterable[str] = (), decorator: str = "") -> None:
         self.kind = kind
         self._items: dict[str, T] = {}
         self._aliases: dict[str, str] = {}
         self._builtin_modules = list(builtin_modules)
         self._loaded = False
+        self._decorator = decorator  # the registry's name in `@NAME.register(...)`: enables `declared()`
 
     def _load_builtins(self) -> None:
         if self._loaded:
@@ -88,6 +147,46 @@ class Registry(Generic[T]):
             f"unknown {self.kind} '{name}'.{suggest(key, choices)} Run 'mugcp-bench list {self.kind}s' to see all."
         )
 
+    @functools.cache  # noqa: B019 - the registries live as long as the process
+    def declared(self) -> dict[str, Declared]:
+        """The built-in plugins as their source files declare them (no import), by name; plugins registered since
+        (out-of-tree ones, tests) are not included: see `known_names`."""
+        out: dict[str, Declared] = {}
+        for package in self._builtin_modules if self._decorator else ():
+            spec = importlib.util.find_spec(package)
+            for folder in spec.submodule_search_locations or ():
+                for path in sorted(Path(folder).glob("*.py")):
+                    if not path.name.startswith("_"):
+                        for d in declared_in(path, f"{package}.{path.stem}", self._decorator):
+                            out[d.name] = d
+        return out
+
+    def registered(self) -> dict[str, T]:
+        """What is registered in this process right now (without importing the built-ins)."""
+        return dict(self._items)
+
+    def known_names(self) -> dict[str, str]:
+        """Every name and alias -> its registered name: the declared built-ins and whatever is registered now,
+        without importing the built-ins (enough to check a name a user typed)."""
+        names = {n: n for n in self._items} | dict(self._aliases)
+        for d in self.declared().values():
+            names.setdefault(d.name, d.name)
+            for a in d.aliases:
+                names.setdefault(a, d.name)
+        return names
+
+    def check_name(self, name: str) -> str:
+        """The registered name for `name`, checked against `known_names` (no import); UserError with a did-you-mean."""
+        names = self.known_names() if self._decorator else None
+        if names is None:
+            return self.canonical(name)
+        key = name.strip().lower()
+        if key in names:
+            return names[key]
+        raise UserError(
+            f"unknown {self.kind} '{name}'.{suggest(key, names)} Run 'mugcp-bench list {self.kind}s' to see all."
+        )
+
     def get(self, name: str) -> T:
         """The object registered as `name` (or an alias)."""
         return self._items[self.canonical(name)]
@@ -111,7 +210,7 @@ class Registry(Generic[T]):
 
 
 # Built-ins are listed by each package's __init__ (methods/__init__.py, datasets/__init__.py, ...).
-METHODS: Registry[Any] = Registry("method", ["mugcp_bench.methods"])
+METHODS: Registry[Any] = Registry("method", ["mugcp_bench.methods"], decorator="METHODS")
 DATASETS: Registry[Any] = Registry("dataset", ["mugcp_bench.datasets"])
 DESCRIBERS: Registry[Any] = Registry("describer", ["mugcp_bench.describers"])
 BACKBONES: Registry[Any] = Registry("backbone", ["mugcp_bench.model.backbone"])

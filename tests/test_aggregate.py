@@ -267,3 +267,13 @@ def test_transfer_tables_name_their_source_dataset() -> None:
     (rule,) = table.notes_of("rule")
     assert "the Toy Objects source row is not averaged" in rule.text
     assert table.cell("coop", AVERAGE, "acc")["mean"] == pytest.approx(31.5)  # the source is not averaged
+
+
+@pytest.mark.parametrize("df", [1, 2, 3, 5, 9, 29, 200])
+def test_the_student_t_quantile_matches_scipy(df: int) -> None:
+    """The report computes t quantiles itself (scipy.stats costs a second of imports): the same numbers."""
+    from mugcp_bench.report.statistics import t_cdf, t_quantile
+
+    for p in (0.005, 0.025, 0.1, 0.5, 0.9, 0.975, 0.995):
+        assert t_quantile(p, df) == pytest.approx(stats.t.ppf(p, df), rel=1e-9, abs=1e-12)
+        assert t_cdf(stats.t.ppf(p, df), df) == pytest.approx(p, rel=1e-9)

@@ -51,7 +51,8 @@ class LazyGroup(click.Group):
         if name not in COMMANDS:
             return None
         module, attr = COMMANDS[name].split(":")
-        return getattr(importlib.import_module(module), attr)
+        command = getattr(importlib.import_module(module), attr)
+        return with_verbosity(command)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         with formatter.section("Commands"):
@@ -64,6 +65,25 @@ class LazyGroup(click.Group):
 
             raise UserError(f"unknown command '{name}'.{suggest(name, COMMANDS)} Run 'mugcp-bench --help'.")
         return super().resolve_command(ctx, args)
+
+
+def _verbosity(ctx: click.Context, param: click.Parameter, value: int | bool) -> None:
+    if value:
+        setup_logging(-1 if param.name == "quiet" else value)
+
+
+def with_verbosity(command: click.Command) -> click.Command:
+    """-v / -q after the command too (`mugcp-bench run -v ...`), as before it."""
+    if not any(p.name == "verbose" for p in command.params):
+        command.params.append(
+            click.Option(["-v", "--verbose"], count=True, expose_value=False, callback=_verbosity, is_eager=True,
+                         help="More logging: -v progress details, -vv debug.")
+        )  # fmt: skip
+        command.params.append(
+            click.Option(["-q", "--quiet"], is_flag=True, expose_value=False, callback=_verbosity, is_eager=True,
+                         help="No progress display: warnings and the final summary only.")
+        )  # fmt: skip
+    return command
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -83,7 +103,10 @@ def setup_logging(verbose: int) -> None:
     from rich.console import Console
     from rich.logging import RichHandler
 
-    levels = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}  # -q, default, -v; -vv and more: debug
+    from mugcp_bench.commands import progress
+
+    progress.QUIET = verbose < 0  # -q: no progress display, only warnings and the final summary
+    levels = {-1: logging.WARNING, 0: logging.WARNING, 1: logging.INFO}  # -q, default, -v; -vv and more: debug
     level = levels.get(max(verbose, -1), logging.DEBUG)
     if sys.stderr.isatty():
         handler: logging.Handler = RichHandler(
@@ -105,7 +128,7 @@ def setup_logging(verbose: int) -> None:
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mugcp-bench")
 @click.option("-v", "--verbose", count=True, help="More logging: -v progress details, -vv debug.")
-@click.option("-q", "--quiet", is_flag=True, help="Only errors.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress display: warnings and the final summary only.")
 def cli(verbose: int, quiet: bool) -> None:
     """mugcp-bench: prompt learning on CLIP — CoOp, CoCoOp, MaPLe, DCP and MuGCP under one trainer,
     the standard protocols, a results store, tables and plots."""

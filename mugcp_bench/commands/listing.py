@@ -9,7 +9,7 @@ from rich.table import Table
 from mugcp_bench.errors import UserError
 from mugcp_bench.registry import suggest
 
-WHAT = ("methods", "datasets", "backbones", "protocols", "describers")
+WHAT = ("methods", "datasets", "backbones", "protocols", "describers", "executors")
 
 
 @click.command("list")
@@ -29,12 +29,19 @@ def list_cmd(what: str, show_all: bool) -> None:
         table.add_column("recipes")
         table.add_column("ablations (--drop)")
         table.add_column("about")
-        aliases = METHODS.aliases()
-        for name, cls in METHODS.items():
-            also = [a for a, n in aliases.items() if n == name]
-            doc = " ".join((cls.__doc__ or "").split()).split(": ")[0].split(". ")[0].rstrip(".")
+        # the built-ins as their files declare them (no torch); methods of plugins as registered
+        rows = {d.name: (d.aliases, d.recipes, d.ablations, d.doc) for d in METHODS.declared().values()}
+        for name, cls in METHODS.registered().items():
+            also = tuple(a for a, n in METHODS.aliases().items() if n == name)
+            rows.setdefault(name, (also, tuple(cls.recipes), tuple(cls.ablations), cls.__doc__ or ""))
+        for name in sorted(rows):
+            also, recipes, ablations, doc = rows[name]
+            if recipes is None or ablations is None:  # not literals in its file: ask the class itself
+                cls = METHODS.get(name)
+                recipes, ablations = tuple(cls.recipes), tuple(cls.ablations)
+            about = " ".join(doc.split()).split(": ")[0].split(". ")[0].rstrip(".")
             label = name + (f" (alias {', '.join(also)})" if also else "")
-            table.add_row(label, ", ".join(cls.recipes), ", ".join(cls.ablations) or "-", doc)
+            table.add_row(label, ", ".join(recipes), ", ".join(ablations) or "-", about)
     elif what == "datasets":
         from mugcp_bench.registry import DATASETS
 
@@ -67,6 +74,15 @@ def list_cmd(what: str, show_all: bool) -> None:
         table.add_column("about")
         for p in PROTOCOLS.values():
             table.add_row(p.name, p.train_protocol, ",".join(map(str, p.default_shots)), p.description)
+    elif what == "executors":
+        from mugcp_bench.registry import EXECUTORS
+
+        table.add_column("executor")
+        table.add_column("options")
+        table.add_column("about")
+        for name, cls in EXECUTORS.items():
+            options = ", ".join("--" + o.replace("_", "-") for o in cls.options) or "-"
+            table.add_row(name, options, ((cls.__doc__ or "").strip().splitlines() or [""])[0])
     else:
         from mugcp_bench.registry import DESCRIBERS
 

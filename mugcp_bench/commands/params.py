@@ -52,7 +52,7 @@ class NameList(click.ParamType):
             for n in names:
                 if n.lower() in self.extra or "*" in n or "?" in n:
                     continue
-                self.registry.canonical(n)  # UserError with a did-you-mean: one line, exit 2
+                self.registry.check_name(n)  # UserError with a did-you-mean (no plugin imported): one line, exit 2
         return ",".join(names)
 
 

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from mugcp_bench.runs.job import TaskResult
 
 LINE_INTERVAL_S = 30.0  # off a terminal: at most one training line per run this often
+QUIET = False  # -q: no progress display (set by the command line)
 
 
 def plan_line(plan: SweepPlan) -> str:
@@ -156,7 +157,9 @@ class LineReporter(Reporter):
 
 
 def make_reporter(console: Console) -> Reporter:
-    """The live display on a terminal, plain lines otherwise."""
+    """The live display on a terminal, plain lines otherwise; none under -q (the summary still prints)."""
+    if QUIET:
+        return Reporter()
     return ConsoleReporter(console) if console.is_terminal else LineReporter(console)
 
 

@@ -15,7 +15,6 @@ from mugcp_bench.errors import UserError
 from mugcp_bench.report.aggregate import REPORT_PROTOCOLS, build_report
 from mugcp_bench.report.efficiency import efficiency_tables
 from mugcp_bench.report.per_class import per_class_tables
-from mugcp_bench.report.plots import confusion_figures, make_plots, save_figure
 from mugcp_bench.report.structure import Options
 from mugcp_bench.report.tables import FORMATS, SUFFIX_FORMATS, render
 from mugcp_bench.report.tidy import load_results
@@ -177,6 +176,8 @@ def report(
         else:
             click.echo(text, nl=False)
         if plots_dir is not None:
+            from mugcp_bench.report.plots import confusion_figures, make_plots, save_figure  # matplotlib: only here
+
             make_plots(rep, plots_dir)
             if confusion:
                 for stem, fig in confusion_figures(results, confusion).items():

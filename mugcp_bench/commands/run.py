@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
@@ -15,8 +15,11 @@ from rich.table import Table
 from mugcp_bench.commands.params import NameList, ids
 from mugcp_bench.commands.progress import make_reporter
 from mugcp_bench.errors import RunFailed, UserError
+from mugcp_bench.registry import METHODS
 from mugcp_bench.runs.options import SweepOptions
-from mugcp_bench.runs.sweep import SweepResult, run_sweep
+
+if TYPE_CHECKING:
+    from mugcp_bench.runs.sweep import SweepResult
 
 
 def run_options(f):
@@ -113,6 +116,8 @@ def sweep(
     """Run the sweep the options describe and print its summary; exit 1 (RunFailed) when a run failed."""
     if show_config and not kw.get("dry_run"):
         raise UserError("--show-config shows the plan without running it: add --dry-run")
+    from mugcp_bench.runs.sweep import run_sweep  # torch and the methods: only once a sweep is really asked for
+
     console = Console(stderr=True)
     result = run_sweep(SweepOptions(methods=methods, variants=variants, **kw), reporter=make_reporter(console))
     if result.dry_run:
@@ -179,7 +184,7 @@ def summarize(result: SweepResult, console: Console) -> None:
 @click.option(
     "--methods",
     default=None,
-    type=NameList(),
+    type=NameList(METHODS),
     help="Methods (comma-separated, wildcards) [default: those of the paper tables, see 'mugcp-bench list methods'].",
 )
 @run_options
@@ -196,7 +201,6 @@ def run(methods: str, **kw) -> None:
 @run_options
 def ablate(method: str, drops: tuple[str, ...], **kw) -> None:
     """Run METHOD and, for each --drop X, its variant no-X (its own keyed run) under the same options."""
-    from mugcp_bench.registry import METHODS
     from mugcp_bench.runs.plan import variant_overrides
 
     name = METHODS.canonical(method)
