@@ -161,3 +161,33 @@ def test_a_dataset_added_in_one_file_flows_through_names_and_orders(tmp_path: Pa
     assert table.rows[:2] == ["dtd", "my_birds"] and table.row_labels["my_birds"] == "MyBirds"
     csv = pd.read_csv(io.StringIO(run("--results-dir", str(store), "--format", "csv").stdout))
     assert list(dict.fromkeys(csv["dataset_name"])) == ["DTD", "MyBirds", "Average (2)"]
+
+
+@pytest.mark.parametrize("width", [100, 120])
+@pytest.mark.parametrize("store", ["six-methods", "ci-vs"])
+def test_terminal_tables_fit_the_width_and_never_cut_a_value(store, width, tmp_path):
+    """The six methods of the demo, and --ci --vs zsclip (the widest cells), in blocks of methods that fit; every
+    value whole, every block with its Dataset column."""
+    from mugcp_bench.report.aggregate import build_report
+    from mugcp_bench.report.structure import Options
+    from mugcp_bench.report.tables import _grid, _plain, report_text
+    from mugcp_bench.report.tidy import load_results
+    from tests.synthetic_results import Split, write_b2n_store
+
+    if store == "six-methods":
+        skills = {m: 0.1 * i for i, m in enumerate(("zsclip", "coop", "cocoop", "maple", "dcp", "mugcp"))}
+        datasets = {d: (Split(60, 6), Split(60, 6)) for d in ("toy_objects", "toy_shapes", "toy_colors")}
+        results, options = write_b2n_store(tmp_path, skills, datasets, seeds=(1, 2, 3)), Options(ci=True)
+    else:
+        results, options = CI_RESULTS, Options(ci=True, vs="zsclip")
+    report = build_report(load_results(results), ["base2novel"], options)
+    text = report_text(report, width=width)
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= width
+    (table,) = report.tables
+    blocks = [i for i, line in enumerate(lines) if line.startswith(table.title)]
+    assert len(blocks) > 1  # too wide for one piece at this width
+    for label, texts in _grid(table, report.options):
+        assert sum(label in line for line in lines) == len(blocks)  # the Dataset column in every block
+        for cell in texts:
+            assert _plain(cell) in text  # no value cut or wrapped

@@ -16,7 +16,7 @@ from mugcp_bench.report.aggregate import REPORT_PROTOCOLS, build_report
 from mugcp_bench.report.efficiency import efficiency_tables
 from mugcp_bench.report.per_class import per_class_tables
 from mugcp_bench.report.structure import Options
-from mugcp_bench.report.tables import FORMATS, SUFFIX_FORMATS, render
+from mugcp_bench.report.tables import FORMATS, SUFFIX_FORMATS, TEXT_WIDTH, render
 from mugcp_bench.report.tidy import load_results
 from mugcp_bench.runs.options import parse_ints
 
@@ -168,7 +168,9 @@ def report(
         if efficiency:
             rep.row_tables += efficiency_tables(results, options)
         tty = out is None and sys.stdout.isatty()
-        width = shutil.get_terminal_size().columns if tty else 400
+        # a terminal's width, else 120 (a pipe or a file): the terminal table is split into blocks of methods that
+        # fit; the wide table in one piece is --format md / latex / csv
+        width = shutil.get_terminal_size().columns if tty else TEXT_WIDTH
         text = render(rep, fmt, pivot=pivot, width=width, color=tty and fmt == "table")
         if out is not None:
             atomic_write_text(out, text)

@@ -325,7 +325,12 @@ def _notes(table: Table, sub: pd.DataFrame, options: Options, n_dup: int, n_avg:
     if options.ci:
         table.note("values", f"Values: mean [95% bootstrap interval] of {value}.")
     else:
-        table.note("values", f"Values: mean ± sample std over seeds (ddof=1) of {value}; – = not defined (one seed).")
+        if (pd.to_numeric(table.cells["n"], errors="coerce").fillna(1) <= 1).all():
+            table.note("values", f"Values: {value} of one seed (no spread over seeds).")
+        else:
+            table.note(
+                "values", f"Values: mean ± sample std over seeds (ddof=1) of {value}; – = not defined (one seed)."
+            )
     if n_dup:
         table.note(
             "duplicates",

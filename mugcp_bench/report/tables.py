@@ -24,6 +24,7 @@ from mugcp_bench.report.structure import Column, Options, Report, RowTable, Tabl
 FORMATS = ("table", "md", "latex", "csv")
 SUFFIX_FORMATS = {".md": "md", ".markdown": "md", ".tex": "latex", ".csv": "csv", ".txt": "table"}
 DECIMALS = 2
+TEXT_WIDTH = 120  # the terminal table's width when it is not shown on a terminal (a pipe, a file)
 
 
 @dataclass
@@ -74,6 +75,12 @@ def _excludes_zero(low: float, high: float) -> bool:
     return (low > 0 and high > 0) or (low < 0 and high < 0)
 
 
+def one_seed(table: Table) -> bool:
+    """Every cell of the table has one seed: no spread to show anywhere (the values note says so)."""
+    n = pd.to_numeric(table.cells.get("n", pd.Series(dtype=float)), errors="coerce")
+    return bool(len(n)) and bool((n.fillna(1) <= 1).all())
+
+
 def cell_text(table: Table, col: Column, row: str, options: Options, best: set[tuple[str, str, str]]) -> CellText:
     """Format-neutral text of one cell ("–" when the method has no value there)."""
     c = table.cell(col.entry, row, col.group)
@@ -85,7 +92,7 @@ def cell_text(table: Table, col: Column, row: str, options: Options, best: set[t
         text.spread = _interval(c["ci_low"], c["ci_high"], signed=col.delta)
         if col.delta and _excludes_zero(c["ci_low"], c["ci_high"]):
             text.spread += "*"
-    elif not is_avg and not col.delta and col.group != "hm":
+    elif not is_avg and not col.delta and col.group != "hm" and not one_seed(table):
         spread = c["std"]
         text.spread = "± " + ("–" if pd.isna(spread) else _fmt(spread))
     if not bool(c["complete"]):
@@ -271,28 +278,80 @@ def report_latex(report: Report) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # rich terminal table
 # ---------------------------------------------------------------------------------------------------------------
-def rich_tables(report: Report) -> list:
-    """rich renderables: for each table a rich Table and its footnotes, then the report footer."""
+def _blocks(table: Table, grid: list[tuple[str, list[CellText]]], width: int) -> list[list[int]]:
+    """Column indices split into blocks that each fit `width` characters beside the row labels: whole entries
+    (all their groups) where they fit, else single columns. Cells are never cut: a column is as wide as its values."""
+    single = _single_group(table)
+    label_w = max(len(table.row_header), *(len(label) for label, _ in grid))
+    widths = []
+    for j, col in enumerate(table.columns):
+        head = [col.entry] if single else [col.entry, table.group_labels[col.group]]
+        widths.append(max(*(len(h) for h in head), *(len(_plain(texts[j])) for _, texts in grid)))
+    budget = width - (label_w + 4)  # the label column with its borders and padding
+    entries: list[list[int]] = []
+    for j, col in enumerate(table.columns):
+        if entries and table.columns[entries[-1][0]].entry == col.entry:
+            entries[-1].append(j)
+        else:
+            entries.append([j])
+    blocks: list[list[int]] = []
+    used, whole = 0, False  # the last block's width, and whether it holds whole entries only
+    for cols in entries:
+        need = sum(widths[j] + 3 for j in cols)
+        if need <= budget:  # a whole entry: beside the previous whole entries if it fits
+            if blocks and whole and used + need <= budget:
+                blocks[-1].extend(cols)
+                used += need
+            else:
+                blocks.append(list(cols))
+                used, whole = need, True
+            continue
+        whole = False  # an entry too wide on its own: its columns in blocks of their own, never mixed with another
+        blocks.append([])
+        used = 0
+        for j in cols:
+            if blocks[-1] and used + widths[j] + 3 > budget:
+                blocks.append([])
+                used = 0
+            blocks[-1].append(j)
+            used += widths[j] + 3
+    return blocks
+
+
+def _rich_table(table: Table, grid: list[tuple[str, list[CellText]]], cols: list[int]) -> RichTable:
+    single = _single_group(table)
+    rt = RichTable(header_style="bold")
+    rt.add_column(table.row_header, no_wrap=True)
+    for j in cols:
+        c = table.columns[j]
+        head = c.entry if single else f"{c.entry}\n{table.group_labels[c.group]}"
+        rt.add_column(head, justify="right", no_wrap=True)
+    for (label, texts), row in zip(grid, table.rows):
+        if row == AVERAGE:
+            rt.add_section()
+        cells = []
+        for j in cols:
+            t = texts[j]
+            cell = Text(t.mean, style="bold green" if t.bold else "")
+            for part, style in ((t.spread, "dim"), (t.flag, "yellow"), (t.delta, "cyan")):
+                if part:
+                    cell.append(" " + part, style=style)
+            cells.append(cell)
+        rt.add_row(Text(label, style="bold" if row == AVERAGE else ""), *cells)
+    return rt
+
+
+def rich_tables(report: Report, width: int = TEXT_WIDTH) -> list:
+    """rich renderables: for each table its title, the table (in blocks of methods that fit `width`) and its
+    footnotes, then the report footer."""
     items: list = []
     for table in report.tables:
-        single = _single_group(table)
-        rt = RichTable(header_style="bold")
-        rt.add_column(table.row_header, no_wrap=True)
-        for c in table.columns:
-            head = c.entry if single else f"{c.entry}\n{table.group_labels[c.group]}"
-            rt.add_column(head, justify="right", no_wrap=True)
-        for (label, texts), row in zip(_grid(table, report.options), table.rows):
-            if row == AVERAGE:
-                rt.add_section()
-            cells = []
-            for t in texts:
-                cell = Text(t.mean, style="bold green" if t.bold else "")
-                for part, style in ((t.spread, "dim"), (t.flag, "yellow"), (t.delta, "cyan")):
-                    if part:
-                        cell.append(" " + part, style=style)
-                cells.append(cell)
-            rt.add_row(Text(label, style="bold" if row == AVERAGE else ""), *cells)
-        items.extend([Text(table.title, style="bold"), rt])
+        grid = _grid(table, report.options)
+        blocks = _blocks(table, grid, width)
+        for i, cols in enumerate(blocks):
+            entries = list(dict.fromkeys(table.columns[j].entry for j in cols))
+            part = f" ({i + 1}/{len(blocks)}: {', '.join(entries)})" if len(blocks) > 1 else ""
+            items.extend([Text(table.title + part, style="bold"), _rich_table(table, grid, cols)])
         items.extend(Text(note, style="dim") for note in table.footnotes)
         items.append(Text(""))
     for table in report.row_tables:
@@ -308,13 +367,14 @@ def rich_tables(report: Report) -> list:
     return items
 
 
-def report_text(report: Report, width: int = 400, color: bool = False) -> str:
-    """The rich terminal rendering as a string (ANSI styles only when `color`)."""
+def report_text(report: Report, width: int = TEXT_WIDTH, color: bool = False) -> str:
+    """The rich terminal rendering as a string (ANSI styles only when `color`): tables in blocks of methods that fit
+    `width`, notes wrapped to it. The whole table in one piece: `--format md`, `latex` or `csv`."""
     console = Console(
         file=io.StringIO(), width=width, record=True, force_terminal=color, color_system="auto" if color else None
     )
-    for item in rich_tables(report):
-        console.print(item, overflow="fold" if not isinstance(item, Text) else "ignore", crop=False)
+    for item in rich_tables(report, width):
+        console.print(item, crop=False)
     return console.export_text(styles=color)
 
 
@@ -403,7 +463,7 @@ def pivot_cells(report: Report) -> pd.DataFrame:
 # ---------------------------------------------------------------------------------------------------------------
 # Entry points
 # ---------------------------------------------------------------------------------------------------------------
-def render(report: Report, fmt: str, pivot: bool = False, width: int = 400, color: bool = False) -> str:
+def render(report: Report, fmt: str, pivot: bool = False, width: int = TEXT_WIDTH, color: bool = False) -> str:
     """The report as text in one of FORMATS."""
     if fmt == "md":
         return report_markdown(report)
