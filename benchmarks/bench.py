@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_METHODS = ("zsclip", "coop", "cocoop", "maple", "dcp", "mugcp")
+DEFAULT_METHODS = ("zsclip", "coop", "cocoop", "maple", "dcp", "mugcp", "kgcoop", "ivlp", "language_deep", "vpt_deep")
 DEFAULT_BACKBONES = ("tiny", "toy-clip", "ViT-B-16")
 DEFAULT_CLASSES = (10, 100, 1000)
 # ViT-B-16 at 1000 classes is left out of the default CPU plan: one naive CoOp step there encodes 1000 × 77 tokens
@@ -757,8 +757,23 @@ def memory_table(rows: list[dict[str, Any]]) -> str:
 
 TARGETS = (
     # (what, methods, kind, backbone, classes, threshold)
-    ("training ≥ 3× at 100 classes on ViT-B-16", ("coop", "cocoop", "maple"), "train", "ViT-B-16", 100, 3.0),
-    ("evaluation ≥ 10× at 100 classes", ("zsclip", "coop", "maple"), "eval", None, 100, 10.0),
+    # vpt_deep has no target: its class text is fixed and encoded once on both paths, as in the reference
+    (
+        "training ≥ 3× at 100 classes on ViT-B-16",
+        ("coop", "cocoop", "maple", "kgcoop", "ivlp", "language_deep"),
+        "train",
+        "ViT-B-16",
+        100,
+        3.0,
+    ),
+    (
+        "evaluation ≥ 10× at 100 classes",
+        ("zsclip", "coop", "maple", "kgcoop", "ivlp", "language_deep"),
+        "eval",
+        None,
+        100,
+        10.0,
+    ),
     ("evaluation memory @1000 ≤ 1.5× @100 classes", ("cocoop", "mugcp"), "mem", None, None, 1.5),
 )
 
