@@ -119,7 +119,6 @@ def setup_logging(verbose: int) -> None:
     # every random init); hide those, not the root level, which would silence every warning of ours too.
     handler.addFilter(lambda record: record.name != "root" or record.levelno >= logging.ERROR)
     handler.setLevel(level)
-    # the root logger lets INFO through to each run's own log.txt (runs/job.py run_log); the console shows `level`
     logging.basicConfig(level=level, handlers=[handler], force=True)
     for noisy in ("PIL", "matplotlib", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))

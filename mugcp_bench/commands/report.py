@@ -87,7 +87,7 @@ def _format(fmt: str | None, out: Path | None) -> str:
 @click.option(
     "--ci",
     is_flag=True,
-    help="95%% bootstrap intervals (seeds and test images resampled, paired across methods) instead of the std; "
+    help="95% bootstrap intervals (seeds and test images resampled, paired across methods) instead of the std; "
     "with --vs, the interval of each Δ (* = excludes 0).",
 )
 @click.option("--ci-seed", default=0, show_default=True, type=int, help="Random seed of the bootstrap.")
@@ -174,15 +174,16 @@ def report(
         text = render(rep, fmt, pivot=pivot, width=width, color=tty and fmt == "table")
         if out is not None:
             atomic_write_text(out, text)
-            log.info("wrote %s", out)
+            click.echo(f"wrote {out}", err=True)
         else:
             click.echo(text, nl=False)
         if plots_dir is not None:
             from mugcp_bench.report.plots import confusion_figures, make_plots, save_figure  # matplotlib: only here
 
-            make_plots(rep, plots_dir)
+            written = make_plots(rep, plots_dir)
             if confusion:
                 for stem, fig in confusion_figures(results, confusion).items():
-                    save_figure(fig, plots_dir, stem)
+                    written += save_figure(fig, plots_dir, stem)
+            click.echo(f"wrote {len(written) // 2} plots (PNG and PDF) to {plots_dir}", err=True)
     except UserError as exc:
         raise _BadInput(str(exc)) from exc

@@ -162,7 +162,8 @@ def summarize(result: SweepResult, console: Console) -> None:
     """What the sweep did, the mean accuracy per method of the runs it evaluated, and where the tables are."""
     done = [r for r in result.trained if r.accuracies]
     if result.claimed:
-        console.print(f"{len(result.claimed)} runs were claimed by another process and left to it")
+        n = len(result.claimed)
+        console.print(f"{n} run{' was' if n == 1 else 's were'} claimed by another process and left to it")
     if done:
         per: dict[str, dict[str, list[float]]] = {}
         for r in done:

@@ -8,6 +8,8 @@ run: the record says why, and so does the returned `TaskResult`.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import socket
@@ -16,8 +18,10 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from mugcp_bench.datasets.base import get_spec, prepare
@@ -114,27 +118,63 @@ class RunLabelFilter(logging.Filter):
         return True
 
 
+class RunLog(logging.Handler):
+    """A run's own log.txt (the Dassl habit: what the run said, beside its record), every line with the run id: what
+    the job writes (start, every epoch, every evaluation, the end) and every log record of this process that passes
+    its logger's level (warnings by default, more with -v). Global logging levels are left as they are."""
+
+    current: RunLog | None = None  # the log of the run this process is working on
+
+    def __init__(self, record: RunRecord) -> None:
+        super().__init__()
+        self.path, self.id = record.log_path, record.key.id
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+
+    def line(self, text: str) -> None:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(f"{stamp} {self.id} {text}\n")
+        except OSError:  # the log is a help, never a failure
+            pass
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.line(self.format(record))
+
+
+class EpochLines(TrainCallback):
+    """One log.txt line per epoch: loss, learning rate, throughput."""
+
+    def __init__(self, log: RunLog) -> None:
+        self.log = log
+
+    def on_epoch_end(self, info: StepInfo) -> None:
+        rate = f"{info.images_per_s:.0f} img/s"
+        self.log.line(f"epoch {info.epoch + 1}/{info.epochs}  loss {info.loss:.4f}  lr {info.lr:.3g}  {rate}")
+
+
+def note(text: str) -> None:
+    """A line in the log.txt of the run this process is working on (nothing outside a job)."""
+    if RunLog.current is not None:
+        RunLog.current.line(text)
+
+
 @contextmanager
-def run_log(record: RunRecord) -> Iterator[None]:
-    """While the job runs, append everything this process logs at INFO and above to the run's log.txt, every line
-    with the run id (what Dassl users look for beside a run's results)."""
+def run_log(record: RunRecord) -> Iterator[RunLog]:
+    """While the job runs: its log.txt receives the job's own lines and this process's log records, and workers'
+    console lines name the run (`RunLabelFilter`)."""
     record.dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(record.log_path, encoding="utf-8")
-    handler.setLevel(logging.INFO)
-    handler.setFormatter(logging.Formatter(f"%(asctime)s {record.key.id} %(levelname)-7s %(name)s: %(message)s"))
+    log_file = RunLog(record)
     root = logging.getLogger()
-    previous_level, previous_run = root.level, RunLabelFilter.current
-    root.addHandler(handler)
-    if root.level > logging.INFO or root.level == logging.NOTSET:
-        root.setLevel(logging.INFO)  # the console handlers keep their own levels
-    RunLabelFilter.current = record.key.id
+    previous_run, previous_log = RunLabelFilter.current, RunLog.current
+    root.addHandler(log_file)
+    RunLabelFilter.current, RunLog.current = record.key.id, log_file
     try:
-        yield
+        yield log_file
     finally:
-        RunLabelFilter.current = previous_run
-        root.removeHandler(handler)
-        root.setLevel(previous_level)
-        handler.close()
+        RunLabelFilter.current, RunLog.current = previous_run, previous_log
+        root.removeHandler(log_file)
+        log_file.close()
 
 
 # --- executing one run ----------------------------------------------------------------------------------------------
@@ -213,6 +253,7 @@ def execute(
             record.add_evaluation(evaluation)
             accuracies[f"{target.dataset} {target.classes}"] = evaluation.accuracy
             log.info("%s -> %s %s: %.2f%%", run.label, target.dataset, target.classes, evaluation.accuracy)
+            note(f"{target.protocol} {target.dataset} {target.classes}: {evaluation.accuracy:.2f}% of {evaluation.n}")
         previous = timings.get("eval_s", 0.0) if run.action == Action.EVALUATE else 0.0  # evaluate-only adds targets
         timings["eval_s"] = round(previous + time.perf_counter() - t_eval, 3)
         if n_eval:
@@ -297,35 +338,16 @@ def _evaluate(
     run: PlannedRun, method: Method, target: EvalTarget, backbone: Backbone, settings: RunSettings
 ) -> Evaluation:
     """One evaluation of the trained method, as the record stores it (predictions written beside it)."""
-    device = torch.device(settings.device)
     split = eval_split(run, target, settings)
     tspec = get_spec(target.dataset)
     method.set_classnames(split.classnames, template=tspec.template, dataset=tspec.name)
     info = method.prepare_images(split.test, "test")
-    feats = None
-    if type(method).frozen_image_path:
-        feats = image_features(
-            backbone,
-            split.test,
-            backbone.test_transform,
-            device,
-            run.key.precision,
-            settings.cache_dir,
-            run.train_config.eval_batch_size,
-            tspec.name,
-            settings.workers,
-        )
-    result = evaluate(
-        method,
-        split.test,
-        backbone.test_transform,
-        device,
-        run.key.precision,
-        run.train_config.eval_batch_size,
-        image_features=feats,
-        workers=settings.workers,
-        dataset=tspec.name,
-    )
+    cached = _untrained_evaluation(run, method, split, backbone, settings)
+    result = cached.load() if cached is not None else None
+    if result is None:
+        result = _evaluate_split(run, method, split, tspec, backbone, settings)
+        if cached is not None:
+            cached.save(result)
     return Evaluation(
         protocol=target.protocol,
         dataset=target.dataset,
@@ -339,6 +361,79 @@ def _evaluate(
         predictions=predictions.write(
             run.record.dir, target.protocol, target.dataset, target.classes, result, split.test, split.classnames
         ),
+    )
+
+
+@dataclass
+class _CachedEvaluation:
+    """The evaluation of a method that trains nothing (zero-shot CLIP): the same for every seed and shot count, so
+    it is computed once per test list and kept in the cache folder (content-keyed, written atomically)."""
+
+    path: Path
+
+    def load(self) -> dict[str, Any] | None:
+        if not self.path.is_file():
+            return None
+        try:
+            with np.load(self.path, allow_pickle=False) as z:
+                out = {k: z[k] for k in ("predictions", "top5")}
+                out |= {k: z[k].item() for k in ("n", "correct", "accuracy", "accuracy_1dp")}
+            return out
+        except Exception as e:  # noqa: BLE001 - a damaged cache entry is computed again
+            log.warning("evaluation cache %s unreadable (%s); evaluating again", self.path, type(e).__name__)
+            return None
+
+    def save(self, result: dict[str, Any]) -> None:
+        from mugcp_bench.atomic import atomic_path
+
+        try:
+            with atomic_path(self.path) as tmp, open(tmp, "wb") as f:
+                np.savez(f, **{k: np.asarray(result[k]) for k in ("predictions", "top5", "n", "correct", "accuracy",
+                                                                 "accuracy_1dp")})  # fmt: skip
+        except OSError as e:  # a cache is a saving, never a failure
+            log.warning("could not cache the evaluation in %s (%s)", self.path, e)
+
+
+def _untrained_evaluation(run: PlannedRun, method: Method, split, backbone: Backbone, settings: RunSettings):
+    if type(method).trains:
+        return None
+    blob = json.dumps(
+        [run.method, run.config()["method"], run.train_config.eval_batch_size, backbone.name, backbone.weights_hash,
+         backbone.transform_version, run.key.precision, predictions.items_sha256(split.test), list(split.classnames),
+         method.template],
+        sort_keys=True, default=str,
+    )  # fmt: skip
+    return _CachedEvaluation(
+        settings.cache_dir / "evaluations" / f"{hashlib.sha256(blob.encode()).hexdigest()[:32]}.pt"
+    )
+
+
+def _evaluate_split(run: PlannedRun, method: Method, split, tspec, backbone: Backbone, settings: RunSettings) -> dict:
+    """`engine.trainer.evaluate` on one split, with the frozen image features cached where the method allows."""
+    device = torch.device(settings.device)
+    feats = None
+    if type(method).frozen_image_path:
+        feats = image_features(
+            backbone,
+            split.test,
+            backbone.test_transform,
+            device,
+            run.key.precision,
+            settings.cache_dir,
+            run.train_config.eval_batch_size,
+            tspec.name,
+            settings.workers,
+        )
+    return evaluate(
+        method,
+        split.test,
+        backbone.test_transform,
+        device,
+        run.key.precision,
+        run.train_config.eval_batch_size,
+        image_features=feats,
+        workers=settings.workers,
+        dataset=tspec.name,
     )
 
 
@@ -421,8 +516,12 @@ def perform(
             return TaskResult(**base, action=run.action.value, status=status, seconds=time.perf_counter() - t0, **kw)
 
         try:
-            with run_log(run.record):
-                accuracies = execute(run, backbone, settings, callbacks=[Watch()])
+            with run_log(run.record) as log_file:
+                log_file.line(
+                    f"{run.action.value} {run.label} on {settings.device} ({base['host']}, pid {base['pid']})"
+                )
+                accuracies = execute(run, backbone, settings, callbacks=[Watch(), EpochLines(log_file)])
+                log_file.line(f"{run.record.status.value} in {time.perf_counter() - t0:.1f} s")
         except ClaimLost as e:
             log.warning("%s: the claim was taken over by %s; leaving the run to it", task.label, e)
             return result(RunStatus.RUNNING.value, reason=f"claim taken over by {e}")
@@ -501,6 +600,8 @@ __all__ = [
     "perform",
     "perform_in_worker",
     "record_failure",
+    "RunLog",
+    "note",
     "run_log",
     "step_reporter",
 ]
