@@ -191,3 +191,24 @@ def test_terminal_tables_fit_the_width_and_never_cut_a_value(store, width, tmp_p
         assert sum(label in line for line in lines) == len(blocks)  # the Dataset column in every block
         for cell in texts:
             assert _plain(cell) in text  # no value cut or wrapped
+
+
+def test_two_recipes_of_one_method_name_where_each_comes_from(tmp_path):
+    """KgCoOp under its authors' recipe and under DePT's re-run: two entries, and the provenance of both."""
+    from mugcp_bench.registry import METHODS
+    from mugcp_bench.report.aggregate import build_report
+    from mugcp_bench.report.structure import Options
+    from mugcp_bench.report.tidy import load_results
+    from tests.factories import evaluation, make_key, make_record, write_record
+
+    for recipe in ("paper", "dept"):
+        for seed in (1, 2):
+            key = make_key(method="kgcoop", recipe=recipe, seed=seed)
+            evs = [evaluation("base2novel", "dtd", c, 70.0 + seed, 100) for c in ("base", "novel")]
+            write_record(tmp_path, make_record(key, evaluations=evs))
+    (table,) = build_report(load_results(tmp_path), ["base2novel"], Options()).tables
+    assert {"kgcoop (paper)", "kgcoop (dept)"} <= set(table.entries["entry"])
+    (note,) = table.notes_of("recipes")
+    for recipe in ("paper", "dept"):
+        source = METHODS.get("kgcoop").provenance[recipe]
+        assert f"{recipe}: {source.repo}" in note.text and source.configs["base2novel"] in note.text

@@ -230,6 +230,7 @@ def build_table(frame: pd.DataFrame, kind: str, options: Options) -> Table | Non
         seed_values=seed_values,
     )
     _notes(table, sub, options, n_dup, n_avg, source_name)
+    _recipe_notes(table, sub)
     if hidden:
         table.note(
             "configs",
@@ -238,6 +239,22 @@ def build_table(frame: pd.DataFrame, kind: str, options: Options) -> Table | Non
         )
     _seed_flag_notes(table)
     return table
+
+
+def _recipe_notes(table: Table, sub: pd.DataFrame) -> None:
+    """Where one method is in the table under several recipes, where each recipe's settings come from (the
+    provenance its runs recorded: repository@commit:config)."""
+    if "provenance" not in sub:
+        return
+    for method, msub in sub.groupby("method", sort=True):
+        recipes = msub.drop_duplicates("recipe")
+        if len(recipes) < 2:
+            continue
+        parts = []
+        for r in recipes.sort_values("recipe").itertuples(index=False):
+            where = r.provenance if isinstance(r.provenance, str) and r.provenance else "our design"
+            parts.append(f"{r.recipe}: {where}")
+        table.note("recipes", f"Recipes of {method}: {'; '.join(parts)}.")
 
 
 def _recipe_runs(frame: pd.DataFrame, options: Options) -> tuple[pd.DataFrame, list[str]]:

@@ -37,6 +37,7 @@ NOTE_KINDS = (
     "seeds",  # the (k/n) legend: expected seeds of the entries with missing ones
     "incomplete",  # the † legend
     "duplicates",  # several runs of one seed
+    "recipes",  # where each recipe comes from, when a method runs under several recipes in one table
     "configs",  # runs with other settings than their recipe's, left out of the table (--by-config shows them)
     "leakage",  # share of MuGCP descriptions naming the true class, one per entry
     "outliers",  # outlier seeds
