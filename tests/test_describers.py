@@ -445,3 +445,18 @@ def test_a_corrupted_cache_line_is_named_once_and_its_image_described_again_thro
         assert "a forged description" not in path.read_text() and len(path.read_text().splitlines()) == len(lines)
         code, out, err = cli(args, capsys)  # clean again: nothing reported, nothing described
         assert code == 0 and "corrupted" not in err and "0 images described now" in " ".join((out + err).split())
+
+
+def test_describe_uses_the_describer_of_the_runs_it_prepares(toy_root, tmp_path, capsys, monkeypatch):
+    """One rule for `run` and `describe`: without --describer, describe as MuGCP's recipe for that world does."""
+    from tests.cli_harness import cli
+
+    monkeypatch.setenv("MUGCP_CACHE", str(tmp_path / "cache"))
+    base = ["describe", "--data-root", str(toy_root), "--datasets", "toy_colors", "--shots", "1", "--seeds", "1"]
+    code, _, err = cli(base, capsys)  # real data: the paper recipe's MLLM, which is not here offline
+    (line,) = [x for x in err.splitlines() if x.startswith("error:")]
+    assert code == 2 and "Qwen/Qwen2-VL-7B-Instruct" in line
+    assert "describe --model PATH" in line and "run --set mugcp.describer_model=PATH" in line
+    code, out, err = cli([*base, "--recipe", "toy", "--show", "2"], capsys)  # the toy recipe: auto -> scene
+    assert code == 0, err
+    assert "scene-v1" in out and "sample descriptions" in out and out.count("toy_colors/") >= 2

@@ -94,7 +94,8 @@ class MLLMDescriber(Describer):
         super().__init__(prompt_id, batch_size)
         if not model:
             raise UserError(
-                "the 'mllm' describer needs a model: pass --model HUB_ID|PATH (or --set describer_model=...)"
+                "the 'mllm' describer needs a model: describe --model HUB_ID|PATH, or run --set "
+                "mugcp.describer_model=..."
             )
         self.model_name = model
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -104,7 +105,10 @@ class MLLMDescriber(Describer):
             self.revision = local_model_revision(self._local)
             self._source = str(self._local)
         elif model.startswith((".", "~", "/")) or model.count("/") > 1 or (os.sep != "/" and os.sep in model):
-            raise UserError(f"mllm model folder '{model}' does not exist; pass --model PATH to a folder or a hub id")
+            raise UserError(
+                f"mllm model folder '{model}' does not exist; give a folder or a hub id (describe --model PATH, or run "
+                "--set mugcp.describer_model=PATH)"
+            )
         else:
             self.revision = self._hub_revision(model, revision)
             self._source = model
@@ -128,7 +132,8 @@ class MLLMDescriber(Describer):
             if not isinstance(path, str):
                 raise UserError(
                     f"mllm model '{repo_id}' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
-                    "pass --model PATH to a local folder, or go online once to download it"
+                    "give a local folder (describe --model PATH, run --set mugcp.describer_model=PATH), or go online "
+                    "once to download it"
                 )
         else:
             try:
@@ -136,7 +141,7 @@ class MLLMDescriber(Describer):
             except Exception as e:  # noqa: BLE001
                 raise UserError(
                     f"cannot fetch mllm model '{repo_id}' ({type(e).__name__}); check the hub id, the network, "
-                    "or pass --model PATH to a local folder"
+                    "or give a local folder (describe --model PATH, run --set mugcp.describer_model=PATH)"
                 ) from None
         return Path(path).parent.name[:12]
 
