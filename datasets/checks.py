@@ -82,7 +82,22 @@ def check_datasets(
 
 
 def require_datasets(root: Path, names: str | Iterable[str]) -> None:
-    """UserError listing every unusable dataset, one line each (the `run` command calls this before training)."""
-    problems = [r.message for r in check_datasets(root, names) if not r.ok]
+    """UserError naming every unusable dataset (the `run` command calls this before training): the ones whose folder
+    is missing in one line, with a --datasets of those present, then one line per other problem."""
+    results = check_datasets(root, names)
+    missing = [r.name for r in results if r.status == "missing folder"]
+    present = [r.name for r in results if r.ok]
+    problems = [r.message for r in results if not r.ok and r.status != "missing folder"]
+    if missing:
+        line = (
+            next(r.message for r in results if r.status == "missing folder")
+            if len(missing) == 1
+            else f"{len(missing)} of {len(results)} datasets are not under {require_data_root(root)} "
+            f"({', '.join(missing)}): 'mugcp-bench check-data --datasets {','.join(missing)}' shows where each comes "
+            "from and its expected tree"
+        )
+        if present:
+            line += f"; to run the ones present: --datasets {','.join(present)}"
+        problems.insert(0, line)
     if problems:
         raise UserError("\n".join(problems))

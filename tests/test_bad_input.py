@@ -56,6 +56,17 @@ CASES = [
     (["check-data", "--data-root", "/nonexistent/data"], "/nonexistent/data does not exist"),
     (["describe", "--data-root", DATA, "--datasets", "dtd", "--describer", "mlm"], "Did you mean 'mllm'"),
     (["toy", "nope"], "nope"),
+    # a setting another setting overrides, a setting of another method, a depth the backbone cannot hold
+    ([*RUN, "--set", "n_ctx=16"], "coop takes n_ctx from ctx_init"),
+    ([*RUN, "--grid", "n_ctx=4,16"], "also --set ctx_init="),
+    ([*RUN[:2], "coop,maple", *RUN[3:], "--set", "prompt_depth=3"], "scope it: --set maple.prompt_depth=3"),
+    ([*RUN, "--set", "maple.n_ctx=2"], "maple is not among the methods of this sweep"),
+    ([*RUN[:2], "coop,maple", *RUN[3:-1], "paper"], "--set maple.prompt_depth=4 or less"),
+    ([*RUN[:2], "zsclip", *RUN[3:], "--set", "zsclip.lr=0.1"], "zsclip trains nothing"),
+    # the tiny backbone's way out, and the datasets present when others are missing
+    ([*RUN[:9], "--recipe", "toy"], "--pretrained random"),
+    ([*RUN[:4], "dtd,eurosat", *RUN[5:]], "to run the ones present: --datasets dtd"),
+    (["run", "--methods", "coop", "--show-config", "--datasets", "toy_shapes"], "--show-config"),
 ]
 
 

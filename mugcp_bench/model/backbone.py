@@ -696,6 +696,11 @@ def _hub_file(repo: str, filename: str | None, cache_dir: str | None, what: str)
 
 def _load_tag(name: str, tag: str, cache_dir: str | None, precision: str = "fp32") -> nn.Module:
     tags = open_clip.list_pretrained_tags_by_model(name)
+    if not tags and name in BACKBONES:  # a packaged test configuration (tiny, toy-clip): no published weights
+        raise UserError(
+            f"'{name}' is a packaged configuration without published weights: pass --pretrained random (random init: "
+            "smoke-tests the real-data path in seconds) or --pretrained PATH to a checkpoint file"
+        )
     if tag not in tags:
         raise UserError(
             f"'{tag}' is neither a file nor a pretrained tag of '{name}'.{suggest(tag, tags)} "
