@@ -85,6 +85,38 @@ def local_results(data_root, tmp_path_factory) -> Callable[[int], Path]:
     return sweep
 
 
+# Two coop runs of 3 epochs: long enough for a worker to be killed or interrupted after its first checkpoint.
+RESUMABLE = {**TINY, "methods": "coop", "datasets": "dtd,eurosat", "seeds": "1", "sets": {"epochs": 3, "batch_size": 2}}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_root, tmp_path_factory) -> Callable[[int], Path]:
+    """`uninterrupted(threads)`: the RESUMABLE sweep run straight through in this process with that many intra-op
+    threads (once per count, shared by the kill and Ctrl-C tests of both executors)."""
+    made: dict[int, Path] = {}
+
+    def sweep(threads: int) -> Path:
+        if threads not in made:
+            out = tmp_path_factory.mktemp(f"uninterrupted-{threads}-threads")
+            with torch_threads(threads):
+                result = run_sweep(data_root=data_root, results_dir=out, **RESUMABLE)
+            assert not result.failed and len(result.trained) == 2
+            made[threads] = out
+        return made[threads]
+
+    return sweep
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_ray_cluster() -> Iterator[None]:
+    """The Ray tests share one loopback cluster (`two_workers("ray")` starts it): its start and its worker processes'
+    imports are paid once; it is shut down after the module."""
+    yield
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
 @pytest.mark.slow
 def test_gpu_workers_on_the_cpu_give_the_local_numbers_bit_for_bit(data_root, local_results, tmp_path):
     result = run_sweep(data_root=data_root, results_dir=tmp_path, executor="gpus", gpus="cpu:2", **SWEEP)
@@ -166,17 +198,23 @@ def test_two_run_commands_at_once_train_every_run_exactly_once(data_root, tmp_pa
 
 
 @contextlib.contextmanager
-def two_workers(executor: str) -> Iterator[dict]:
-    """`run_sweep` options for two workers: two CPU workers under gpus, or Ray on a loopback cluster of 2 CPUs."""
+def two_workers(executor: str, own_cluster: bool = False) -> Iterator[dict]:
+    """`run_sweep` options for two workers: two CPU workers under gpus, or Ray on a loopback cluster of 2 CPUs: the
+    module's shared one (started by the first Ray test: `_one_ray_cluster`), or with `own_cluster` one started now
+    and shut down after the block (its worker processes see the environment variables set now)."""
     if executor == "gpus":
         yield {"executor": "gpus", "gpus": "cpu:2"}
         return
     ray = pytest.importorskip("ray", reason="the ray extra is installed by `make test`")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    if own_cluster and ray.is_initialized():
+        ray.shutdown()
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     try:
         yield {"executor": "ray"}
     finally:
-        ray.shutdown()
+        if own_cluster:
+            ray.shutdown()
 
 
 @contextlib.contextmanager
@@ -208,25 +246,22 @@ def _kill_first_worker_after_its_first_epoch(results: Path, killed: dict, stop: 
 @pytest.mark.slow
 @pytest.mark.parametrize("executor", ["gpus", "ray"])
 def test_a_worker_killed_mid_run_is_replaced_and_the_run_resumes_to_the_uninterrupted_numbers(
-    executor, data_root, tmp_path
+    executor, data_root, uninterrupted, tmp_path
 ):
-    kw = {**TINY, "methods": "coop", "datasets": "dtd,eurosat", "seeds": "1"}
-    kw["sets"] = {"epochs": 3, "batch_size": 2}
     with two_workers(executor) as extra, watching(_kill_first_worker_after_its_first_epoch, tmp_path / "a") as killed:
-        result = run_sweep(data_root=data_root, results_dir=tmp_path / "a", **extra, **kw)
+        result = run_sweep(data_root=data_root, results_dir=tmp_path / "a", **extra, **RESUMABLE)
     assert killed, "no worker was killed (the runs finished before the first checkpoint was seen)"
     assert not result.failed and len(result.trained) == 2
     interrupted = json.loads((killed["run_dir"] / "run.json").read_text())
     assert [a["action"] for a in interrupted["attempts"]] == ["train", "resume"]
     assert interrupted["attempts"][0]["pid"] == killed["pid"] != interrupted["attempts"][1]["pid"]
-    with torch_threads(worker_threads(executor)):  # uninterrupted, in this process, as the workers compute
-        run_sweep(data_root=data_root, results_dir=tmp_path / "b", **kw)
-    got, want = records(tmp_path / "a"), records(tmp_path / "b")
+    straight = uninterrupted(worker_threads(executor))  # in this process, as the workers compute
+    got, want = records(tmp_path / "a"), records(straight)
     for rid, rec in want.items():
         assert comparable(got[rid]) == comparable(rec)
     rel = killed["run_dir"].relative_to(tmp_path / "a")
     sa = torch.load(killed["run_dir"] / "model.pt")
-    sb = torch.load(tmp_path / "b" / rel / "model.pt")
+    sb = torch.load(straight / rel / "model.pt")
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
@@ -446,18 +481,21 @@ def _ctrl_c_after_the_first_checkpoint(results: Path, sent: dict, stop: threadin
 @pytest.mark.slow
 @pytest.mark.parametrize("executor", ["gpus", "ray"])
 def test_ctrl_c_stops_every_worker_after_its_step_and_a_rerun_equals_uninterrupted(
-    executor, data_root, tmp_path, monkeypatch
+    executor, data_root, uninterrupted, tmp_path, monkeypatch
 ):
     """The SIGINT reaches only the sweep's process (as `kill -INT`): its workers learn of it through the stop file,
     checkpoint after their step, record `interrupted`; the sweep raises KeyboardInterrupt (the CLI: exit 130)."""
     from mugcp_bench import plugins
 
-    kw = {**TINY, "methods": "coop", "datasets": "dtd,eurosat", "seeds": "1", "sets": {"epochs": 3, "batch_size": 2}}
+    kw = RESUMABLE
     monkeypatch.setenv("MUGCP_PLUGINS", "tests.fault_plugins")  # in the workers: 0.1 s more per step
     monkeypatch.setenv("FAULT_STEP_SLEEP", "0.1")
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parents[1]))
-    try:
-        with two_workers(executor) as extra, watching(_ctrl_c_after_the_first_checkpoint, tmp_path / "a") as sent:
+    try:  # a Ray cluster of its own: its workers start with the variables above
+        with (
+            two_workers(executor, own_cluster=True) as extra,
+            watching(_ctrl_c_after_the_first_checkpoint, tmp_path / "a") as sent,
+        ):
             with pytest.raises(KeyboardInterrupt):
                 run_sweep(data_root=data_root, results_dir=tmp_path / "a", **extra, **kw)
     finally:
@@ -477,9 +515,8 @@ def test_ctrl_c_stops_every_worker_after_its_step_and_a_rerun_equals_uninterrupt
     assert not (tmp_path / "a" / ".stop").exists()  # the stop file is gone with the sweep
     with torch_threads(worker_threads(executor)):  # in this process, as the workers compute
         rerun = run_sweep(data_root=data_root, results_dir=tmp_path / "a", **kw)  # resumes from their checkpoints
-        assert not rerun.failed and rerun.trained
-        run_sweep(data_root=data_root, results_dir=tmp_path / "b", **kw)  # uninterrupted
-    got, want = records(tmp_path / "a"), records(tmp_path / "b")
+    assert not rerun.failed and rerun.trained
+    got, want = records(tmp_path / "a"), records(uninterrupted(worker_threads(executor)))
     assert got.keys() == want.keys()
     for rid, rec in want.items():
         assert comparable(got[rid]) == comparable(rec)

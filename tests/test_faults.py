@@ -19,6 +19,7 @@ import torch
 from mugcp_bench.store.records import iter_run_files
 from tests.cli_harness import cli, records
 from tests.miniature import build_miniature
+from tests.numerics import torch_threads
 from tests.test_executors import worker_threads
 
 BASE = ["--backbone", "tiny", "--pretrained", "random", "--recipe", "toy"]
@@ -578,7 +579,9 @@ def test_a_stored_model_that_does_not_fit_is_kept_aside_and_the_run_retrained(da
 
 # --- 3b. Ctrl-C in a terminal reaches the workers too ----------------------------------------------------------------
 @pytest.mark.slow
-def test_ctrl_c_to_the_process_group_under_gpu_workers_exits_130_and_a_rerun_equals_uninterrupted(data_root, tmp_path):
+def test_ctrl_c_to_the_process_group_under_gpu_workers_exits_130_and_a_rerun_equals_uninterrupted(
+    data_root, tmp_path, capsys
+):
     """A terminal's Ctrl-C sends SIGINT to the sweep and to every worker: each worker defers it (stops after its
     step, checkpoint kept), the sweep exits 130 with its one line, no traceback from any process."""
     import time
@@ -609,14 +612,9 @@ def test_ctrl_c_to_the_process_group_under_gpu_workers_exits_130_and_a_rerun_equ
     assert "interrupted" in statuses and not {"failed", "running"} & set(statuses), statuses
     rerun = subprocess.run([*argv, "--results-dir", str(tmp_path / "a")], env=env, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
-    threads = {"OMP_NUM_THREADS": str(worker_threads("gpus"))}  # as the workers compute: bit-for-bit numbers
-    local = subprocess.run(
-        [sys.executable, "-m", "mugcp_bench", *args, "--results-dir", str(tmp_path / "b")],
-        env={**env, **threads},
-        capture_output=True,
-        text=True,
-    )
-    assert local.returncode == 0, local.stderr
+    with torch_threads(worker_threads("gpus")):  # uninterrupted, in this process, as the workers compute
+        code, _, err = cli([*args, "--results-dir", str(tmp_path / "b")], capsys)
+    assert code == 0, err
     got = {r["id"]: r for r in records(tmp_path / "a")}
     want = {r["id"]: r for r in records(tmp_path / "b")}
     assert got.keys() == want.keys()
