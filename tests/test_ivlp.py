@@ -23,24 +23,9 @@ from tests.method_harness import (
     vit_b16_backbone,
     write_items,
 )
+from tests.numerics import GRAD, assert_close_scaled, assert_differs
 
-RTOL, ATOL = 1e-5, 1e-6  # one float32 computation against another of the same math in another summation order
-GRAD_RTOL = 1e-4  # gradients through those forwards
 FAMILY = ("ivlp", "language_deep", "vpt_deep")
-
-
-def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, rtol: float = RTOL, atol: float = ATOL) -> None:
-    """max |actual − expected| <= rtol · max |expected| + atol: a bound scaled to the tensor's magnitude."""
-    assert actual.shape == expected.shape
-    diff = (actual.double() - expected.double()).abs().max().item()
-    bound = rtol * expected.double().abs().max().item() + atol
-    assert diff <= bound, f"max difference {diff:.3e} > {bound:.3e}"
-
-
-def assert_differs(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-3) -> None:
-    """A change float rounding cannot explain: max |a − b| > rel · the larger magnitude."""
-    scale = max(a.abs().max().item(), b.abs().max().item())
-    assert (a - b).abs().max().item() > rel * scale, "no real change"
 
 
 @pytest.fixture
@@ -131,6 +116,7 @@ def test_context_of_two_keeps_of_a_fixed_and_four_take_every_word():
     assert random.prefix == "X X X X X X"
 
 
+@pytest.mark.numerics
 def test_text_tower_matches_a_hand_written_loop():
     method = perturbed("ivlp", n_ctx_text=3, depth_text=3, n_ctx_vision=2, depth_vision=2, ctx_init="a photo of a")
     bb, n = shared_tiny_backbone(), 3
@@ -144,6 +130,7 @@ def test_text_tower_matches_a_hand_written_loop():
         assert_close_scaled(method.text_features(), bb.text_head(x, eot))
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("round_fp16", [False, True])
 def test_vision_tower_matches_a_hand_written_loop(round_fp16, batch):
     """VPT-deep: 3 tokens appended before ln_pre, the last 3 replaced before blocks 1 and 2 (depth 3); with
@@ -171,7 +158,7 @@ def test_vision_tower_matches_a_hand_written_loop(round_fp16, batch):
     (expected * weights).sum().backward()
     (got * weights).sum().backward()
     for p, leaf in zip(params, leaves):
-        assert_close_scaled(p.grad, leaf.grad, rtol=GRAD_RTOL)
+        assert_close_scaled(p.grad, leaf.grad, GRAD)
     if round_fp16:  # the rounding is a real change of the values
         assert not torch.equal(method.vision_ctx, method.vision_ctx.half().float())
         with torch.no_grad():
@@ -179,6 +166,7 @@ def test_vision_tower_matches_a_hand_written_loop(round_fp16, batch):
             assert not torch.equal(method.image_features(batch.images), got.detach())
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("j", [1, 2])
 def test_every_deep_prompt_is_used_in_its_own_tower_only(j, batch):
     """A random change of one deep prompt (a constant shift would vanish in the blocks' LayerNorms) changes its own
@@ -210,6 +198,7 @@ def test_language_deep_leaves_the_image_tower_untouched(batch):
     assert not method.image_features(batch.images).requires_grad  # no graph through the frozen tower
 
 
+@pytest.mark.numerics
 def test_vpt_text_is_a_photo_of_a_class_for_every_dataset(batch):
     bb = shared_tiny_backbone()
     method = build_method("vpt_deep")
@@ -221,6 +210,7 @@ def test_vpt_text_is_a_photo_of_a_class_for_every_dataset(batch):
     assert method.text_features().shape == (2, bb.embed_dim)
 
 
+@pytest.mark.numerics
 def test_fast_evaluation_encodes_class_text_once(batch, monkeypatch):
     method = perturbed("ivlp")
     with torch.no_grad():
@@ -280,6 +270,7 @@ CASES = [
 ]
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize(("name", "overrides"), CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CASES)])
 def test_fast_path_equals_naive_path(name, overrides, tmp_path):
     """Our path (EOT cut, shared prefix, fused attention, text once per class set, cached image features where the
@@ -299,7 +290,7 @@ def test_fast_path_equals_naive_path(name, overrides, tmp_path):
     assert_close_scaled(fast_logits, naive_logits)
     assert fast_grads.keys() == naive_grads.keys() and fast_grads
     for k, g in naive_grads.items():
-        assert_close_scaled(fast_grads[k], g, rtol=GRAD_RTOL)
+        assert_close_scaled(fast_grads[k], g, GRAD)
     feats = fast_bb.encode_image(images) if fast.frozen_image_path else None
     fast.begin_eval()
     got = fast.predict(None if feats is not None else images, image_features=feats)

@@ -26,17 +26,7 @@ from tests.method_harness import (
     vit_b16_backbone,
     write_items,
 )
-
-RTOL, ATOL = 1e-5, 1e-6  # one float32 computation against another of the same math in another summation order
-GRAD_RTOL = 1e-4  # gradients through those forwards (the backward repeats the reordering)
-
-
-def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, rtol: float = RTOL, atol: float = ATOL) -> None:
-    """max |actual − expected| <= rtol · max |expected| + atol: a bound scaled to the tensor's magnitude."""
-    assert actual.shape == expected.shape
-    diff = (actual.double() - expected.double()).abs().max().item()
-    bound = rtol * expected.double().abs().max().item() + atol
-    assert diff <= bound, f"max difference {diff:.3e} > {bound:.3e}"
+from tests.numerics import FP16, GRAD, assert_close_scaled
 
 
 @pytest.fixture
@@ -118,6 +108,7 @@ def test_bad_settings_are_one_line_errors(key, value, message):
 
 
 # --- the knowledge features ----------------------------------------------------------------------------------------
+@pytest.mark.numerics
 @pytest.mark.parametrize("dataset", ["dtd", "oxford_pets", "eurosat", "x"])
 def test_knowledge_features_are_zero_shot_clips_for_the_same_template(dataset):
     bb = shared_tiny_backbone()
@@ -137,6 +128,7 @@ def test_templates_are_the_datasets_own_except_dtd():
     assert KG_TEMPLATES["dtd"] == "a photo of a {}, a type of texture." and ours["dtd"] == "{} texture."
 
 
+@pytest.mark.numerics
 def test_knowledge_features_follow_the_class_set_and_stay_out_of_checkpoints(batch):
     bb = shared_tiny_backbone()
     method = kgcoop()
@@ -163,6 +155,7 @@ def test_w_zero_is_coop_exactly(batch):
     assert torch.equal(kg_grads["ctx"], coop_grads["ctx"])
 
 
+@pytest.mark.numerics
 def test_loss_is_w_times_one_minus_mean_cosine_and_only_it_changes_the_gradient(batch):
     w = 8.0
     kg, plain = kgcoop(w=w), kgcoop(w=0.0)
@@ -179,9 +172,10 @@ def test_loss_is_w_times_one_minus_mean_cosine_and_only_it_changes_the_gradient(
     assert 0 < score.item() < 2
     assert_close_scaled(losses["kg"], w * score.detach())
     (w * score).backward()
-    assert_close_scaled(grads["ctx"], plain_grads["ctx"] + ctx.grad, rtol=GRAD_RTOL)
+    assert_close_scaled(grads["ctx"], plain_grads["ctx"] + ctx.grad, GRAD)
 
 
+@pytest.mark.numerics
 def test_fast_path_equals_naive_path_with_the_kg_loss(tmp_path):
     """Shared-prefix, EOT-cut text and cached image features against full-length whole-row passes: the same logits,
     loss parts and gradients of cross-entropy + W·score (tests/test_fast_vs_naive.py checks cross-entropy only)."""
@@ -204,7 +198,7 @@ def test_fast_path_equals_naive_path_with_the_kg_loss(tmp_path):
     (fl, fk, fg), (nl, nk, ng) = results
     assert_close_scaled(fl, nl)
     assert_close_scaled(fk, nk)
-    assert_close_scaled(fg, ng, rtol=GRAD_RTOL)
+    assert_close_scaled(fg, ng, GRAD)
     fast.eval()
     naive.eval()
     feats = fast_bb.encode_image(images)
@@ -250,6 +244,7 @@ def test_paper_and_dept_recipes_with_their_provenance():
     assert "ours" in KgCoOp.provenance["paper"].note  # the xd choice is declared
 
 
+@pytest.mark.numerics
 def test_reference_fp16_keeps_the_context_fp16_and_encodes_the_knowledge_in_fp16():
     from mugcp_bench.model.backbone import REFERENCE_FP16
 
@@ -257,7 +252,7 @@ def test_reference_fp16_keeps_the_context_fp16_and_encodes_the_knowledge_in_fp16
     method = trainer.prepare_method(build_method("kgcoop", backbone=bb), torch.device("cpu"), REFERENCE_FP16)
     assert method.ctx.dtype == torch.float16
     fp32 = build_method("kgcoop")  # the same weights in fp32
-    assert_close_scaled(method.kg_features(), fp32.kg_features(), rtol=5e-3, atol=1e-4)  # fp16 rounding only
+    assert_close_scaled(method.kg_features(), fp32.kg_features(), FP16)  # fp16 rounding only
     assert not torch.equal(method.kg_features(), fp32.kg_features())  # computed by the fp16 weights
 
 
