@@ -195,7 +195,6 @@ PROTOCOLS: dict[str, Protocol] = {
         ),
     )
 }
-PROTOCOL_NAMES = tuple(PROTOCOLS)
 
 
 def short_title(name: str) -> str:

@@ -50,7 +50,7 @@ CASES = [
     (["ablate", "--method", "mugcp", "--drop", "amgg", "--datasets", "toy_shapes"], "Did you mean 'amg'"),
     (["ablate", "--method", "coop", "--drop", "amg", "--datasets", "toy_shapes"], "amg"),
     (["report", "--format", "xlsx"], "'xlsx' is not one of"),
-    (["report", "--protocol", "base2novl"], "'base2novl' is not one of 'base2novel'"),
+    (["report", "--protocol", "base2novl"], "unknown protocol 'base2novl'. Did you mean 'base2novel'"),
     (["check-data", "--data-root", DATA, "--datasets", "dtdd"], "Did you mean 'dtd'"),
     (["check-data", "--data-root", DATA, "--workers", "0"], "--workers"),
     (["check-data", "--data-root", "/nonexistent/data"], "/nonexistent/data does not exist"),

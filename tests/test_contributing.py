@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-from mugcp_bench.registry import DATASETS, DESCRIBERS, METHODS
+from mugcp_bench.registry import DATASETS, DESCRIBERS, EXECUTORS, METHODS
 
 GUIDE = Path(__file__).parents[1] / "CONTRIBUTING.md"
 
@@ -78,3 +78,82 @@ def test_describer_example_describes_through_the_command(tmp_path: Path, monkeyp
         assert DescriptionCache().load("filename-v1", "filename_v1")  # the texts are in the shared cache
     finally:
         DESCRIBERS.unregister("filename")
+
+
+def test_the_method_example_is_one_file_and_gets_its_place_and_colour_in_the_report(tmp_path, capsys):
+    """Nothing but the example's file: a sweep runs it, and the report orders it by its report_order and draws it in
+    its own colour (from its run records; the report imports no method)."""
+    from mugcp_bench import run_sweep
+    from mugcp_bench.report.aggregate import build_report
+    from mugcp_bench.report.plots import _entry_style
+    from mugcp_bench.report.structure import Options
+    from mugcp_bench.report.tidy import load_results
+    from tests.miniature import build_miniature
+
+    run_example("@METHODS.register")
+    try:
+        data = build_miniature(tmp_path / "data", ["dtd"])
+        kw = {"backbone": "tiny", "pretrained": "random", "recipe": "toy", "datasets": "dtd", "seeds": "1"}
+        result = run_sweep(methods="mine,cocoop,zsclip,coop", data_root=data, results_dir=tmp_path / "r", **kw)
+        assert not result.failed and len(result.trained) == 4
+        (table,) = build_report(load_results(tmp_path / "r"), ["base2novel"], Options()).tables
+        assert list(table.entries["entry"]) == ["zsclip", "coop", "mine", "cocoop"]  # report_order 0, 100, 150, 200
+        colour, _ = _entry_style(table)["mine"]
+        assert colour == METHODS.get("mine").color and colour not in {
+            c.color for _, c in METHODS.items() if c.name != "mine"
+        }
+    finally:
+        METHODS.unregister("mine")
+
+
+def test_executor_example_runs_a_sweep(tmp_path):
+    from mugcp_bench import run_sweep
+    from tests.miniature import build_miniature
+
+    run_example("@EXECUTORS.register")
+    try:
+        data = build_miniature(tmp_path / "data", ["dtd"])
+        kw = {"backbone": "tiny", "pretrained": "random", "recipe": "toy", "datasets": "dtd", "sets": {"epochs": 1}}
+        result = run_sweep(methods="coop", seeds="1,2", executor="reverse", data_root=data, results_dir=tmp_path, **kw)
+        assert not result.failed and [r.status for r in result.runs] == ["complete", "complete"]
+        assert result.plan.executor == "reverse"
+    finally:
+        EXECUTORS.unregister("reverse")
+
+
+def test_report_table_example_renders_in_every_format():
+    from mugcp_bench.report.aggregate import build_report
+    from mugcp_bench.report.structure import Options
+    from mugcp_bench.report.tables import render
+    from mugcp_bench.report.tidy import load_results
+
+    namespace: dict = {}
+    exec(compile(example("def status_table"), "CONTRIBUTING.md", "exec"), namespace)
+    results = load_results(Path(__file__).parent / "fixtures" / "results")
+    report = build_report(results, ["base2novel"], Options())
+    report.row_tables.append(namespace["status_table"](results))
+    md = render(report, "md")
+    assert "### Runs by status" in md and "| mugcp-no-amg | 3 | 0 | 1 |" in md
+    assert "Runs by status" in render(report, "table") and "status" in render(report, "csv")
+
+
+def test_protocol_example_plans_and_reports(tmp_path):
+    from mugcp_bench.protocols import PROTOCOLS, plan_protocol, real_suite
+    from mugcp_bench.report.aggregate import build_report
+    from mugcp_bench.report.structure import Options
+    from mugcp_bench.report.tidy import load_results
+    from tests.factories import evaluation, make_key, make_record, write_record
+
+    run_example("PROTOCOLS[")
+    try:
+        protocol = PROTOCOLS["base2novel_4shot"]
+        ((train, evals),) = plan_protocol(protocol, real_suite(), ("dtd",), None)
+        assert (train.classes, train.shots) == ("base", 4) and [e.classes for e in evals] == ["base", "novel"]
+        for seed in (1, 2):
+            evs = [evaluation(e.protocol, e.dataset, e.classes, 60.0 + seed, 100) for e in evals]
+            write_record(tmp_path, make_record(make_key(shots=4, seed=seed), evaluations=evs))
+        (table,) = build_report(load_results(tmp_path), ["base2novel_4shot"], Options()).tables
+        assert table.title.startswith("Base-to-novel generalization, 4 shots")
+        assert [c.group for c in table.columns] == ["base", "novel", "hm"]
+    finally:
+        del PROTOCOLS["base2novel_4shot"]

@@ -41,8 +41,8 @@ def test_every_number_of_published_results_is_transcribed(published: pd.DataFram
         "mma",
         "hpt",
         "coprompt",
-        "vpt-deep",
-        "language-only-deep",
+        "vpt_deep",
+        "language_deep",
         "ivlp",
     }
     assert set(published["method"]) == {"zsclip", "coop", "cocoop", "maple", "promptsrc"} | others

@@ -12,7 +12,8 @@ import click
 from mugcp_bench.atomic import atomic_write_text
 from mugcp_bench.commands.params import NameList, ids
 from mugcp_bench.errors import UserError
-from mugcp_bench.report.aggregate import REPORT_PROTOCOLS, build_report
+from mugcp_bench.registry import suggest
+from mugcp_bench.report.aggregate import build_report, report_protocols
 from mugcp_bench.report.efficiency import efficiency_tables
 from mugcp_bench.report.per_class import per_class_tables
 from mugcp_bench.report.structure import Options
@@ -59,10 +60,11 @@ def _format(fmt: str | None, out: Path | None) -> str:
 )
 @click.option(
     "--protocol",
-    type=click.Choice([*REPORT_PROTOCOLS, "all"]),
+    type=NameList(),
     default="all",
     show_default=True,
-    help="Which table to show; 'all' shows every protocol present plus the ablation tables.",
+    help="Tables to show: base2novel, cross_dataset, domain_generalization, few_shot, ablation (comma-separated); "
+    "'all' shows every protocol present plus the ablation tables.",
 )
 @click.option(
     "--format",
@@ -148,6 +150,10 @@ def report(
             raise UserError("--pivot only applies to --format csv")
         if confusion and plots_dir is None:
             raise UserError("--confusion draws plots: pass --plots DIR as well")
+        known = report_protocols()
+        for name in [] if protocol == "all" else protocol.split(","):
+            if name not in known:  # before reading anything
+                raise UserError(f"unknown protocol '{name}'.{suggest(name, known)} Protocols: {', '.join(known)}, all")
         options = Options(
             rounded=rounded,
             ci=ci,
@@ -162,7 +168,7 @@ def report(
         counts = results.status_counts()
         if set(counts) - {"complete"}:
             log.info("runs by status: %s (only complete runs are reported)", counts)
-        rep = build_report(results, None if protocol == "all" else [protocol], options)
+        rep = build_report(results, None if protocol == "all" else protocol.split(","), options)
         if per_class:
             rep.tables += per_class_tables(results, _split(per_class) or ("all",), options)
         if efficiency:

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from mugcp_bench.errors import UserError
-from mugcp_bench.protocols import PROTOCOL_NAMES, PROTOCOLS, TableShape, short_title
+from mugcp_bench.protocols import PROTOCOLS, TableShape, short_title
 from mugcp_bench.registry import suggest
 from mugcp_bench.report.ablation_summary import ablation_summaries
 from mugcp_bench.report.bootstrap import BootstrapConfig, CorrectnessCache, attach_intervals
@@ -26,9 +26,14 @@ from mugcp_bench.report.tidy import Results, dataset_display, dataset_key, datas
 
 log = logging.getLogger(__name__)
 
+
 # One table per protocol, fed by the evaluations (run.json `evaluations[].protocol`) of that name; "source" = the
 # source-dataset accuracy of the xd run, shown as a row of the cross-dataset and DG tables but never averaged.
-REPORT_PROTOCOLS = (*PROTOCOL_NAMES, "ablation")
+def report_protocols() -> tuple[str, ...]:
+    """The tables a report can show: every protocol (read when asked: a plugin may add one), and the ablations."""
+    return (*PROTOCOLS, "ablation")
+
+
 GROUP_LABELS = {"base": "Base", "novel": "Novel", "hm": "HM", "acc": "Acc"}
 # What makes two runs of one method label different entries (columns) of a table. `origin`: an imported reference
 # checkpoint is always its own entry, labelled "(imported)".
@@ -468,19 +473,18 @@ def build_report(results: Results, protocols: Sequence[str] | None = None, optio
     frame = prepare(results.tidy, options)
     if frame.empty:
         raise UserError(f"no complete runs in '{results.results_dir}' match the selection ({_status_line(results)})")
-    wanted = list(protocols) if protocols else list(REPORT_PROTOCOLS)
-    bad = [p for p in wanted if p not in REPORT_PROTOCOLS]
+    known = report_protocols()
+    wanted = list(protocols) if protocols else list(known)
+    bad = [p for p in wanted if p not in known]
     if bad:
-        raise UserError(f"unknown protocol '{bad[0]}'.{suggest(bad[0], REPORT_PROTOCOLS)}")
-    full_tables = {k: t for k in PROTOCOL_NAMES if (t := build_table(frame, k, options)) is not None}
+        raise UserError(f"unknown protocol '{bad[0]}'.{suggest(bad[0], known)} Protocols: {', '.join(known)}")
+    full_tables = {k: t for k in PROTOCOLS if (t := build_table(frame, k, options)) is not None}
     tables: list[Table] = []
     for kind, table in full_tables.items():
         if kind in wanted:
             tables.append(_main_view(_copy(table), options))
     if "ablation" in wanted:
-        tables.extend(
-            t for k in PROTOCOL_NAMES if k in full_tables and (t := ablation_table(full_tables[k])) is not None
-        )
+        tables.extend(t for k in PROTOCOLS if k in full_tables and (t := ablation_table(full_tables[k])) is not None)
     if protocols:
         missing = [p for p in protocols if not any(t.kind == p and not t.ablation for t in tables) and p != "ablation"]
         if "ablation" in protocols and not any(t.ablation for t in tables):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from mugcp_bench.protocols import PROTOCOL_NAMES
+from mugcp_bench.protocols import PROTOCOLS
 from mugcp_bench.report.tidy import dataset_key
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def validate(frame: pd.DataFrame) -> None:
     missing = [c for c in COLUMNS if c not in frame.columns]
     if missing:
         raise ValueError(f"published.csv lacks columns {missing}")
-    for col, allowed in (("protocol", PROTOCOL_NAMES), ("metric", METRICS), ("confidence", CONFIDENCES)):
+    for col, allowed in (("protocol", tuple(PROTOCOLS)), ("metric", METRICS), ("confidence", CONFIDENCES)):
         bad = sorted(set(frame[col]) - set(allowed))
         if bad:
             raise ValueError(f"published.csv: unknown {col} values {bad}")

@@ -80,7 +80,7 @@ class Column:
 class Table:
     """One report table: long-form cells plus the order and labels to display them."""
 
-    kind: str  # one of protocols.PROTOCOL_NAMES
+    kind: str  # a protocol's name (protocols.PROTOCOLS)
     ablation: bool
     title: str
     # entry, row, group, mean, std, ci95 (Student t), n, n_expected, complete, is_average, [ref_value, ref_marker,
