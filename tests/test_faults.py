@@ -48,8 +48,11 @@ def fault_plugin(monkeypatch):
 
 
 def run_cli(args: list[str], fault: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`python -m mugcp_bench.commands.cli ARGS` in a subprocess with the fault plugin loaded (FAULT_AT=`fault`)."""
+    """`python -m mugcp_bench.commands.cli ARGS` in a subprocess with the fault plugin loaded (FAULT_AT=`fault`),
+    training with this process's intra-op thread count: its numbers equal bit for bit those of a run in this process
+    (`cli`), which resumes what it left."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "MUGCP_PLUGINS": PLUGIN}
+    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
     env.pop("FAULT_AT", None)
     if fault:
         env["FAULT_AT"] = fault
@@ -129,23 +132,46 @@ KILL_ARGS += ["--set", "epochs=3", "--set", "batch_size=2"]
 
 @pytest.fixture(scope="module")
 def uninterrupted(data_root, tmp_path_factory) -> Path:
+    """KILL_ARGS run straight through by the CLI in this process."""
+    from mugcp_bench.commands.cli import main
+
     out = tmp_path_factory.mktemp("uninterrupted")
-    res = run_cli([*KILL_ARGS, "--data-root", str(data_root), "--results-dir", str(out)])
-    assert res.returncode == 0, res.stderr
+    with pytest.raises(SystemExit) as exc:
+        main([*KILL_ARGS, "--data-root", str(data_root), "--results-dir", str(out)])
+    assert exc.value.code == 0
     return out
 
 
+@pytest.fixture(scope="module")
+def killed(data_root, tmp_path_factory):
+    """`killed(fault, results)`: KILL_ARGS SIGKILLed at `fault` (a subprocess, once per fault in the module), its
+    results copied to `results`; returns the killed process."""
+    import shutil
+
+    made: dict[str, tuple[subprocess.CompletedProcess, Path]] = {}
+
+    def kill(fault: str, results: Path) -> subprocess.CompletedProcess:
+        if fault not in made:
+            out = tmp_path_factory.mktemp("killed")
+            made[fault] = (run_cli([*KILL_ARGS, "--data-root", str(data_root), "--results-dir", str(out)], fault), out)
+        proc, out = made[fault]
+        shutil.copytree(out, results, dirs_exist_ok=True)
+        return proc
+
+    return kill
+
+
 @pytest.mark.parametrize("fault", ["1:end:kill", "1:1:kill"], ids=["after-epoch", "inside-epoch"])
-def test_sigkill_then_resume_equals_uninterrupted(fault, data_root, uninterrupted, tmp_path):
+def test_sigkill_then_resume_equals_uninterrupted(fault, data_root, uninterrupted, killed, tmp_path, capsys):
     args = [*KILL_ARGS, "--data-root", str(data_root), "--results-dir", str(tmp_path)]
-    killed = run_cli(args, fault=fault)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    proc = killed(fault, tmp_path)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
     (rec,) = records(tmp_path)  # never half-written: valid JSON, left running by a dead process
     assert rec["status"] == "running" and rec["evaluations"] == []
     state = torch.load(iter_run_files(tmp_path)[0].parent / "checkpoint.pt", weights_only=False)
     assert (state["epoch"], state["step"]) == ((1, None) if fault.endswith("end:kill") else (0, None))
-    res = run_cli([*args, "--resume"])
-    assert res.returncode == 0, res.stderr
+    code, _, err = cli([*args, "--resume"], capsys)
+    assert code == 0, err
     (a,), (b,) = records(tmp_path), records(uninterrupted)
     assert a["status"] == b["status"] == "complete"
     assert [e["accuracy"] for e in a["evaluations"]] == [e["accuracy"] for e in b["evaluations"]]
@@ -155,7 +181,7 @@ def test_sigkill_then_resume_equals_uninterrupted(fault, data_root, uninterrupte
 
 # --- 3. Ctrl-C -----------------------------------------------------------------------------------------------------
 def test_ctrl_c_inside_an_epoch_checkpoints_exits_130_and_rerun_equals_uninterrupted(
-    data_root, uninterrupted, tmp_path
+    data_root, uninterrupted, tmp_path, capsys
 ):
     args = [*KILL_ARGS, "--data-root", str(data_root), "--results-dir", str(tmp_path)]
     res = run_cli(args, fault="1:1:sigint")
@@ -165,8 +191,8 @@ def test_ctrl_c_inside_an_epoch_checkpoints_exits_130_and_rerun_equals_uninterru
     assert rec["status"] == "interrupted" and "epoch 2, step 2" in rec["reason"]
     state = torch.load(iter_run_files(tmp_path)[0].parent / "checkpoint.pt", weights_only=False)
     assert (state["epoch"], state["step"]) == (1, 2)  # mid-epoch: 2 steps of the second epoch done
-    res = run_cli(args)  # a plain rerun resumes
-    assert res.returncode == 0, res.stderr
+    code, _, err = cli(args, capsys)  # a plain rerun resumes
+    assert code == 0, err
     (a,), (b,) = records(tmp_path), records(uninterrupted)
     assert a["status"] == "complete"
     assert [e["accuracy"] for e in a["evaluations"]] == [e["accuracy"] for e in b["evaluations"]]
@@ -291,7 +317,7 @@ def test_foreign_schema_record_is_refused_by_run_and_report_until_force(data_roo
 
 # --- 2. disk full --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("fault", ["1:1:enospc", "1:1:enospc-record"], ids=["checkpoint", "record"])
-def test_disk_full_is_one_line_recorded_failed_and_a_rerun_resumes(fault, data_root, uninterrupted, tmp_path):
+def test_disk_full_is_one_line_recorded_failed_and_a_rerun_resumes(fault, data_root, uninterrupted, tmp_path, capsys):
     args = [*KILL_ARGS, "--data-root", str(data_root), "--results-dir", str(tmp_path)]
     res = run_cli(args, fault=fault)  # ENOSPC from the next write of checkpoint.pt / run.json after epoch 2 step 2
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
@@ -307,8 +333,8 @@ def test_disk_full_is_one_line_recorded_failed_and_a_rerun_resumes(fault, data_r
     assert (state["epoch"], state["step"]) == (
         (0, None) if name == "checkpoint.pt" else (2, None)
     )  # record: the final one
-    res = run_cli(args)  # space again: the rerun resumes from the last good checkpoint
-    assert res.returncode == 0, res.stderr
+    code, _, err = cli(args, capsys)  # space again: the rerun resumes from the last good checkpoint
+    assert code == 0, err
     (a,), (b,) = records(tmp_path), records(uninterrupted)
     assert a["status"] == "complete"
     assert [e["accuracy"] for e in a["evaluations"]] == [e["accuracy"] for e in b["evaluations"]]
@@ -531,10 +557,10 @@ def widened(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("damage", ["reshaped", "truncated"])
 def test_a_resume_checkpoint_that_does_not_fit_is_kept_aside_and_the_run_retrained(
-    damage, data_root, uninterrupted, tmp_path
+    damage, data_root, uninterrupted, killed, tmp_path, capsys
 ):
     args = [*KILL_ARGS, "--data-root", str(data_root), "--results-dir", str(tmp_path)]
-    assert run_cli(args, fault="1:1:kill").returncode == -signal.SIGKILL
+    assert killed("1:1:kill", tmp_path).returncode == -signal.SIGKILL
     ckpt = iter_run_files(tmp_path)[0].parent / "checkpoint.pt"
     if damage == "reshaped":
         state = torch.load(ckpt, weights_only=False)
@@ -542,9 +568,9 @@ def test_a_resume_checkpoint_that_does_not_fit_is_kept_aside_and_the_run_retrain
     else:
         ckpt.write_bytes(ckpt.read_bytes()[:200])
     before = ckpt.read_bytes()
-    res = run_cli([*args, "--resume"])
-    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
-    (warning,) = [line for line in res.stderr.splitlines() if "checkpoint.pt.unusable" in line]
+    code, _, err = cli([*args, "--resume"], capsys)
+    assert code == 0, err
+    (warning,) = [line for line in err.splitlines() if "checkpoint.pt.unusable" in line]
     assert str(ckpt) in warning and "the run trains from the start" in warning
     assert (
         "does not fit coop on tiny (1 tensors of another shape" if damage == "reshaped" else "cannot be read"
@@ -556,7 +582,9 @@ def test_a_resume_checkpoint_that_does_not_fit_is_kept_aside_and_the_run_retrain
     assert same_model(model_state(tmp_path), model_state(uninterrupted))
 
 
-def test_a_stored_model_that_does_not_fit_is_kept_aside_and_the_run_retrained(data_root, uninterrupted, tmp_path):
+def test_a_stored_model_that_does_not_fit_is_kept_aside_and_the_run_retrained(
+    data_root, uninterrupted, tmp_path, capsys
+):
     import shutil
 
     shutil.copytree(uninterrupted, tmp_path / "r")
@@ -567,9 +595,9 @@ def test_a_stored_model_that_does_not_fit_is_kept_aside_and_the_run_retrained(da
     path.write_text(json.dumps(rec))
     model = path.parent / "model.pt"
     torch.save(widened(torch.load(model, weights_only=True)), model)
-    res = run_cli([*KILL_ARGS, "--data-root", str(data_root), "--results-dir", str(results)])
-    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
-    (warning,) = [line for line in res.stderr.splitlines() if "model.pt.unusable" in line]
+    code, _, err = cli([*KILL_ARGS, "--data-root", str(data_root), "--results-dir", str(results)], capsys)
+    assert code == 0, err
+    (warning,) = [line for line in err.splitlines() if "model.pt.unusable" in line]
     assert "does not fit coop on tiny (1 tensors of another shape (first: ctx is [" in warning
     (a,), (b,) = records(results), records(uninterrupted)
     assert a["status"] == "complete" and len(a["evaluations"]) == len(b["evaluations"])
