@@ -172,8 +172,8 @@ def record_injections(method, monkeypatch, images, predict=False) -> list[int]:
 
 @pytest.mark.parametrize(
     "depth,semantics,expected",
-    [(2, "official", [1, 2]), (2, "maple", [1]), (3, "official", [1, 2, 3]), (3, "maple", [1, 2]), (9, "official",
-     [1, 2, 3]), (1, "official", [1]), (1, "maple", [])],
+    [(2, "official", [1, 2]), (2, "maple", [1]), (3, "official", [1, 2, 3]), (3, "maple", [1, 2]),
+     (1, "official", [1]), (1, "maple", [])],
 )  # fmt: skip
 def test_depth_semantics(backbone, images, monkeypatch, depth, semantics, expected):
     """Official counter: injections at blocks 1 … J (J = 9 on ViT-B/16 → blocks 1 … 9); MaPLe counting: 1 … J − 1."""
@@ -187,6 +187,16 @@ def test_depth_semantics(backbone, images, monkeypatch, depth, semantics, expect
     assert injection_blocks(12, 9, "official") == list(range(1, 10))
     assert injection_blocks(12, 9, "maple") == list(range(1, 9))
     assert injection_blocks(12, 12, "official") == list(range(1, 12))
+
+
+@pytest.mark.parametrize("semantics,most", [("official", 3), ("maple", 4)])
+def test_a_depth_the_backbone_cannot_hold_is_refused_not_clipped(backbone, semantics, most):
+    """The reference never runs out of blocks on ViT-B/16 (depth 9 of 12); on a smaller backbone the depth is refused
+    with the largest one it holds, never clipped silently."""
+    assert injection_blocks(backbone.vision_layers, most + 5, semantics) == injection_blocks(4, most, semantics)
+    with pytest.raises(UserError, match=rf"depth must be at most {most} .* --set dcp.depth={most} or less"):
+        build(backbone, "dcp", perturb=False, depth=most + 1, depth_semantics=semantics)
+    build(backbone, "dcp", perturb=False, depth=most, depth_semantics=semantics)  # the largest one is fine
 
 
 def test_share_false_creates_one_cmpa_per_injecting_block(backbone):
