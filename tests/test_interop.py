@@ -546,7 +546,7 @@ def test_imported_runs_stay_apart_from_trained_runs_of_the_same_key(dtd, tmp_pat
     a = load_classifier(recs["trained"]["id"], results).predict(items, names)
     b = load_classifier(recs["imported"]["id"], results).predict(items, names)
     assert torch.equal(a.logits, b.logits)  # import(export(run)) gives the run's logits
-    for extra in ([], ["--vs", "paper"]):
+    for extra in ([], ["--vs", "paper"], ["--ci", "--ci-replicates", "100"]):
         code, out, err = cli(["report", "--results-dir", str(results), "--format", "csv", *extra], capsys)
         assert code == 0, err
         rows = [r for r in csv.DictReader(io.StringIO(out)) if r["dataset"] == "dtd" and r["metric"] == "base"]
