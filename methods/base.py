@@ -110,10 +110,13 @@ class ParamGroup:
 
 @dataclass
 class MethodOutput:
-    """What a forward returns: logits (B, C) and extra losses (already weighted; the trainer adds cross-entropy)."""
+    """What a forward returns: logits (B, C) and extra losses (already weighted). The trainer adds the cross-entropy
+    of `logits`, weighted by `ce_weight` (DePT: 0.3, MMRL: 0.7; recorded as `loss_ce`, weighted, so that the parts
+    add up to the loss)."""
 
     logits: torch.Tensor
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    ce_weight: float = 1.0
 
 
 class Method(nn.Module):
@@ -141,6 +144,9 @@ class Method(nn.Module):
     in_default_set: ClassVar[bool] = False
     # recipe name -> where its settings come from (`Provenance`); recipes without an entry are our own design
     provenance: ClassVar[dict[str, Provenance]] = {}
+    # True: training forwards get the batch's labels as a keyword (`forward(images, keys, labels=...)`), for losses
+    # beyond the trainer's cross-entropy that need them (a linear head's, DePT; MMRL's representation logits)
+    needs_labels: ClassVar[bool] = False
     # False for methods with nothing to train (zero-shot CLIP): a sweep-wide training setting (`--set lr=...`) does
     # not apply to them and is not recorded in their runs; one scoped to them (`--set zsclip.lr=...`) is refused
     trains: ClassVar[bool] = True

@@ -337,10 +337,13 @@ def fit(
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             with autocast(device, precision):
-                out = method(images, [keys[i] for i in index.tolist()])
+                batch_keys = [keys[i] for i in index.tolist()]
+                out = method(images, batch_keys, labels=labels) if method.needs_labels else method(images, batch_keys)
                 # the reference takes the cross-entropy of its fp16 logits as they are
                 logits = out.logits if precision == REFERENCE_FP16 else out.logits.float()
                 ce = F.cross_entropy(logits, labels)
+                if out.ce_weight != 1.0:
+                    ce = out.ce_weight * ce
                 loss = ce
                 for extra in out.losses.values():
                     loss = loss + extra.float()
