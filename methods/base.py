@@ -49,11 +49,13 @@ class TrainConfig:
     # have no detail to spare and the toy CLIP never saw crops in pretraining.
     crop_min_scale: float = 0.08
     # sgd | adam | adamw (Dassl OPTIM.NAME); the adam_* settings apply to adam and adamw, momentum to sgd only
-    optimizer: str = "sgd"
-    adam_beta1: float = field(default=0.9, metadata={"range": (0, 1, True, False)})  # Dassl OPTIM.ADAM_BETA1
-    adam_beta2: float = field(default=0.999, metadata={"range": (0, 1, True, False)})  # Dassl OPTIM.ADAM_BETA2
+    # (`added`: settings that came after runs were recorded; at their default they stay out of the config hash, so the
+    # runs recorded before them keep their ids)
+    optimizer: str = field(default="sgd", metadata={"added": True})
+    adam_beta1: float = field(default=0.9, metadata={"range": (0, 1, True, False), "added": True})  # OPTIM.ADAM_BETA1
+    adam_beta2: float = field(default=0.999, metadata={"range": (0, 1, True, False), "added": True})  # ADAM_BETA2
     # torch's default 1e-8 (stock Dassl passes none); TCP's README asks for 1e-3 (its paper recipe sets it)
-    adam_eps: float = field(default=1e-8, metadata={"range": (0, None, False, False)})
+    adam_eps: float = field(default=1e-8, metadata={"range": (0, None, False, False), "added": True})
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:

@@ -126,3 +126,17 @@ def test_tensorboard_without_the_package_is_bad_input(data_root, tmp_path, capsy
     code, _, err = cli([*args, "--results-dir", str(tmp_path)], capsys)
     assert code == 2 and "pip install" in err and "tensorboard" in err
     assert not list(iter_run_files(tmp_path))  # nothing trained
+
+
+def test_settings_added_later_leave_the_config_hash_of_earlier_runs_alone():
+    """The optimizer settings came after runs were recorded: at their defaults they are not hashed (the runs keep
+    their ids); set to anything else they are (another run)."""
+    import dataclasses
+
+    from mugcp_bench.runs.plan import hashed
+
+    cfg = TrainConfig(epochs=2)
+    added = {f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("added")}
+    assert added == {"optimizer", "adam_beta1", "adam_beta2", "adam_eps"}
+    assert not added & set(hashed(cfg)) and hashed(cfg)["epochs"] == 2
+    assert hashed(dataclasses.replace(cfg, optimizer="adam"))["optimizer"] == "adam"

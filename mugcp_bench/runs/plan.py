@@ -78,6 +78,16 @@ class PlannedRun:
         return [e for e in self.evals if not self.record.has_evaluation(e.protocol, e.dataset, e.classes)]
 
 
+def hashed(cfg: Any) -> dict[str, Any]:
+    """A config as its run's config hash sees it: every field, except settings added after runs were recorded
+    (field metadata `added`) while at their default, so that a new setting never changes the ids of earlier runs."""
+    out = asdict(cfg)
+    for f in dataclasses.fields(cfg):
+        if f.metadata.get("added") and out[f.name] == f.default:
+            del out[f.name]
+    return out
+
+
 def decide_action(run: PlannedRun, settings: RunSettings, claimed_elsewhere: bool = False) -> Action:
     """The one rule for what a run needs, read off its record and its claim. The planner asks it with the claim as the
     store has it; the job asks it again once it holds the claim (then nobody else does)."""
@@ -240,7 +250,7 @@ def plan(
                             shots=train.shots,
                             seed=seed,
                             precision=settings.precision,
-                            config_hash=config_hash([asdict(cfg), asdict(tcfg), backbone.transform_version]),
+                            config_hash=config_hash([hashed(cfg), hashed(tcfg), backbone.transform_version]),
                             activation=backbone.activation,
                             origin=origin,
                         )
