@@ -13,6 +13,14 @@ Explicit layer loops with a callback, written once for every method:
 * ``encode_joint(images, token_embeds, tokens, layer_fn)`` — both towers stepped layer by layer, for methods
   whose prompts in one tower depend on the other tower's previous layer (DCP, MuGCP).
 
+Every loop also takes ``block_branch(i, h)``: a residual branch of block ``i`` that reads the block's normalised input
+``h = ln_1(x)`` and whose result (or None) is added to the block's output (MMA's adapters; `blocks.block_forward`), on
+the fused path, the split prefix / suffix path (per position: prefix and suffix separately) and open_clip's modules.
+A ``layer_fn`` may change the sequence length (MMRL inserts tokens after SOS / CLS): the text loops then rebuild the
+causal mask for the new length, a shared prefix may grow (its callback sees and returns the prefix only), and
+``eot_offset`` says how far the EOT moved (read at ``eot + eot_offset``). ``vision_tokens`` returns the final token
+states, for readouts other than the CLS token's.
+
 With no prompts and no callback the loops equal open_clip's ``encode_image`` / ``encode_text`` (to float rounding:
 the blocks run on ``scaled_dot_product_attention``, `mugcp_bench.model.blocks`; ``fused_attention = False`` calls
 open_clip's block modules instead).
@@ -53,6 +61,19 @@ OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 VisionLayerFn = Callable[[int, torch.Tensor], torch.Tensor]
 TextLayerFn = Callable[[int, torch.Tensor], torch.Tensor]
 JointLayerFn = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# (block index, ln_1 of the block input (N, T, D)) -> what to add to the block's output (N, T, D), or None
+BlockBranch = Callable[[int, torch.Tensor], torch.Tensor | None]
+
+
+def _branch_at(block_branch: BlockBranch | None, i: int) -> blocks.Branch | None:
+    """The branch of block `i` as `blocks` takes it (h -> delta), or None."""
+    return None if block_branch is None else functools.partial(block_branch, i)
+
+
+def causal_mask(length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(L, L) additive causal mask, 0 on and below the diagonal, -inf above: open_clip's build_causal_mask (and
+    OpenAI CLIP's) at any length."""
+    return torch.full((length, length), float("-inf"), device=device).triu(1).to(dtype)
 
 
 def register_packaged_configs() -> list[str]:
@@ -229,6 +250,7 @@ class Backbone(nn.Module):
             torch.isinf(self.text.attn_mask), torch.ones_like(self.text.attn_mask, dtype=torch.bool).triu(1)
         )
         self._text_fusable = [causal and blocks.fusable(b) for b in self.text.transformer.resblocks]
+        self._text_causal = causal and self.text.attn_mask is not None  # a mask that may be rebuilt at any length
 
     # --- frozen: never leave eval mode, never train -------------------------------------------------------------
 
@@ -309,12 +331,12 @@ class Backbone(nn.Module):
             x = torch.cat([x, prompts.to(x.dtype).expand(x.shape[0], -1, -1)], dim=1)  # (B, 1 + P + M, Dv)
         return v.ln_pre(x)
 
-    def vision_block(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        """Vision block `i` on x (B, N, Dv)."""
+    def vision_block(self, i: int, x: torch.Tensor, branch: blocks.Branch | None = None) -> torch.Tensor:
+        """Vision block `i` on x (B, N, Dv); `branch` (ln_1(x) -> delta or None) adds to its output."""
         block = self.model.visual.transformer.resblocks[i]
         if self.fused_attention and self._vision_fusable[i]:
-            return blocks.block_forward(block, x)
-        return block(x)
+            return blocks.block_forward(block, x, branch=branch)
+        return blocks.module_forward(block, x, branch=branch)
 
     def vision_head(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled, projected image features (B, E) from the last block's tokens (B, N, Dv)."""
@@ -325,16 +347,36 @@ class Backbone(nn.Module):
             pooled = v._global_pool(v.ln_post(x))[0]
         return pooled @ v.proj if v.proj is not None else pooled
 
-    def encode_image(
-        self, images: torch.Tensor, prompts: torch.Tensor | None = None, layer_fn: VisionLayerFn | None = None
+    def vision_final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The final LayerNorm (ln_post) on token states (B, N, Dv), every token: for readouts of tokens other than
+        the pooled one (MMRL's representation tokens)."""
+        return self.model.visual.ln_post(x)
+
+    def vision_tokens(
+        self,
+        images: torch.Tensor,
+        prompts: torch.Tensor | None = None,
+        layer_fn: VisionLayerFn | None = None,
+        block_branch: BlockBranch | None = None,
     ) -> torch.Tensor:
-        """Image features (B, E), unnormalised."""
+        """The last block's token states (B, N, Dv), before ln_post; `encode_image` pools and projects them.
+        `layer_fn(i, x)` runs before block i and may change the number of tokens (the vision tower has no mask)."""
         x = self.vision_embed(images, prompts)
         for i in range(self.vision_layers):
             if layer_fn is not None:
                 x = layer_fn(i, x)
-            x = self.vision_block(i, x)
-        return self.vision_head(x)
+            x = self.vision_block(i, x, _branch_at(block_branch, i))
+        return x
+
+    def encode_image(
+        self,
+        images: torch.Tensor,
+        prompts: torch.Tensor | None = None,
+        layer_fn: VisionLayerFn | None = None,
+        block_branch: BlockBranch | None = None,
+    ) -> torch.Tensor:
+        """Image features (B, E), unnormalised; `block_branch(i, ln_1(x))` adds to block i's output."""
+        return self.vision_head(self.vision_tokens(images, prompts, layer_fn, block_branch))
 
     # --- text tower ----------------------------------------------------------------------------------------------
     def text_embed(
@@ -353,12 +395,28 @@ class Backbone(nn.Module):
         x = token_embeds[:, :length].to(self.dtype) + self.text.positional_embedding[:length].to(self.dtype)
         return x, (mask.to(x.dtype) if mask is not None else None), eot
 
-    def text_block(self, i: int, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """Text block `i` on x (N, T, Dt); `mask` is the tower's (T, T) causal mask as `text_embed` returns it."""
+    def text_block(
+        self, i: int, x: torch.Tensor, mask: torch.Tensor | None, branch: blocks.Branch | None = None
+    ) -> torch.Tensor:
+        """Text block `i` on x (N, T, Dt); `mask` is the tower's (T, T) causal mask as `text_embed` returns it (or
+        `text_mask` after a change of length); `branch` (ln_1(x) -> delta or None) adds to the block's output."""
         block = self.text.transformer.resblocks[i]
         if self.fused_attention and self._text_fusable[i]:
-            return blocks.block_forward(block, x, causal=mask is not None)
-        return block(x, attn_mask=mask)
+            return blocks.block_forward(block, x, causal=mask is not None, branch=branch)
+        return blocks.module_forward(block, x, mask, branch)
+
+    def text_mask(self, mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
+        """The attention mask for a text sequence of `length` positions, given the current one: unchanged at the
+        same length, else the causal mask rebuilt (a layer_fn inserted or removed positions). ValueError for a tower
+        whose mask is not the causal one (no rule for other lengths)."""
+        if mask is None or mask.shape[-1] == length:
+            return mask
+        if not self._text_causal:
+            raise ValueError(
+                f"backbone '{self.name}': its text mask is not the causal one, so a layer_fn may not change the "
+                "sequence length"
+            )
+        return causal_mask(length, mask.dtype, mask.device)
 
     def shared_prefix_len(self, shared_prefix: int, eot: torch.Tensor, causal: bool) -> int:
         """How many leading positions a text pass may share: `shared_prefix`, at most up to the earliest EOT (the
@@ -385,13 +443,21 @@ class Backbone(nn.Module):
         truncate: bool = True,
         shared_prefix: int = 0,
         prefix_index: torch.Tensor | None = None,
+        block_branch: BlockBranch | None = None,
+        eot_offset: int = 0,
     ) -> torch.Tensor:
         """Text features (N, E), unnormalised, from token embeddings (N, L, Dt) whose prompt slots are filled.
 
         ``shared_prefix=P``: the caller states that positions 0 … P−1 of ``token_embeds`` are the same in every row
         (in every row of a group, with ``prefix_index`` (N,) giving each row's group 0 … G−1; a group's prefix is
         read off its first row); they are then encoded once per group. ``layer_fn`` then receives only the shared
-        positions, (G, P, Dt), and must return them in that shape (deep prompts that replace prefix slots).
+        positions, (G, P, Dt), and returns them in that shape (deep prompts that replace prefix slots) or longer
+        (tokens inserted into the prefix, which shift the EOT by as many positions).
+
+        ``block_branch(i, h)``: a per-position residual branch of block i on h = ln_1(block input), added to the
+        block's output (None: none at that block). ``eot_offset``: positions the ``layer_fn`` inserts before the EOT
+        over the whole pass (the EOT is read at ``eot + eot_offset``); with a shared prefix it must equal the prefix's
+        growth (ValueError otherwise: the claim and the callback disagree).
         """
         x, mask, eot = self.text_embed(token_embeds, tokens, truncate)
         p = self.shared_prefix_len(shared_prefix, eot, mask is not None)
@@ -401,15 +467,27 @@ class Backbone(nn.Module):
             for i in range(self.text_layers):
                 if layer_fn is not None:
                     prefix = self._prefix_fn(layer_fn, i, prefix)
+                    if prefix.shape[1] != smask.shape[1] - suffix.shape[1]:  # the prefix grew: the suffix sees it all
+                        smask = blocks.suffix_mask(prefix.shape[1], suffix.shape[1], x.device)
                 prefix, suffix = blocks.split_block_forward(
-                    self.text.transformer.resblocks[i], prefix, suffix, index, smask
+                    self.text.transformer.resblocks[i], prefix, suffix, index, smask, _branch_at(block_branch, i)
                 )
-            return self.text_head(suffix, eot - p)
+            self._check_growth(prefix.shape[1] - p, eot_offset)
+            return self.text_head(suffix, eot - p)  # suffix positions never move: the EOT's stays eot − P
         for i in range(self.text_layers):
             if layer_fn is not None:
                 x = layer_fn(i, x)
-            x = self.text_block(i, x, mask)
-        return self.text_head(x, eot)
+                mask = self.text_mask(mask, x.shape[1])
+            x = self.text_block(i, x, mask, _branch_at(block_branch, i))
+        return self.text_head(x, eot + eot_offset)
+
+    @staticmethod
+    def _check_growth(grown: int, eot_offset: int) -> None:
+        if grown != eot_offset:
+            raise ValueError(
+                f"the layer_fn grew the shared prefix by {grown} positions but eot_offset={eot_offset}: the EOT moves "
+                "by what is inserted before it"
+            )
 
     @staticmethod
     def split_prefix(
@@ -439,9 +517,17 @@ class Backbone(nn.Module):
     @staticmethod
     def _prefix_fn(layer_fn: Callable[..., torch.Tensor], i: int, prefix: torch.Tensor) -> torch.Tensor:
         out = layer_fn(i, prefix)
-        if out.shape != prefix.shape:
-            raise ValueError(f"a layer_fn on a shared prefix must keep its shape {tuple(prefix.shape)}")
+        Backbone._check_prefix(prefix.shape, out.shape)
         return out
+
+    @staticmethod
+    def _check_prefix(before: torch.Size, after: torch.Size) -> None:
+        """A layer_fn on a shared prefix (G, P, D) keeps its groups and width and may only grow it."""
+        if len(after) != 3 or after[0] != before[0] or after[2] != before[2] or after[1] < before[1]:
+            raise ValueError(
+                f"a layer_fn on a shared prefix must keep its shape {tuple(before)} or insert positions into it "
+                f"(G and D unchanged), got {tuple(after)}"
+            )
 
     def encode_text_chunked(
         self,
@@ -450,12 +536,15 @@ class Backbone(nn.Module):
         chunk: int,
         layer_fn: TextLayerFn | None = None,
         shared_prefix: int = 0,
+        block_branch: BlockBranch | None = None,
+        eot_offset: int = 0,
     ) -> torch.Tensor:
         """`encode_text` over row chunks of at most `chunk` sequences (bounds activation memory)."""
+        kw = {"shared_prefix": shared_prefix, "block_branch": block_branch, "eot_offset": eot_offset}
         if chunk <= 0 or token_embeds.shape[0] <= chunk:
-            return self.encode_text(token_embeds, tokens, layer_fn, shared_prefix=shared_prefix)
+            return self.encode_text(token_embeds, tokens, layer_fn, **kw)
         outs = [
-            self.encode_text(token_embeds[s : s + chunk], tokens[s : s + chunk], layer_fn, shared_prefix=shared_prefix)
+            self.encode_text(token_embeds[s : s + chunk], tokens[s : s + chunk], layer_fn, **kw)
             for s in range(0, token_embeds.shape[0], chunk)
         ]
         return torch.cat(outs)
@@ -482,13 +571,18 @@ class Backbone(nn.Module):
         layer_map: Sequence[int] | None = None,
         shared_prefix: int = 0,
         prefix_index: torch.Tensor | None = None,
+        vision_branch: BlockBranch | None = None,
+        text_branch: BlockBranch | None = None,
+        eot_offset: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Step both towers together; ``layer_fn(i, xv, xt)`` runs before joint block ``i``.
 
         Returns image features (B, E) and text features (N, E), unnormalised. Towers of different depth need a
         ``layer_map`` (vision block index for each text block); without one the depths must match.
         ``shared_prefix`` / ``prefix_index`` as in `encode_text`: ``layer_fn`` then gets the shared text positions
-        (G, P, Dt) as ``xt`` and must return them in that shape.
+        (G, P, Dt) as ``xt`` and returns them in that shape or longer. ``vision_branch(vi, h)`` and
+        ``text_branch(ti, h)``: residual branches of each tower's blocks (by the tower's own block index);
+        ``eot_offset`` as in `encode_text`.
         """
         if layer_map is None:
             if self.vision_layers != self.text_layers:
@@ -506,24 +600,31 @@ class Backbone(nn.Module):
         vi = 0
         for ti, target in enumerate(layer_map):
             while vi < target:  # vision blocks not paired with a text block
-                xv = self.vision_block(vi, xv)
+                xv = self.vision_block(vi, xv, _branch_at(vision_branch, vi))
                 vi += 1
             shape = xt.shape
             xv, xt = layer_fn(ti, xv, xt)
-            if p and xt.shape != shape:
-                raise ValueError(f"a layer_fn on a shared prefix must keep its shape {tuple(shape)}")
-            xv = self.vision_block(vi, xv)
+            if p:
+                self._check_prefix(shape, xt.shape)
+                if xt.shape[1] != shape[1]:  # the prefix grew: the suffix sees it all
+                    smask = blocks.suffix_mask(xt.shape[1], suffix.shape[1], xt.device)
+            else:
+                mask = self.text_mask(mask, xt.shape[1])
+            xv = self.vision_block(vi, xv, _branch_at(vision_branch, vi))
             vi += 1
             if p:
-                xt, suffix = blocks.split_block_forward(self.text.transformer.resblocks[ti], xt, suffix, index, smask)
+                xt, suffix = blocks.split_block_forward(
+                    self.text.transformer.resblocks[ti], xt, suffix, index, smask, _branch_at(text_branch, ti)
+                )
             else:
-                xt = self.text_block(ti, xt, mask)
+                xt = self.text_block(ti, xt, mask, _branch_at(text_branch, ti))
         while vi < self.vision_layers:
-            xv = self.vision_block(vi, xv)
+            xv = self.vision_block(vi, xv, _branch_at(vision_branch, vi))
             vi += 1
         if p:
+            self._check_growth(xt.shape[1] - p, eot_offset)
             return self.vision_head(xv), self.text_head(suffix, eot - p)
-        return self.vision_head(xv), self.text_head(xt, eot)
+        return self.vision_head(xv), self.text_head(xt, eot + eot_offset)
 
     # --- convenience ---------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -11,16 +11,27 @@ vision), which lets torch pick its fused kernels on the CPU and on CUDA:
   at every layer. The prefix (G, P, D) is run once per group and each row's suffix (N, S, D) attends to [its
   group's prefix keys / values; its own suffix keys / values] with the causal offset P.
 
+Both take an optional residual ``branch``: a callable on the block's normalised input ``h = ln_1(x)`` (N, T, D) whose
+result (N, T, D), or None, is added to the block's output, after the MLP residual (MMA's adapters,
+docs/methods/mma.md §14). ``h`` is the tensor the attention reads, computed once. In the split form the branch runs on
+the prefix and the suffix separately, so it must act on every position independently (no mixing across positions);
+then the split stays exact.
+
 Blocks these forwards cannot run (cross-attention, LayerScale-free custom blocks, biased keys, ...) are reported by
 ``fusable``; the backbone then calls the block module itself (and never splits a prefix).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
+
+# A residual branch of one block: ln_1 of the block input (N, T, D) -> what to add to the block output, or None.
+Branch = Callable[[torch.Tensor], torch.Tensor | None]
 
 
 def fusable(block: nn.Module) -> bool:
@@ -58,13 +69,40 @@ def _mlp_residual(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
-def block_forward(block: nn.Module, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-    """One residual-attention block on x (N, T, D): causal (text) or unmasked (vision) self-attention."""
+def add_branch(out: torch.Tensor, h: torch.Tensor, branch: Branch | None) -> torch.Tensor:
+    """`out` (N, T, D) plus ``branch(h)`` in out's dtype; `out` itself without a branch or when it returns None."""
+    if branch is None:
+        return out
+    delta = branch(h)
+    if delta is None:
+        return out
+    if delta.shape != out.shape:
+        raise ValueError(f"a block branch must return the block's shape {tuple(out.shape)}, got {tuple(delta.shape)}")
+    return out + delta.to(out.dtype)
+
+
+def block_forward(
+    block: nn.Module, x: torch.Tensor, causal: bool = False, branch: Branch | None = None
+) -> torch.Tensor:
+    """One residual-attention block on x (N, T, D): causal (text) or unmasked (vision) self-attention; `branch`
+    reads ln_1(x) and adds to the output (module docstring)."""
     attn = block.attn
-    q, k, v = _heads(block.ln_1(x), attn)  # (N, H, T, dh)
+    h = block.ln_1(x)  # (N, T, D)
+    q, k, v = _heads(h, attn)  # (N, H, T, dh)
     o = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (N, H, T, dh)
     x = x + block.ls_1(_merge(o, attn))  # (N, T, D)
-    return _mlp_residual(block, x)
+    return add_branch(_mlp_residual(block, x), h, branch)
+
+
+def module_forward(
+    block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None, branch: Branch | None = None
+) -> torch.Tensor:
+    """The block module's own forward (open_clip's, for blocks `block_forward` cannot run or when fused attention is
+    off) with the same branch: ``block(x) + branch(ln_1(x))`` (ln_1 computed again: deterministic, the same values)."""
+    out = block(x, attn_mask=attn_mask)  # (N, T, D)
+    if branch is None:
+        return out
+    return add_branch(out, block.ln_1(x), branch)
 
 
 def suffix_mask(prefix_len: int, suffix_len: int, device: torch.device) -> torch.Tensor:
@@ -78,19 +116,22 @@ def split_block_forward(
     suffix: torch.Tensor,
     prefix_index: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
+    branch: Branch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One causal block on rows that share their first P positions.
 
     prefix (G, P, D): the shared positions of each group; suffix (N, S, D): every row's remaining positions;
     prefix_index (N,): the group of each row (None: one group). `mask`: ``suffix_mask(P, S)`` when the caller
-    has it. Returns the block's outputs (G, P, D) and (N, S, D), equal to running every full row
+    has it. `branch`: a per-position residual branch (module docstring), run on the prefix and the suffix
+    separately. Returns the block's outputs (G, P, D) and (N, S, D), equal to running every full row
     [prefix[prefix_index[r]]; suffix[r]] through the block.
     """
     attn = block.attn
     n, s, _ = suffix.shape
     p = prefix.shape[1]
-    qp, kp, vp = _heads(block.ln_1(prefix), attn)  # (G, H, P, dh)
-    qs, ks, vs = _heads(block.ln_1(suffix), attn)  # (N, H, S, dh)
+    hp, hs = block.ln_1(prefix), block.ln_1(suffix)  # (G, P, D), (N, S, D)
+    qp, kp, vp = _heads(hp, attn)  # (G, H, P, dh)
+    qs, ks, vs = _heads(hs, attn)  # (N, H, S, dh)
     op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)  # (G, H, P, dh)
     if prefix_index is None:
         kp, vp = kp.expand(n, -1, -1, -1), vp.expand(n, -1, -1, -1)  # (N, H, P, dh)
@@ -101,6 +142,6 @@ def split_block_forward(
     if mask is None:
         mask = suffix_mask(p, s, suffix.device)
     os_ = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask)  # (N, H, S, dh)
-    prefix = _mlp_residual(block, prefix + block.ls_1(_merge(op, attn)))  # (G, P, D)
-    suffix = _mlp_residual(block, suffix + block.ls_1(_merge(os_, attn)))  # (N, S, D)
+    prefix = add_branch(_mlp_residual(block, prefix + block.ls_1(_merge(op, attn))), hp, branch)  # (G, P, D)
+    suffix = add_branch(_mlp_residual(block, suffix + block.ls_1(_merge(os_, attn))), hs, branch)  # (N, S, D)
     return prefix, suffix
