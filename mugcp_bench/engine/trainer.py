@@ -6,7 +6,9 @@ every trainable parameter, a constant warm-up epoch at 1e-5, then a cosine shift
 epoch; the last-epoch model is the final model (no model selection). A recipe may choose Adam or AdamW
 (`engine.optim`) and a method may name parameter groups with their own LR (`Method.param_groups`), hook the end of
 every epoch (`Method.on_epoch_end`) and swap in its final state at the end (`Method.on_train_end`); what it
-accumulates (`Method.accumulated_state`) is saved in every checkpoint.
+accumulates (`Method.accumulated_state`) is saved in every checkpoint. A method may also ask for one backward pass
+per objective and combine the gradients itself before each optimizer step (``gradient_objectives`` and
+``combine_gradients``: ProGrad's projection; see `fit`).
 """
 
 from __future__ import annotations
@@ -202,6 +204,92 @@ def _first_non_finite(parts: dict[str, torch.Tensor]) -> tuple[str, float]:
     return "loss", float(parts["loss"].detach().float())
 
 
+# --- gradient combination: several backward passes per step, combined per parameter before the optimizer ----------
+def gradient_objectives(method: Method) -> tuple[str, ...]:
+    """The method's objectives in backward order (`gradient_objectives`); () for the usual single backward."""
+    return tuple(getattr(method, "gradient_objectives", ()) or ())
+
+
+def objective_values(method: Method, ce: torch.Tensor, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{objective: value} of one step: "ce" (the trainer's weighted cross-entropy) and every extra loss, each named
+    exactly once by the method's `gradient_objectives` (ValueError otherwise: a loss part no backward pass sees)."""
+    values = {"ce": ce, **losses}
+    order = gradient_objectives(method)
+    if sorted(values) != sorted(order):
+        raise ValueError(
+            f"{method.name}: gradient_objectives {list(order)} must name every loss part once; this step has "
+            f"{sorted(values)} ('ce' is the trainer's cross-entropy)"
+        )
+    return values
+
+
+def recorded_loss(method: Method, values: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The step's `loss` for a combining method: the sum of its `loss_objectives` (the objectives the combined step
+    descends; default every objective), each in fp32 as the single-backward path adds its extra losses."""
+    names = tuple(getattr(method, "loss_objectives", ()) or gradient_objectives(method))
+    loss = values[names[0]] if names[0] == "ce" else values[names[0]].float()
+    for name in names[1:]:
+        loss = loss + values[name].float()
+    return loss
+
+
+def backward_objectives(
+    method: Method,
+    values: dict[str, torch.Tensor],
+    scaler: torch.amp.GradScaler | None,
+    accum_steps: int,
+    into: dict[str, dict[str, torch.Tensor]],
+) -> None:
+    """One backward pass per objective, in the method's order (the graph kept until the last), each objective's
+    gradient of every trainable parameter added to ``into[objective][parameter name]``: ``value / accum_steps``,
+    scaled by the gradient scaler when there is one, exactly as the single-backward path scales its loss. Nothing
+    is written to ``.grad``."""
+    named = [(n, p) for n, p in method.named_parameters() if p.requires_grad]
+    order = gradient_objectives(method)
+    for i, name in enumerate(order):
+        acc = into.setdefault(name, {})
+        value = values[name] / accum_steps
+        if scaler is not None:
+            value = scaler.scale(value)
+        if not value.requires_grad:  # an objective that does not reach the parameters this step
+            continue
+        grads = torch.autograd.grad(value, [p for _, p in named], retain_graph=i + 1 < len(order), allow_unused=True)
+        for (pname, _), g in zip(named, grads):
+            if g is not None:
+                acc[pname] = g if pname not in acc else acc[pname] + g
+
+
+def set_combined_gradients(
+    method: Method, grads: dict[str, dict[str, torch.Tensor]], scaler: torch.amp.GradScaler | None
+) -> tuple[str, float] | None:
+    """Write ``method.combine_gradients(per-objective gradients)`` into ``.grad`` of the trainable parameters.
+
+    The method always sees unscaled gradients: with a gradient scaler each is multiplied by 1/scale first, and the
+    combination by the scale again before the scaler's own unscale in `scaler.step` (the scale is a power of two, so
+    both are exact). If any objective's gradient is non-finite, the combination is not called: with a scaler every
+    ``.grad`` becomes inf, so the scaler skips the step and lowers its scale as for any overflow; without one, the
+    offending (objective gradient of parameter, value) is returned for the caller to stop the run with. A parameter
+    the combination gives nothing is not updated this step."""
+    named = [(n, p) for n, p in method.named_parameters() if p.requires_grad]
+    scale = scaler.get_scale() if scaler is not None else 1.0
+    if scale != 1.0:
+        grads = {o: {n: g * (1.0 / scale) for n, g in gs.items()} for o, gs in grads.items()}
+    bad = _first_non_finite_tensor([(f"{o} gradient of {n}", g) for o, gs in grads.items() for n, g in gs.items()])
+    if bad is not None:
+        if scaler is None:
+            return bad
+        for _, p in named:
+            p.grad = torch.full_like(p, math.inf)
+        return None
+    combined = method.combine_gradients(grads)
+    for n, p in named:
+        g = combined.get(n)
+        if g is not None and g.shape != p.shape:
+            raise ValueError(f"{method.name}.combine_gradients: {n} has shape {tuple(g.shape)}, not {tuple(p.shape)}")
+        p.grad = None if g is None else (g * scale if scale != 1.0 else g).to(p.dtype)
+    return None
+
+
 def _set_aside(path: Path, why: str) -> Path:
     """Keep an unusable file beside its place as `<name>.unusable` (replacing an older one) and say so in one line."""
     aside = path.with_name(f"{path.name}.unusable")
@@ -262,6 +350,32 @@ def fit(
     raised; resuming from it continues exactly where the run stopped (with `workers=0`: loader workers' augmentation
     RNG cannot be replayed without loading the skipped images). `callbacks` (and `callbacks.add_callback`'s) are
     called after every step and epoch: the one channel of training events (progress displays are callbacks).
+
+    Gradient combination (ProGrad's projection, `methods/prograd.py`): a method with a non-empty ``gradient_objectives``
+    (a tuple of objective names in backward order: "ce", the trainer's weighted cross-entropy, and every key of its
+    ``MethodOutput.losses``, each exactly once) gets one backward pass per objective instead of one of the summed
+    loss, the graph kept until the last (`backward_objectives`; `torch.autograd.grad`, nothing written to ``.grad``),
+    and a ``combine_gradients(grads) -> {parameter name: gradient}`` hook, with ``grads[objective][parameter name]``,
+    whose result becomes ``.grad`` before the optimizer step (`set_combined_gradients`). Exactly:
+
+    - accumulation: each objective's gradients are accumulated over the `accum_steps` micro-batches
+      (``value / accum_steps`` each, as the single-backward path divides its loss) and combined **once**, at the
+      optimizer step: the combination of the accumulated per-objective gradients, i.e. of the gradients of the
+      whole effective batch's mean objectives, which is what the reference computes for one batch of that size (a
+      combination per micro-batch, averaged, would be another method for any combination that is not linear);
+    - precision: the combination always sees unscaled gradients; under fp16 autocast each objective is scaled by
+      the GradScaler in its backward, unscaled (× 1/scale) before the combination and the result rescaled for the
+      scaler's own unscale in ``scaler.step`` (exact: the scale is a power of two). A non-finite gradient of any
+      objective makes the scaler skip the step and lower its scale, as an overflow in the summed loss would.
+      reference-fp16 (no scaler) combines the fp16 gradients as they are, in fp16;
+    - checks: every loss part is checked finite each step (the recorded `loss` need not hold every part); without
+      a scaler a non-finite objective gradient stops the run naming it ("kl gradient of ctx"), a non-finite
+      combination naming the parameter ("combined gradient of ctx");
+    - the recorded ``loss`` is the sum of the method's ``loss_objectives`` (default: every objective): ProGrad
+      records its cross-entropy, the objective its projected step descends; every part stays in the history as
+      ``loss_<part>``;
+    - checkpoints: optimizer steps happen only at accumulation boundaries, where the per-objective accumulators are
+      empty, so checkpoints hold what they always held and a resume is unchanged.
     """
     callbacks = [*callbacks, *global_callbacks()]
     loader_gen = torch.Generator().manual_seed(seed)
@@ -280,6 +394,8 @@ def fit(
     keys = [d.relpath for d in items]
     opt, sched = make_optimizer(method, cfg)
     named_groups = method.param_groups() is not None  # record lr_<group> per epoch
+    combining = bool(gradient_objectives(method))  # one backward per objective, combined at each optimizer step
+    objective_grads: dict[str, dict[str, torch.Tensor]] = {}  # per objective, accumulated since the last step
     scaler = make_scaler(precision, device)
     start_epoch, history, skip, resumed_sums, last_loss = 0, [], 0, {}, float("nan")
     epoch_loader_state = loader_gen.get_state()
@@ -327,6 +443,7 @@ def fit(
         lrs = group_lrs(opt)
         lr = opt.param_groups[0]["lr"]
         opt.zero_grad(set_to_none=True)
+        objective_grads = {}
         if skip == 0:
             epoch_loader_state = loader_gen.get_state()
         batch_sampler.skip = skip
@@ -344,26 +461,42 @@ def fit(
                 ce = F.cross_entropy(logits, labels)
                 if out.ce_weight != 1.0:
                     ce = out.ce_weight * ce
-                loss = ce
-                for extra in out.losses.values():
-                    loss = loss + extra.float()
+                if combining:
+                    values = objective_values(method, ce, out.losses)
+                    loss = recorded_loss(method, values)
+                else:
+                    loss = ce
+                    for extra in out.losses.values():
+                        loss = loss + extra.float()
             parts = {"loss": loss, "loss_ce": ce, **{f"loss_{k}": v for k, v in out.losses.items()}}
             for part, value in parts.items():
                 loss_sums[part] = loss_sums.get(part, 0.0) + value.detach().float()  # summed on the device
-            scaled = loss / cfg.accum_steps
-            (scaler.scale(scaled) if scaler else scaled).backward()
-            last_loss = float(loss.detach())  # one sync per step (the progress line needs it anyway)
+            if combining:
+                backward_objectives(method, values, scaler, cfg.accum_steps, objective_grads)
+                # `loss` need not hold every part here: all are checked, in one sync (`loss` comes first)
+                values_now = torch.stack([v.detach().float() for v in parts.values()]).tolist()
+                last_loss = values_now[0] if all(map(math.isfinite, values_now)) else math.nan
+            else:
+                scaled = loss / cfg.accum_steps
+                (scaler.scale(scaled) if scaler else scaled).backward()
+                last_loss = float(loss.detach())  # one sync per step (the progress line needs it anyway)
             if not math.isfinite(last_loss):
                 raise NonFiniteLoss(epoch, cfg.epochs, step, steps, *_first_non_finite(parts))
             boundary = (step + 1) % cfg.accum_steps == 0 or step + 1 == steps
             if boundary:
+                if combining:  # the accumulated per-objective gradients, combined once per optimizer step
+                    bad = set_combined_gradients(method, objective_grads, scaler)
+                    objective_grads = {}
+                    if bad is not None:
+                        raise NonFiniteLoss(epoch, cfg.epochs, step, steps, *bad)
                 if scaler:  # the scaler skips steps with inf gradients itself
                     scaler.step(opt)
                     scaler.update()
                 else:
                     bad = _non_finite_grad(method)
                     if bad is not None:
-                        raise NonFiniteLoss(epoch, cfg.epochs, step, steps, f"gradient of {bad[0]}", bad[1])
+                        what = "combined gradient" if combining else "gradient"
+                        raise NonFiniteLoss(epoch, cfg.epochs, step, steps, f"{what} of {bad[0]}", bad[1])
                     opt.step()
                 opt.zero_grad(set_to_none=True)
             n_images += images.shape[0]
