@@ -347,6 +347,12 @@ class Backbone(nn.Module):
             pooled = v._global_pool(v.ln_post(x))[0]
         return pooled @ v.proj if v.proj is not None else pooled
 
+    @property
+    def vision_pool_type(self) -> str:
+        """How `vision_head` pools the tokens: "tok" (the CLS token, every OpenAI-style ViT CLIP), "avg" (the mean of
+        the others) or "none"."""
+        return str(getattr(self.model.visual, "pool_type", "tok"))
+
     def vision_final_norm(self, x: torch.Tensor) -> torch.Tensor:
         """The final LayerNorm (ln_post) on token states (B, N, Dv), every token: for readouts of tokens other than
         the pooled one (MMRL's representation tokens)."""
