@@ -417,7 +417,8 @@ def fit(
             start_epoch, skip = state["epoch"], state["step"]
             loader_gen.set_state(state["epoch_loader"])
             resumed_sums = {k: torch.tensor(v, device=device) for k, v in state["loss_sums"].items()}
-        log.info("resumed from %s at epoch %d step %d", checkpoint, start_epoch, skip)
+        # epochs counted from 1, as the interruption's reason and the progress display count them
+        log.info("resumed from %s at epoch %d, step %d", checkpoint, start_epoch + 1, skip)
     t0, n_images = time.perf_counter(), 0
 
     def save(epoch: int, step: int | None, loss_sums: dict[str, Any]) -> None:
