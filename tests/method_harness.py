@@ -108,9 +108,11 @@ def prepare(method: Method, batch: Batch, split: str = "train") -> Method:
 
 
 def total_loss(method: Method, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, cross-entropy + every extra loss), as the trainer computes it."""
-    out = method(batch.images, keys=batch.keys)
-    loss = torch.nn.functional.cross_entropy(out.logits, batch.labels)
+    """(logits, cross-entropy + every extra loss), as the trainer computes it (labels passed where the method asks for
+    them, the cross-entropy weighted by `ce_weight`)."""
+    labels = {"labels": batch.labels} if method.needs_labels and method.training else {}
+    out = method(batch.images, keys=batch.keys, **labels)
+    loss = out.ce_weight * torch.nn.functional.cross_entropy(out.logits, batch.labels)
     for value in out.losses.values():
         loss = loss + value
     return out.logits, loss

@@ -19,6 +19,7 @@ from mugcp_bench.toy.pretrain import (
 )
 from mugcp_bench.toy.suite import DATASETS, QUICK_SIZES, TOY_SUITE
 from mugcp_bench.toy.world import ensure_toy_world, world_settings
+from tests.numerics import assert_close_scaled
 
 TINY = PretrainSettings(steps=3, batch_size=16, warmup_steps=1)
 
@@ -45,6 +46,7 @@ def test_same_seed_pretrains_identical_weights() -> None:
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
+@pytest.mark.numerics
 def test_text_by_length_equals_the_full_context_encoding() -> None:
     """Captions encoded in length groups, cut after their end-of-text token, give open_clip's features (float
     rounding aside), in the captions' order."""
@@ -57,7 +59,7 @@ def test_text_by_length_equals_the_full_context_encoding() -> None:
     with torch.no_grad():
         full = model.encode_text(tokens, normalize=True)
         for chunks in (1, 3, 8):
-            torch.testing.assert_close(encode_text_by_length(model, tokens, chunks), full, rtol=1e-4, atol=1e-5)
+            assert_close_scaled(encode_text_by_length(model, tokens, chunks), full, msg=f"{chunks} groups")
 
 
 def test_pretraining_progress_in_a_log_file(capsys: pytest.CaptureFixture[str]) -> None:
@@ -80,8 +82,9 @@ def test_world_key_covers_settings() -> None:
 
 
 @pytest.fixture(scope="module")
-def quick_world(tmp_path_factory: pytest.TempPathFactory) -> world_mod.ToyWorld:
-    return ensure_toy_world(cache_dir=tmp_path_factory.mktemp("cache"), quick=True, progress=False)
+def quick_world(session_cache) -> world_mod.ToyWorld:
+    """The session's quick toy world (the demo's, when it ran first: prepared once)."""
+    return ensure_toy_world(cache_dir=session_cache, quick=True, progress=False)
 
 
 def test_quick_world_is_complete_and_loadable(quick_world: world_mod.ToyWorld) -> None:
