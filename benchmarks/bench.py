@@ -13,7 +13,8 @@ Each (backbone, class count) runs in a fresh worker process; inside it every met
 the naive path, the same trainable weights) and the two are measured interleaved on the same synthetic inputs
 (random images of the backbone's size, random labels, class names "class 17 thing"), so a shared, noisy CPU slows
 both alike. The DataLoader is kept out of the timing. The training step and the evaluation loop are the ones of
-``mugcp_bench.engine.trainer.fit`` / ``evaluate`` (autocast, cross-entropy + the method's extra losses, SGD).
+``mugcp_bench.engine.trainer.fit`` / ``evaluate`` (autocast, cross-entropy + the method's extra losses, SGD; a
+method with ``gradient_objectives``, ProGrad, gets one backward per objective and its ``combine_gradients``).
 
 Peak memory is the peak over a phase minus the memory at its start. On CUDA ``max_memory_allocated``; on CPU the
 peak of live tensor storages (counted at the dispatcher, `live_tensor_tracker`: what the method holds, whatever the
@@ -50,7 +51,19 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_METHODS = ("zsclip", "coop", "cocoop", "maple", "dcp", "mugcp", "kgcoop", "ivlp", "language_deep", "vpt_deep")
+DEFAULT_METHODS = (
+    "zsclip",
+    "coop",
+    "cocoop",
+    "maple",
+    "dcp",
+    "mugcp",
+    "kgcoop",
+    "ivlp",
+    "language_deep",
+    "vpt_deep",
+    "prograd",
+)
 DEFAULT_BACKBONES = ("tiny", "toy-clip", "ViT-B-16")
 DEFAULT_CLASSES = (10, 100, 1000)
 # ViT-B-16 at 1000 classes is left out of the default CPU plan: one naive CoOp step there encodes 1000 × 77 tokens
@@ -452,7 +465,14 @@ def bench_method(
     import torch
     import torch.nn.functional as F
 
-    from mugcp_bench.engine.trainer import autocast, make_optimizer
+    from mugcp_bench.engine.trainer import (
+        autocast,
+        backward_objectives,
+        gradient_objectives,
+        make_optimizer,
+        objective_values,
+        set_combined_gradients,
+    )
     from mugcp_bench.methods.base import TrainConfig
 
     items, extra = mugcp_setup() if name == "mugcp" else ([], {})
@@ -509,11 +529,18 @@ def bench_method(
         opt = opts[id(m)]
         with text_path(backbone, path):
             with autocast(device, precision):
-                out = m(batch, train_keys)
-                loss = F.cross_entropy(out.logits.float(), labels)
-                for extra_loss in out.losses.values():
-                    loss = loss + extra_loss.float()
-            loss.backward()
+                # labels where the method asks for them (MMRL, DePT), the cross-entropy weighted as trainer.fit does
+                out = m(batch, train_keys, **({"labels": labels} if m.needs_labels else {}))
+                loss = out.ce_weight * F.cross_entropy(out.logits.float(), labels)
+                if not gradient_objectives(m):
+                    for extra_loss in out.losses.values():
+                        loss = loss + extra_loss.float()
+            if gradient_objectives(m):  # ProGrad: one backward per objective, combined per parameter (both paths)
+                grads: dict[str, dict[str, Any]] = {}
+                backward_objectives(m, objective_values(m, loss, out.losses), None, 1, grads)
+                set_combined_gradients(m, grads, None)
+            else:
+                loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
@@ -760,7 +787,7 @@ TARGETS = (
     # vpt_deep has no target: its class text is fixed and encoded once on both paths, as in the reference
     (
         "training ≥ 3× at 100 classes on ViT-B-16",
-        ("coop", "cocoop", "maple", "kgcoop", "ivlp", "language_deep"),
+        ("coop", "cocoop", "maple", "kgcoop", "ivlp", "language_deep", "prograd"),
         "train",
         "ViT-B-16",
         100,
@@ -768,7 +795,7 @@ TARGETS = (
     ),
     (
         "evaluation ≥ 10× at 100 classes",
-        ("zsclip", "coop", "maple", "kgcoop", "ivlp", "language_deep"),
+        ("zsclip", "coop", "maple", "kgcoop", "ivlp", "language_deep", "prograd"),
         "eval",
         None,
         100,
