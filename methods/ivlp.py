@@ -36,8 +36,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from mugcp_bench.engine.frozen import class_text_features
 from mugcp_bench.errors import UserError
+from mugcp_bench.frozen.quantities import class_text_features
 from mugcp_bench.methods.base import TOY_TRAIN, Provenance, SharedTextMethod
 from mugcp_bench.methods.coop import frozen_image_features
 from mugcp_bench.methods.prompts import ClassPrompts, init_context
@@ -188,7 +188,7 @@ class DeepPrompts(SharedTextMethod):
     def _encode_fixed_text(self) -> torch.Tensor:
         """VPT's class features (C, E), unnormalised, of "a photo of a {class}." whatever the dataset, encoded by
         the fp32 text tower (an fp32 copy under reference-fp16: the reference's VPT model is fp32) outside any
-        autocast, once per class set as the reference's FixedEmbeddings (`engine.frozen.class_text_features`)."""
+        autocast, once per class set as the reference's FixedEmbeddings (`frozen.quantities.class_text_features`)."""
         with torch.autocast(self.backbone.device.type, enabled=False):
             feats = class_text_features(self.backbone, self.classnames, VPT_TEXT_TEMPLATE, normalize=False, fp32=True)
         return feats.to(self.backbone.dtype)  # (C, E)

@@ -16,7 +16,7 @@ Matched against htyao89/KgCoOp @ c43ccc3 (the code lives in its ``KgCoOp/`` fold
 
 The image tower is untouched (cached image features serve evaluation); the class prompts do not depend on the image
 (encoded once per class set at evaluation); the frozen class features are built with the class set, as the
-reference builds them with its prompt learner (cached by content, `engine.frozen`).
+reference builds them with its prompt learner (cached by content, `frozen.quantities`).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mugcp_bench.engine.frozen import class_text_features
 from mugcp_bench.errors import UserError
+from mugcp_bench.frozen.quantities import class_text_features
 from mugcp_bench.methods.base import TOY_TRAIN, MethodOutput, Provenance, SharedTextMethod, cosine_logits
 from mugcp_bench.methods.coop import frozen_image_features
 from mugcp_bench.methods.prompts import ClassPrompts, init_context
@@ -68,7 +68,7 @@ KG_TEMPLATES: dict[str, str] = {
 
 def knowledge_features(backbone: Backbone, classnames: Sequence[str], template: str) -> torch.Tensor:
     """Frozen, L2-normalised class text features (C, E) of ``template.format(class name)``: zero-shot CLIP's features
-    for that template (`engine.frozen.class_text_features`, cached by content). Encoded by the backbone as it is:
+    for that template (`frozen.quantities.class_text_features`, cached by content). Encoded by the backbone as it is:
     fp16 weights under reference-fp16, as the reference's second CLIP (`clip.build_model` converts it to fp16 and
     nothing casts it back); outside any autocast, so a training step's bf16 / fp16 autocast never rounds them."""
     with torch.autocast(backbone.device.type, enabled=False):

@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mugcp_bench.engine.frozen import class_text_features, frozen_batch_features
 from mugcp_bench.errors import UserError
+from mugcp_bench.frozen.quantities import class_text_features, frozen_batch_features
 from mugcp_bench.methods.base import TOY_TRAIN, Method, MethodOutput, Provenance
 from mugcp_bench.methods.prompts import clean_classname, common_prefix_len
 from mugcp_bench.model.backbone import Backbone

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mugcp_bench.engine.frozen import class_text_features, frozen_batch_features
 from mugcp_bench.errors import UserError
+from mugcp_bench.frozen.quantities import class_text_features, frozen_batch_features
 from mugcp_bench.methods.base import TOY_TRAIN, MethodOutput, Provenance, SharedTextMethod, cosine_logits
 from mugcp_bench.methods.prompts import ClassPrompts, init_context
 from mugcp_bench.model.state_fit import StateMismatch

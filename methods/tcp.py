@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mugcp_bench.engine.frozen import class_text_features
 from mugcp_bench.errors import UserError
+from mugcp_bench.frozen.quantities import class_text_features
 from mugcp_bench.methods.base import TOY_TRAIN, MethodOutput, Provenance, SharedTextMethod, cosine_logits
 from mugcp_bench.methods.coop import frozen_image_features
 from mugcp_bench.methods.prompts import clean_classname, common_prefix_len

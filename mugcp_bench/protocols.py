@@ -210,6 +210,17 @@ def train_title(train_protocol: str) -> str:
 
 # Training regimes a recipe can name: the source run ("xd") serves cross-dataset and domain generalization.
 TRAIN_PROTOCOLS = tuple(dict.fromkeys(p.train_protocol for p in PROTOCOLS.values()))
+
+
+def training_regime(train_protocol: str) -> Protocol:
+    """The first protocol trained under `train_protocol`: what that regime trains on (`train_classes`), evaluates
+    (`eval_classes`) and its shot counts (`default_shots`), for code that knows a run's regime only (interop)."""
+    for p in PROTOCOLS.values():
+        if p.train_protocol == train_protocol:
+            return p
+    raise UserError(f"unknown training regime '{train_protocol}'; one of {', '.join(TRAIN_PROTOCOLS)}")
+
+
 PROTOCOL_ALIASES = {"b2n": "base2novel", "xd": "cross_dataset", "dg": "domain_generalization", "fewshot": "few_shot"}
 
 

@@ -211,7 +211,8 @@ class Registry(Generic[T]):
 
 # Built-ins are listed by each package's __init__ (methods/__init__.py, datasets/__init__.py, ...).
 METHODS: Registry[Any] = Registry("method", ["mugcp_bench.methods"], decorator="METHODS")
-DATASETS: Registry[Any] = Registry("dataset", ["mugcp_bench.datasets"])
+# The toy world registers its own datasets (mugcp_bench/toy/datasets.py): the toy wing reads the datasets wing.
+DATASETS: Registry[Any] = Registry("dataset", ["mugcp_bench.datasets", "mugcp_bench.toy.datasets"])
 DESCRIBERS: Registry[Any] = Registry("describer", ["mugcp_bench.describers"])
 BACKBONES: Registry[Any] = Registry("backbone", ["mugcp_bench.model.backbone"])
 EXECUTORS: Registry[Any] = Registry("executor", ["mugcp_bench.runs.executors"])

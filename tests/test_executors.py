@@ -320,7 +320,7 @@ from pathlib import Path
 import torch
 from mugcp_bench.model.backbone import load_backbone
 from mugcp_bench.datasets.base import prepare
-from mugcp_bench.engine.features import image_features
+from mugcp_bench.frozen.features import image_features
 
 root, cache, log, start = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), float(sys.argv[4])
 torch.manual_seed(0)

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mugcp_bench.engine.features import image_features
 from mugcp_bench.engine.trainer import evaluate
+from mugcp_bench.frozen.features import image_features
 from mugcp_bench.methods.base import Method
 from mugcp_bench.model.backbone import load_backbone
 from mugcp_bench.registry import METHODS

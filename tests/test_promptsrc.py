@@ -11,9 +11,9 @@ import torch.nn.functional as F
 
 from mugcp_bench.engine import trainer
 from mugcp_bench.engine.callbacks import StepInfo, TrainCallback
-from mugcp_bench.engine.frozen import clear_memory
 from mugcp_bench.engine.interrupts import deferred_sigint, request_stop
 from mugcp_bench.errors import RunInterrupted, UserError
+from mugcp_bench.frozen.quantities import clear_memory
 from mugcp_bench.methods.base import TrainConfig, split_overrides
 from mugcp_bench.methods.promptsrc import TEACHER_TEMPLATES, PromptSRC, gpa_weights
 from mugcp_bench.model.backbone import load_backbone

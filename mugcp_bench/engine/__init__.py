@@ -1,1 +1,1 @@
-"""Training and evaluation of one method: the trainer, precision, callbacks, feature cache, resources."""
+"""Training and evaluation of one method: the trainer, optimizers and schedules, callbacks, interrupts, resources."""

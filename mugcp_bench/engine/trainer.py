@@ -13,7 +13,6 @@ per objective and combine the gradients itself before each optimizer step (``gra
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import random
@@ -37,6 +36,7 @@ from mugcp_bench.engine.optim import lr_trace as lr_trace
 from mugcp_bench.errors import NonFiniteLoss, RunInterrupted, UserError
 from mugcp_bench.methods.base import Method, TrainConfig
 from mugcp_bench.model.backbone import REFERENCE_FP16, Backbone
+from mugcp_bench.model.backbone import autocast as autocast  # re-exported: precision lives with the model
 from mugcp_bench.model.state_fit import StateMismatch
 from mugcp_bench.registry import suggest
 from mugcp_bench.tensor_files import atomic_torch_save
@@ -83,14 +83,6 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 def backbone_precision(precision: str) -> str:
     """The weight precision a backbone needs for training precision `precision` (`load_backbone(precision=...)`)."""
     return REFERENCE_FP16 if precision == REFERENCE_FP16 else "fp32"
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Autocast for bf16 / fp16 on CUDA; none for fp32 and reference-fp16 (whose weights carry their dtypes)."""
-    if precision in ("fp32", REFERENCE_FP16) or device.type != "cuda":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type="cuda", dtype=dtype)
 
 
 def check_backbone(backbone: Backbone, precision: str) -> None:

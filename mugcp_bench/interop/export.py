@@ -18,6 +18,7 @@ from mugcp_bench.errors import UserError
 from mugcp_bench.interop.formats import ReferenceFormat, formats_of
 from mugcp_bench.interop.reference import REGIMES, to_reference, write_reference_file
 from mugcp_bench.interop.trained import TrainedModel, build_backbone, build_method
+from mugcp_bench.protocols import training_regime
 
 # Our dataset names whose reference config file (configs/datasets/<name>.yaml) is spelled otherwise.
 REFERENCE_DATASET_FILES = {"imagenet_v2": "imagenetv2"}
@@ -114,7 +115,7 @@ def reference_command(fmt: ReferenceFormat, model: TrainedModel, model_dir: Path
     backbone = REFERENCE_BACKBONES.get(model.backbone.get("name", ""), model.backbone.get("name", ""))
     parts.append(f"MODEL.BACKBONE.NAME {backbone}")
     parts.append(f"DATASET.NUM_SHOTS {key.get('shots', 16)}")
-    if protocol == "base2novel":
+    if "novel" in training_regime(protocol).eval_classes:
         parts.append("DATASET.SUBSAMPLE_CLASSES new")  # the novel half; `base` for the training classes
     return " \\\n    ".join(parts)
 

@@ -38,6 +38,7 @@ from mugcp_bench.interop.reference import (
     read_reference_file,
     structurally_fits,
 )
+from mugcp_bench.protocols import training_regime
 
 log = logging.getLogger(__name__)
 
@@ -562,7 +563,8 @@ def plan_one(path: Path, opts: ImportOptions, backbones: dict) -> ImportPlan:
             "protocol", (f"{dataset} {'is' if source else 'is not'} the source", "xd" if source else "few_shot")
         )
     log_shots = int(cfg["DATASET.NUM_SHOTS"]) if re.fullmatch(r"\d+", cfg.get("DATASET.NUM_SHOTS", "")) else None
-    default_shots = 16 if protocol in ("base2novel", "xd") else None
+    regime_shots = training_regime(protocol).default_shots  # one shot count (base2novel, xd) or a choice (few-shot)
+    default_shots = regime_shots[0] if len(regime_shots) == 1 else None
     shots = pick(
         "shots",
         ("--shots", opts.shots),
@@ -624,7 +626,7 @@ def plan_one(path: Path, opts: ImportOptions, backbones: dict) -> ImportPlan:
             train_config=t_cfg,
             train_protocol=protocol,
             dataset=dataset,
-            classes="base" if protocol == "base2novel" else "all",
+            classes=training_regime(protocol).train_classes,
             shots=int(shots),
             seed=int(seed),
             recipe=opts.recipe,

@@ -28,6 +28,7 @@ open_clip's block modules instead).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -649,6 +650,16 @@ class Backbone(nn.Module):
 # exactly that for precision="fp16" (factory._set_model_device_and_precision: convert_weights_to_lp, LayerNormFp32).
 REFERENCE_FP16 = "reference-fp16"
 WEIGHT_PRECISIONS = ("fp32", REFERENCE_FP16)
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast for bf16 / fp16 on CUDA; none for fp32 and reference-fp16 (whose weights carry their dtypes)."""
+    if precision in ("fp32", REFERENCE_FP16) or device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
 HF_HUB_PREFIX = "hf-hub:"  # open_clip's form for a model (config + weights) in a Hugging Face Hub repo
 # Words in a checkpoint's file name or metadata that suggest OpenAI's (QuickGELU-trained) weights.
 OPENAI_HINTS = ("openai",)

@@ -26,11 +26,11 @@ import torch
 
 from mugcp_bench.datasets.base import get_spec, prepare
 from mugcp_bench.engine.callbacks import StepInfo, TrainCallback
-from mugcp_bench.engine.features import image_features
 from mugcp_bench.engine.interrupts import StopFile, request_stop
 from mugcp_bench.engine.resources import PeakMemory
 from mugcp_bench.engine.trainer import backbone_precision, evaluate, fit, load_saved_state, prepare_method, set_seed
 from mugcp_bench.errors import DiskFull, NonFiniteLoss, RunFailed, RunInterrupted, UserError
+from mugcp_bench.frozen.features import image_features
 from mugcp_bench.methods.base import Method
 from mugcp_bench.model.backbone import Backbone, load_backbone
 from mugcp_bench.protocols import EvalTarget

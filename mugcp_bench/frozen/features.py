@@ -18,8 +18,7 @@ from filelock import FileLock
 from torch.utils.data import DataLoader
 
 from mugcp_bench.datasets.base import Datum, ImageListDataset
-from mugcp_bench.engine.trainer import autocast
-from mugcp_bench.model.backbone import Backbone
+from mugcp_bench.model.backbone import Backbone, autocast
 from mugcp_bench.tensor_files import atomic_torch_save
 
 log = logging.getLogger(__name__)

@@ -3,12 +3,12 @@
 * `class_text_features` — hand-crafted class text features of a template list (KgCoOp's and TCP's knowledge
   features, PromptSRC's 60-template teacher), (C, E).
 * `frozen_image_features` — unprompted image features of a list of images under a deterministic transform (the
-  evaluation feature cache of `engine.features`, with an in-process layer on top), (N, E).
+  evaluation feature cache of `frozen.features`, with an in-process layer on top), (N, E).
 * `frozen_batch_features` — unprompted features of one (augmented) training batch; nothing to cache there: every
   step sees new random crops, so methods that need a frozen image pass in training (PromptSRC's teacher) run it per
   step, as the reference code does.
 
-Keys follow `engine.features`' rules: the backbone's weights hash, the weight dtype and device type, the text-path
+Keys follow `frozen.features`' rules: the backbone's weights hash, the weight dtype and device type, the text-path
 switches that change rounding (EOT truncation, fused attention), and the exact inputs (class names, templates,
 reduction). Entries live in a per-process LRU and, with a `cache_dir` (or `use_cache_dir`), in
 ``<cache_dir>/frozen/text-<key>.pt``, written atomically under a file lock so parallel workers build each once.
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from filelock import FileLock
 
 from mugcp_bench.datasets.base import Datum
+from mugcp_bench.frozen import features
 from mugcp_bench.model.backbone import Backbone
 from mugcp_bench.tensor_files import atomic_torch_save
 
@@ -199,11 +200,9 @@ def frozen_image_features(
     workers: int = 0,
 ) -> torch.Tensor:
     """Unprompted image features (N, E), fp32 on the CPU, of `items` under a *deterministic* `transform` (the test
-    transform): `engine.features.image_features` (same key: weights, transform version, precision, image list with
+    transform): `frozen.features.image_features` (same key: weights, transform version, precision, image list with
     sizes and modification times) plus an in-process layer, so every method of a process reads them once. The
     tensor is shared with the cache: do not modify it in place."""
-    from mugcp_bench.engine import features  # not at import time: features imports the trainer, which imports methods
-
     folder = Path(cache_dir) if cache_dir is not None else _cache_dir
     key = f"img|{features.features_key(backbone, items, precision)}|{backbone.device.type}"
     if key in _MEMORY:
