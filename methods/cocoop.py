@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mugcp_bench.errors import UserError
-from mugcp_bench.methods.base import TOY_TRAIN, Method, MethodOutput, cosine_logits
+from mugcp_bench.methods.base import TOY_TRAIN, Method, MethodOutput, Provenance, cosine_logits
 from mugcp_bench.methods.coop import context_couplings, effective_n_ctx, frozen_image_features
 from mugcp_bench.methods.prompts import ClassPrompts, init_context
 from mugcp_bench.registry import METHODS
@@ -68,6 +68,19 @@ class CoCoOp(Method):
             p: {**TOY_TRAIN, "n_ctx": 4, "ctx_init": "a photo of a", "batch_size": 4, "lr": 0.01, "epochs": 5}
             for p in ("base2novel", "xd", "few_shot")
         },
+        # DePT's re-run of CoCoOp (Koorye/DePT@d4ff416 configs.py `cocoop`,
+        # configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1.yaml): the released config, LR 0.002 and batch 1; its
+        # xd mode trains ImageNet with it; no few-shot mode. The recipe of cocoop+dept too.
+        "dept": {p: {**_C4_EP10_BATCH1, "eval_batch_size": 100} for p in ("base2novel", "xd")},
+    }
+    provenance = {
+        "dept": Provenance(
+            "Koorye/DePT",
+            "d4ff41684bac42da30ebb6898496772dec3157f2",
+            {p: "configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1.yaml" for p in ("base2novel", "xd")},
+            "DePT's re-run of CoCoOp (configs.py `cocoop`); xd: parallel_runner.py trains ImageNet with the same "
+            "config; PREC fp16 in the reference (--precision reference-fp16); no few-shot mode",
+        ),
     }
     # no-metanet: CoOp's shared context under CoCoOp's budget; no-init: random context of the same length.
     ablations = {"metanet": {"meta_net": False}, "init": {"ctx_init": ""}}

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from mugcp_bench.errors import UserError
-from mugcp_bench.methods.base import TOY_TRAIN, SharedTextMethod
+from mugcp_bench.methods.base import TOY_TRAIN, Provenance, SharedTextMethod
 from mugcp_bench.methods.prompts import ClassPrompts, init_context
 from mugcp_bench.registry import METHODS
 
@@ -111,6 +111,23 @@ class CoOp(SharedTextMethod):
             "xd": {**_CTXV1, **TOY_TRAIN, "batch_size": 32, "lr": 0.01, "epochs": 5},
             "few_shot": {**_IJCV, **TOY_TRAIN, "n_ctx": 4, "batch_size": 32, "lr": 0.01, "epochs": 10},
         },
+        # DePT's re-run of CoOp (Koorye/DePT@d4ff416 configs.py `coop`: configs/trainers/CoOp/vit_b16_ep10_bs4_lr35.yaml
+        # with train.py's TRAINER.COOP defaults): 16 random context tokens, batch 4, LR 0.0035, 10 epochs; its xd mode
+        # trains ImageNet (all classes) with the same config; no few-shot mode. The recipe of coop+dept too.
+        "dept": {
+            p: {**_IJCV, "batch_size": 4, "lr": 0.0035, "epochs": 10, "eval_batch_size": 100}
+            for p in ("base2novel", "xd")
+        },
+    }
+    provenance = {
+        "dept": Provenance(
+            "Koorye/DePT",
+            "d4ff41684bac42da30ebb6898496772dec3157f2",
+            {p: "configs/trainers/CoOp/vit_b16_ep10_bs4_lr35.yaml" for p in ("base2novel", "xd")},
+            "DePT's re-run of CoOp (configs.py `coop`; N_CTX 16 and an empty CTX_INIT from train.py); xd: "
+            "parallel_runner.py trains ImageNet with the same config; PREC fp16 in the reference "
+            "(--precision reference-fp16); no few-shot mode",
+        ),
     }
     # `ablate --drop init` -> variant no-init: random N(0, 0.02²) context of the same length instead of the word
     # initialisation. A no-op for the few-shot recipe, whose context is random already.

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from mugcp_bench.errors import UserError
-from mugcp_bench.methods.base import TOY_TRAIN, SharedTextMethod
+from mugcp_bench.methods.base import TOY_TRAIN, Provenance, SharedTextMethod
 from mugcp_bench.methods.prompts import ClassPrompts, init_context
 from mugcp_bench.registry import METHODS
 
@@ -87,6 +87,23 @@ class MaPLe(SharedTextMethod):
             "xd": {**_C2, **TOY_TRAIN, "prompt_depth": 3, "batch_size": 4, "lr": 0.0026, "epochs": 2},
             "few_shot": {**_C2, **TOY_TRAIN, "prompt_depth": 3, "batch_size": 4, "lr": 0.0035, "epochs": 5},
         },
+        # DePT's re-run of MaPLe (Koorye/DePT@d4ff416 configs.py `maple`,
+        # configs/trainers/MaPLe/vit_b16_c2_ep10_batch4_2ctx.yaml): depth 9, batch 4, LR 0.0035, **10** epochs; its xd
+        # mode trains ImageNet with the same config (depth 9, not the cross-dataset config's 3); no few-shot mode.
+        # The recipe of maple+dept too.
+        "dept": {
+            p: {**_C2, "prompt_depth": 9, "batch_size": 4, "lr": 0.0035, "epochs": 10, "eval_batch_size": 100}
+            for p in ("base2novel", "xd")
+        },
+    }
+    provenance = {
+        "dept": Provenance(
+            "Koorye/DePT",
+            "d4ff41684bac42da30ebb6898496772dec3157f2",
+            {p: "configs/trainers/MaPLe/vit_b16_c2_ep10_batch4_2ctx.yaml" for p in ("base2novel", "xd")},
+            "DePT's re-run of MaPLe (configs.py `maple`); xd: parallel_runner.py trains ImageNet with the same config; "
+            "PREC fp16 in the reference (--precision reference-fp16); no few-shot mode",
+        ),
     }
     # no-coupling: IVLP-like independent vision prompts; no-deep: shallow MaPLe (prompts at the input only).
     ablations = {"coupling": {"coupling": False}, "deep": {"prompt_depth": 1}}

@@ -47,6 +47,21 @@ class Declared:
     doc: str
     recipes: tuple[str, ...] | None
     ablations: tuple[str, ...] | None
+    wraps: tuple[str, ...] | None = None  # a method plug-in's `wraps`: the methods it composes with
+
+
+def _literal_strings(node: ast.ClassDef, attr: str) -> tuple[str, ...] | None:
+    """The class body's `attr = ("a", "b")` as a tuple of strings (None where it is not such a literal)."""
+    for stmt in node.body:
+        if isinstance(stmt, (ast.Assign, ast.AnnAssign)):
+            targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
+            if any(isinstance(x, ast.Name) and x.id == attr for x in targets):
+                if isinstance(stmt.value, (ast.Tuple, ast.List)) and all(
+                    isinstance(e, ast.Constant) and isinstance(e.value, str) for e in stmt.value.elts
+                ):
+                    return tuple(e.value for e in stmt.value.elts)
+                return None
+    return None
 
 
 def _literal_keys(node: ast.ClassDef, attr: str) -> tuple[str, ...] | None:
@@ -84,7 +99,7 @@ def declared_in(path: Path, module: str, decorator: str) -> list[Declared]:
                 recipes = recipes if recipes is not None else _literal_keys(base, "recipes")
                 ablations = ablations if ablations is not None else _literal_keys(base, "ablations")
             doc = ast.get_docstring(node) or (ast.get_docstring(base) if base is not None else "") or ""
-            out.append(Declared(name, aliases, module, doc, recipes, ablations))
+            out.append(Declared(name, aliases, module, doc, recipes, ablations, _literal_strings(node, "wraps")))
     return out
 
 
@@ -209,8 +224,149 @@ class Registry(Generic[T]):
         return sorted(self._items.items())
 
 
+# --- method plug-ins and their compositions ----------------------------------------------------------------------
+COMPOSE = "+"  # joins a method and the plug-ins wrapping it: "coop+dept" is coop wrapped by the plug-in dept
+
+
+def _normal(name: str) -> str:
+    """A method name as the registries key it: lowercase, no blanks around '+' ("CoOp + DePT" -> "coop+dept")."""
+    return COMPOSE.join(part.strip() for part in name.strip().lower().split(COMPOSE))
+
+
+def _about(doc: str) -> str:
+    """The first phrase of a docstring (what `list` prints)."""
+    return " ".join(doc.split()).split(": ")[0].split(". ")[0].rstrip(".")
+
+
+def not_wrapped(plugin: str, wraps: Iterable[str], inner: str) -> str:
+    """The one line refusing a composition the plug-in does not make."""
+    return (
+        f"the plug-in {plugin} wraps {', '.join(wraps) or 'no method'}; '{inner}' is not one of them "
+        f"(e.g. --methods {next(iter(wraps), 'coop')}{COMPOSE}{plugin})"
+    )
+
+
+class MethodRegistry(Registry[T]):
+    """METHODS: the methods, and their compositions with plug-ins (`PLUGINS`). "coop+dept" names the class the plug-in
+    dept builds around coop (`MethodPlugin.compose`): registered when the plug-in is (for every method of its `wraps`
+    registered by then) or when its name is first asked for; `declared()` lists the built-in compositions without
+    importing anything."""
+
+    def __init__(self, kind: str, builtin_modules: Iterable[str] = (), decorator: str = "") -> None:
+        super().__init__(kind, builtin_modules, decorator)
+        self.plugins: PluginRegistry[Any] | None = None  # set once PLUGINS exists
+
+    def canonical(self, name: str) -> str:
+        key = _normal(name)
+        if COMPOSE not in key or self.plugins is None:
+            return super().canonical(name)
+        self._load_builtins()
+        if key in self._items:
+            return key
+        inner, *plugins = key.split(COMPOSE)
+        if not inner or not all(plugins):
+            raise UserError(f"method '{name}': name a method and its plug-ins joined by '{COMPOSE}', e.g. coop+dept")
+        current = super().canonical(inner)
+        for part in plugins:
+            plugin = self.plugins.canonical(part)
+            composed = f"{current}{COMPOSE}{plugin}"
+            if composed not in self._items:  # the plug-in refuses a method it does not wrap (UserError)
+                self.add(composed, self.plugins.get(plugin).compose(self._items[current]))
+            current = composed
+        return current
+
+    def check_name(self, name: str) -> str:
+        key = _normal(name)
+        if COMPOSE not in key or self.plugins is None:
+            return super().check_name(name)
+        names = self.known_names()
+        if key in names:
+            return names[key]
+        inner, *plugins = key.split(COMPOSE)
+        if not inner or not all(plugins):
+            raise UserError(f"method '{name}': name a method and its plug-ins joined by '{COMPOSE}', e.g. coop+dept")
+        current = super().check_name(inner)
+        known_plugins = self.plugins.known_names()
+        for part in plugins:
+            if part not in known_plugins:
+                raise self.plugins.unknown(part)
+            plugin = known_plugins[part]
+            composed = f"{current}{COMPOSE}{plugin}"
+            declared = self.plugins.declared().get(plugin)
+            if composed not in names and declared is not None and declared.wraps is not None:
+                raise UserError(not_wrapped(plugin, declared.wraps, current))
+            current = composed  # an out-of-tree plug-in: checked when the composition is built
+        return current
+
+    @functools.cache  # noqa: B019 - the registries live as long as the process
+    def declared(self) -> dict[str, Declared]:
+        """The built-in methods and their compositions with the built-in plug-ins, as the files declare them."""
+        out = dict(super().declared())
+        for plugin in self.plugins.declared().values() if self.plugins is not None else ():
+            for inner in plugin.wraps or ():
+                d = out.get(inner)
+                if d is None:
+                    continue
+                name = f"{inner}{COMPOSE}{plugin.name}"
+                ablations = None if d.ablations is None or plugin.ablations is None else d.ablations + plugin.ablations
+                doc = f"{_about(plugin.doc)} on {inner}: the plug-in {plugin.name} wrapping the method {inner}."
+                out[name] = Declared(name, (), plugin.module, doc, d.recipes, ablations)
+        return out
+
+
+class PluginRegistry(Registry[T]):
+    """PLUGINS: method plug-ins (`mugcp_bench.methods.plugin.MethodPlugin`), each composing with the methods of its
+    `wraps` into METHODS entries "<method>+<plug-in>"."""
+
+    def __init__(
+        self, kind: str, methods: MethodRegistry[Any], builtin_modules: Iterable[str] = (), decorator: str = ""
+    ):
+        super().__init__(kind, builtin_modules, decorator)
+        self.methods = methods
+        methods.plugins = self
+
+    def add(self, name: str, obj: T, *, aliases: Iterable[str] = ()) -> None:
+        """Register the plug-in and its compositions with the methods of its `wraps` registered by now."""
+        super().add(name, obj, aliases=aliases)
+        for inner in getattr(obj, "wraps", ()):
+            if inner in self.methods._items:
+                self.methods.add(f"{inner}{COMPOSE}{name}", obj.compose(self.methods._items[inner]))
+
+    def unregister(self, name: str) -> T:
+        """Remove the plug-in and every composition with it."""
+        obj = super().unregister(name)
+        for composed in [n for n in self.methods._items if name in n.split(COMPOSE)[1:]]:
+            self.methods.unregister(composed)
+        return obj
+
+    def unknown(self, name: str) -> UserError:
+        names = sorted(self.known_names())
+        return UserError(
+            f"unknown plug-in '{name}'.{suggest(name, names)} Plug-ins: {', '.join(names) or 'none'} "
+            f"(one wraps a method: --methods coop{COMPOSE}dept)"
+        )
+
+    def canonical(self, name: str) -> str:
+        key = name.strip().lower()
+        self._load_builtins()
+        if key in self._items:
+            return key
+        if key in self._aliases:
+            return self._aliases[key]
+        raise self.unknown(name)
+
+    def check_name(self, name: str) -> str:
+        names = self.known_names()
+        key = name.strip().lower()
+        if key in names:
+            return names[key]
+        raise self.unknown(name)
+
+
 # Built-ins are listed by each package's __init__ (methods/__init__.py, datasets/__init__.py, ...).
-METHODS: Registry[Any] = Registry("method", ["mugcp_bench.methods"], decorator="METHODS")
+METHODS: MethodRegistry[Any] = MethodRegistry("method", ["mugcp_bench.methods"], decorator="METHODS")
+# Method plug-ins live with the methods (methods/dept.py): `@PLUGINS.register("dept")`.
+PLUGINS: PluginRegistry[Any] = PluginRegistry("plug-in", METHODS, ["mugcp_bench.methods"], decorator="PLUGINS")
 # The toy world registers its own datasets (mugcp_bench/toy/datasets.py): the toy wing reads the datasets wing.
 DATASETS: Registry[Any] = Registry("dataset", ["mugcp_bench.datasets", "mugcp_bench.toy.datasets"])
 DESCRIBERS: Registry[Any] = Registry("describer", ["mugcp_bench.describers"])

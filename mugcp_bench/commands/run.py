@@ -15,8 +15,8 @@ from rich.table import Table
 from mugcp_bench.commands.params import NameList, ids
 from mugcp_bench.commands.progress import make_reporter
 from mugcp_bench.errors import RunFailed, UserError
-from mugcp_bench.registry import METHODS
-from mugcp_bench.runs.options import SweepOptions
+from mugcp_bench.registry import COMPOSE, METHODS, PLUGINS
+from mugcp_bench.runs.options import SweepOptions, parse_names, with_plugins
 
 if TYPE_CHECKING:
     from mugcp_bench.runs.sweep import SweepResult
@@ -47,6 +47,13 @@ def run_options(f):
         click.option("--pretrained", default=None, help="open_clip tag (openai, ...) or checkpoint file."),
         click.option("--recipe", default=None, help="paper or toy (default: paper; toy in the toy world)."),
         click.option("--results-dir", default="results", show_default=True, type=click.Path(path_type=Path)),
+        click.option(
+            "--plugin",
+            "plugins",
+            default=None,
+            type=NameList(PLUGINS),
+            help="Wrap the methods in a plug-in: --methods coop,maple --plugin dept runs coop+dept and maple+dept.",
+        ),
         click.option("--set", "sets", multiple=True, help="Override a setting: --set epochs=2 --set n_ctx=8."),
         click.option(
             "--grid",
@@ -111,12 +118,16 @@ def sweep(
     variants: dict[str, list[str]] | None,
     as_json: bool = False,
     show_config: bool = False,
+    plugins: str | None = None,
     **kw: Any,
 ) -> None:
     """Run the sweep the options describe and print its summary; exit 1 (RunFailed) when a run failed."""
     if show_config and not kw.get("dry_run"):
         raise UserError("--show-config shows the plan without running it: add --dry-run")
     from mugcp_bench.runs.sweep import run_sweep  # torch and the methods: only once a sweep is really asked for
+
+    if plugins:  # each method wrapped by the plug-ins: coop -> coop+dept
+        methods = with_plugins(methods, plugins)
 
     console = Console(stderr=True)
     result = run_sweep(SweepOptions(methods=methods, variants=variants, **kw), reporter=make_reporter(console))
@@ -197,14 +208,14 @@ def run(methods: str, **kw) -> None:
 
 
 @click.command("ablate")
-@click.option("--method", default="mugcp", show_default=True, help="The method to ablate.")
+@click.option("--method", default="mugcp", show_default=True, help="The method to ablate (coop+dept: with a plug-in).")
 @click.option("--drop", "drops", multiple=True, required=True, help="Component to switch off (repeatable).")
 @run_options
-def ablate(method: str, drops: tuple[str, ...], **kw) -> None:
+def ablate(method: str, drops: tuple[str, ...], plugins: str | None = None, **kw) -> None:
     """Run METHOD and, for each --drop X, its variant no-X (its own keyed run) under the same options."""
     from mugcp_bench.runs.plan import variant_overrides
 
-    name = METHODS.canonical(method)
+    name = METHODS.canonical(COMPOSE.join([method, *parse_names(plugins)]))
     cls = METHODS.get(name)
     for d in drops:
         variant_overrides(cls, d)  # validate before anything runs

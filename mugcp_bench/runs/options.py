@@ -122,6 +122,27 @@ def default_methods() -> str:
     return ",".join(name for _, name in sorted(chosen))
 
 
+def with_plugins(methods: str | Sequence[str] | None, plugins: str | Sequence[str]) -> str:
+    """`--methods` wrapped by `--plugin`s, in order: ("coop,co*", "dept") -> "coop+dept,co*+dept" (a wildcard then
+    matches the compositions). Without --methods: the default methods the (first) plug-in wraps. Whether a plug-in
+    wraps a method is checked when the names are resolved (one line naming the methods it wraps)."""
+    from mugcp_bench.registry import COMPOSE, PLUGINS
+
+    chain = [PLUGINS.canonical(p) for p in parse_names(plugins)]
+    if not chain:
+        return ",".join(parse_names(methods)) if methods is not None else default_methods()
+    suffix = "".join(f"{COMPOSE}{p}" for p in chain)
+    if methods is None:
+        wraps = getattr(PLUGINS.get(chain[0]), "wraps", ())
+        names = [m for m in parse_names(default_methods()) if m in wraps]
+        if not names:
+            raise UserError(f"--plugin {chain[0]}: it wraps {', '.join(wraps)}, none of the default methods; name them "
+                            f"with --methods")  # fmt: skip
+    else:
+        names = parse_names(methods)
+    return ",".join(f"{m}{suffix}" for m in names)
+
+
 # --- the two bags --------------------------------------------------------------------------------------------------
 @dataclass
 class SweepOptions:
@@ -198,4 +219,5 @@ __all__ = [
     "parse_names",
     "parse_sets",
     "resolve_device",
+    "with_plugins",
 ]

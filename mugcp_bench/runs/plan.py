@@ -20,7 +20,7 @@ from mugcp_bench.errors import UserError
 from mugcp_bench.methods.base import Method, TrainConfig, apply_overrides, split_overrides
 from mugcp_bench.model.backbone import Backbone
 from mugcp_bench.protocols import EvalTarget, Protocol, Suite, TrainTarget, plan_protocol
-from mugcp_bench.registry import METHODS, suggest
+from mugcp_bench.registry import COMPOSE, METHODS, PLUGINS, suggest
 from mugcp_bench.runs.options import RunSettings
 from mugcp_bench.runs.settings import check_ranges
 from mugcp_bench.store.claims import claim_is_live
@@ -109,11 +109,12 @@ def decide_action(run: PlannedRun, settings: RunSettings, claimed_elsewhere: boo
 
 
 def resolve_methods(names: Sequence[str]) -> list[str]:
-    """Registry names of `names` (wildcards expanded), each once, in the order given."""
+    """Registry names of `names` (wildcards expanded), each once, in the order given. A wildcard matches compositions
+    with plug-ins only when it has a '+' itself: 'co*' is coop and cocoop, '*+dept' every composition with dept."""
     out = []
     for n in names:
         if "*" in n or "?" in n:
-            matched = METHODS.names(n)
+            matched = [m for m in METHODS.names(n.strip().lower()) if COMPOSE not in m or COMPOSE in n]
             if not matched:
                 raise UserError(f"no method matches '{n}'; run 'mugcp-bench list methods'")
             out.extend(matched)
@@ -133,20 +134,40 @@ def variant_overrides(method_cls: type[Method], drop: str) -> dict[str, Any]:
     return dict(method_cls.ablations[drop])
 
 
+def setting_scope(scope: str) -> tuple[str, str]:
+    """What the scope of a --set key names: ("method", its registry name; a composition too: "coop+dept") or
+    ("plugin", the plug-in's name: `dept.head_weight` reaches every composition with dept)."""
+    key = scope.strip().lower()
+    if COMPOSE not in key and key not in METHODS.known_names() and key in PLUGINS.known_names():
+        return "plugin", PLUGINS.canonical(key)
+    return "method", METHODS.canonical(scope)
+
+
 def method_overrides(method_cls: type[Method], user: Mapping[str, str]) -> dict[str, str]:
     """The --set / --grid settings of a sweep that apply to one method: the unscoped ones (for a method that trains
-    nothing, not the training settings: they would be recorded for a run they do not change) and those scoped to it
-    (`maple.prompt_depth=3`)."""
+    nothing, not the training settings: they would be recorded for a run they do not change), those scoped to a
+    plug-in it is composed with (`dept.head_weight=0.5`, that plug-in's own settings) and those scoped to it
+    (`maple.prompt_depth=3`, `coop+dept.n_ctx=4`); where one setting is given at several of these, the narrowest
+    scope wins."""
     training = {f.name for f in dataclasses.fields(TrainConfig)} - {"eval_batch_size"}
-    out = {}
+    plugin_settings = getattr(method_cls, "plugin_settings", {})
+    found: dict[str, tuple[int, str]] = {}
     for key, value in user.items():
         scope, _, name = key.rpartition(".")
-        if scope and scope != method_cls.name:
+        if scope:
+            kind, target = setting_scope(scope)
+            if kind == "method" and target != method_cls.name:
+                continue
+            if kind == "plugin" and name not in plugin_settings.get(target, ()):
+                continue
+            rank = 2 if kind == "method" else 1
+        elif not method_cls.trains and name in training:
             continue
-        if not scope and not method_cls.trains and name in training:
-            continue
-        out[name] = value
-    return out
+        else:
+            rank = 0
+        if name not in found or rank >= found[name][0]:
+            found[name] = (rank, value)
+    return {name: value for name, (_, value) in found.items()}
 
 
 def check_overrides(methods: Sequence[str], user: Mapping[str, str]) -> None:
@@ -158,6 +179,9 @@ def check_overrides(methods: Sequence[str], user: Mapping[str, str]) -> None:
     training = {f.name for f in dataclasses.fields(TrainConfig)} - {"eval_batch_size"}
     for key, value in user.items():
         scope, _, name = key.rpartition(".")
+        if scope and setting_scope(scope)[0] == "plugin":
+            check_plugin_setting(setting_scope(scope)[1], name, key, value, classes)
+            continue
         if scope:
             method = METHODS.canonical(scope)
             if method not in classes:
@@ -178,6 +202,9 @@ def check_overrides(methods: Sequence[str], user: Mapping[str, str]) -> None:
         having = [m for m, names in settings.items() if name in names]
         if having:
             scoped = " ".join(f"--set {m}.{name}={value}" for m in having)
+            owners = {p for m in having for p, own in getattr(classes[m], "plugin_settings", {}).items() if name in own}
+            if len(owners) == 1:  # a plug-in's setting: its scope reaches every composition with it
+                scoped = f"--set {owners.pop()}.{name}={value}"
             raise UserError(
                 f"--set {name}={value}: {name} is a setting of {', '.join(having)}, not of {', '.join(lacking)}; "
                 f"scope it: {scoped}"
@@ -189,6 +216,24 @@ def check_overrides(methods: Sequence[str], user: Mapping[str, str]) -> None:
                 f"Settings: {', '.join(known)}"
             )
         raise UserError(f"unknown setting '{name}' for methods {', '.join(classes)}.{suggest(name, known)}")
+
+
+def check_plugin_setting(plugin: str, name: str, key: str, value: str, classes: Mapping[str, type[Method]]) -> None:
+    """A --set scoped to a plug-in (`dept.head_weight=0.5`) names one of its own settings, and the sweep composes it
+    with a method; UserError otherwise (the inner method's settings are scoped to the composition)."""
+    users = [m for m, c in classes.items() if plugin in getattr(c, "plugin_names", ())]
+    if not users:
+        wraps = getattr(PLUGINS.get(plugin), "wraps", ()) or ("coop",)
+        raise UserError(
+            f"--set {key}={value}: no method of this sweep ({', '.join(classes)}) is composed with the plug-in "
+            f"{plugin}; compose one, e.g. --methods {wraps[0]}{COMPOSE}{plugin}"
+        )
+    own = sorted(classes[users[0]].plugin_settings[plugin])
+    if name not in own:
+        raise UserError(
+            f"unknown setting '{name}' for the plug-in {plugin}.{suggest(name, own)} Its settings: {', '.join(own)}; "
+            f"the other settings of a composition are scoped to it: --set {users[0]}.{name}={value}"
+        )
 
 
 def resolve_configs(
