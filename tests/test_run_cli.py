@@ -179,6 +179,15 @@ def test_dry_run_counts(data_root, tmp_path, capsys):
     assert not iter_run_files(tmp_path)
 
 
+def test_methods_all_plans_every_method_and_no_composition(data_root, tmp_path, capsys):
+    args = ["run", "--methods", "all", "--datasets", "dtd", "--seeds", "1", "--dry-run", "--json"]
+    code, out, err = cli([*args, "--data-root", str(data_root), *BASE, "--results-dir", str(tmp_path)], capsys)
+    assert code == 0, err
+    planned = {r["label"].split()[0] for r in json.loads(out.strip().splitlines()[-1])["planned"]}
+    assert planned == {m for m in METHODS.names() if "+" not in m}
+    assert {"kgcoop", "promptsrc", "mma", "zsclip", "mugcp"} <= planned
+
+
 def test_keep_going_records_failures_and_exits_1(data_root, tmp_path, capsys):
     broken = build_miniature(tmp_path / "broken", ["dtd", "eurosat"])
     test_list = json.loads((broken / "eurosat" / "split_zhou_EuroSAT.json").read_text())["test"]

@@ -196,8 +196,9 @@ def summarize(result: SweepResult, console: Console) -> None:
 @click.option(
     "--methods",
     default=None,
-    type=NameList(METHODS),
-    help="Methods (comma-separated, wildcards) [default: those of the paper tables, see 'mugcp-bench list methods'].",
+    type=NameList(METHODS, extra=("all",)),
+    help="Methods (comma-separated, wildcards, all) [default: those of the paper tables, see 'mugcp-bench list "
+    "methods'].",
 )
 @run_options
 def run(methods: str, **kw) -> None:

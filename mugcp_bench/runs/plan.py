@@ -109,10 +109,13 @@ def decide_action(run: PlannedRun, settings: RunSettings, claimed_elsewhere: boo
 
 
 def resolve_methods(names: Sequence[str]) -> list[str]:
-    """Registry names of `names` (wildcards expanded), each once, in the order given. A wildcard matches compositions
-    with plug-ins only when it has a '+' itself: 'co*' is coop and cocoop, '*+dept' every composition with dept."""
+    """Registry names of `names` (wildcards and "all" expanded), each once, in the order given. A wildcard matches
+    compositions with plug-ins only when it has a '+' itself: 'co*' is coop and cocoop, '*+dept' every composition with
+    dept; "all" is every method."""
     out = []
     for n in names:
+        if n.strip().lower() == "all":  # every method, no plug-in compositions (the default set: no --methods)
+            n = "*"
         if "*" in n or "?" in n:
             matched = [m for m in METHODS.names(n.strip().lower()) if COMPOSE not in m or COMPOSE in n]
             if not matched:
