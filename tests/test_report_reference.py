@@ -28,15 +28,22 @@ def test_csv_is_package_data_with_the_documented_columns(published: pd.DataFrame
 
 def test_every_number_of_published_results_is_transcribed(published: pd.DataFrame) -> None:
     counts = published.groupby("protocol").size().to_dict()
-    # §1.1: 5 methods x (11 datasets x 3 + Average x 3); §1.2: 8 x 3; §1.3: 3 x 3
-    assert counts["base2novel"] == 5 * 36 + 8 * 3 + 3 * 3
-    assert counts["cross_dataset"] == 5 * 12  # §2: ImageNet + 10 targets + Avg
-    assert counts["domain_generalization"] == 5 * 6  # §3: ImageNet + 4 targets + Avg
+    dept = 4  # DePT's own numbers for coop+dept, cocoop+dept, kgcoop+dept, maple+dept (its README images)
+    # §1.1: 5 methods x (11 datasets x 3 + Average x 3); §1.2: 8 averages x 3 (the Awesome list's dept row is
+    # kgcoop+dept, among DePT's own); §1.3: 3 x 3; prograd and mmrl: averages x 3; DePT: 11 datasets + Average, x 3
+    assert counts["base2novel"] == 5 * 36 + 7 * 3 + 3 * 3 + 2 * 3 + dept * 36
+    assert counts["cross_dataset"] == 5 * 12 + dept * 12  # §2: ImageNet + 10 targets + Avg
+    assert counts["domain_generalization"] == 5 * 6 + dept * 5  # §3: ImageNet + 4 targets + Avg (DePT: no Avg)
     others = {
         "proda",
         "kgcoop",
         "rpo",
-        "dept",
+        "coop+dept",
+        "cocoop+dept",
+        "kgcoop+dept",
+        "maple+dept",
+        "prograd",
+        "mmrl",
         "tcp",
         "mma",
         "hpt",
@@ -62,6 +69,10 @@ def test_every_number_of_published_results_is_transcribed(published: pd.DataFram
         ("coop", "domain_generalization", "imagenet_sketch", "acc", 47.99, "verified"),
         ("zsclip", "domain_generalization", "imagenet_a", "acc", 47.77, "verified"),
         ("maple", "domain_generalization", "average", "avg", 60.27, "transcribed"),
+        ("prograd", "base2novel", "average", "avg_hm", 76.16, "verified"),
+        ("mma", "base2novel", "average", "avg_hm", 79.87, "verified"),
+        ("kgcoop+dept", "base2novel", "average", "avg_hm", 79.10, "transcribed"),
+        ("coop+dept", "domain_generalization", "imagenet_a", "acc", 51.57, "transcribed"),
     ],
 )
 def test_spot_values_and_confidence(published, method, protocol, dataset, metric, value, confidence) -> None:
