@@ -15,9 +15,10 @@ from tests.cli_harness import cli
 @pytest.mark.slow
 def test_demo_trains_reports_and_plots_then_trains_nothing(tmp_path: Path, capsys) -> None:
     args = ["demo", "--quick-toy", "--methods", "zsclip,coop", "--seeds", "1", "--datasets", "toy_shapes,toy_colors"]
-    args += ["--results-dir", str(tmp_path)]
+    args += ["--results-dir", str(tmp_path), "--parallel", "2"]
     code, out, err = cli(args, capsys)
     assert code == 0, err
+    assert "2 workers (cpu, cpu)" in err  # the runs trained side by side in two worker processes
     runs = [json.loads(p.read_text()) for p in iter_run_files(tmp_path)]
     assert sorted((r["key"]["method"], r["key"]["train_dataset"]) for r in runs) == [
         ("coop", "toy_colors"),
