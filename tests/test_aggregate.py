@@ -20,6 +20,8 @@ from mugcp_bench.store.records import Record
 from tests.factories import evaluation, make_key, make_record
 
 FIVE = ["zsclip", "coop", "cocoop", "maple", "promptsrc"]
+# DePT's README gives its four compositions per dataset too (published.csv)
+WITH_CELLS = [*FIVE, "coop+dept", "cocoop+dept", "kgcoop+dept", "maple+dept"]
 B2N_DATASETS = list(real_suite().base2novel)
 
 
@@ -55,10 +57,10 @@ def average_of(derived: pd.DataFrame, group: str) -> float:
 def test_every_method_with_published_b2n_cells_is_checked() -> None:
     pub = load_published()
     per_dataset = pub[(pub["protocol"] == "base2novel") & (pub["dataset"] != "average")]
-    assert sorted(per_dataset["method"].unique()) == sorted(FIVE)
+    assert sorted(per_dataset["method"].unique()) == sorted(WITH_CELLS)
 
 
-@pytest.mark.parametrize("method", FIVE)
+@pytest.mark.parametrize("method", WITH_CELLS)
 def test_b2n_average_rows_recompute_from_published_cells(method: str) -> None:
     cells = published_cells("base2novel", method, {"base": "base", "novel": "novel"})
     assert sorted(cells["row"].unique()) == sorted(B2N_DATASETS)
@@ -66,10 +68,11 @@ def test_b2n_average_rows_recompute_from_published_cells(method: str) -> None:
     for group in ("base", "novel", "hm"):
         ours, published = average_of(derived, group), published_value("base2novel", method, f"avg_{group}")
         assert abs(ours - published) <= 0.01, (method, group, ours, published)
-    # the per-dataset HM recomputes from its B and N (within 0.005)
+    # the per-dataset HM recomputes from its B and N: within 0.01 (B and N rounded to 0.005 move the HM by at most
+    # 0.005, its own rounding another 0.005; DePT's HMs come from unrounded B and N, the others' within 0.005)
     pub_hm = published_cells("base2novel", method, {"hm": "hm"}).set_index("row")["mean"]
     ours_hm = derived[(derived["group"] == "hm") & (derived["row"] != AVERAGE)].set_index("row")["mean"]
-    assert (ours_hm - pub_hm).abs().max() <= 0.005
+    assert (ours_hm - pub_hm).abs().max() <= (0.005 if method in FIVE else 0.01)
 
 
 # Recomputed from the published base-to-novel cells (results/reference/; docs/protocol.md §3.2): mean B, mean N,

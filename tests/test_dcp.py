@@ -144,9 +144,9 @@ def record_injections(method, monkeypatch, images, predict=False) -> list[int]:
     bb = method.backbone
     original_block = type(bb).vision_block
 
-    def vision_block(i, x):
+    def vision_block(i, x, branch=None):
         events.append(("block", i))
-        return original_block(bb, i, x)
+        return original_block(bb, i, x, branch)
 
     monkeypatch.setattr(bb, "vision_block", vision_block)
     modules = [method.cmpa] if method.cfg.share else list(method.cmpa.values())
