@@ -201,6 +201,22 @@ def test_keep_going_records_failures_and_exits_1(data_root, tmp_path, capsys):
     assert by_ds["eurosat"]["status"] == "failed" and str(victim) in by_ds["eurosat"]["reason"]
 
 
+def test_a_damaged_image_is_read_again_after_a_cached_zero_shot_evaluation(tmp_path, capsys):
+    """zsclip's evaluation is cached once per test list; damaging one image of that list makes the next run read
+    the images again (and fail naming it), never reuse the clean tree's numbers."""
+    tree = build_miniature(tmp_path / "data", ["eurosat"])
+    args = ["run", "--methods", "zsclip", "--datasets", "eurosat", "--seeds", "1", "--data-root", str(tree), *BASE]
+    code, _, err = cli([*args, "--results-dir", str(tmp_path / "clean")], capsys)
+    assert code == 0, err
+    test_list = json.loads((tree / "eurosat" / "split_zhou_EuroSAT.json").read_text())["test"]
+    victim = tree / "eurosat" / "2750" / test_list[0][0]
+    victim.write_bytes(b"corrupt")
+    code, _, err = cli([*args, "--results-dir", str(tmp_path / "damaged"), "--keep-going"], capsys)
+    assert code == 1, err
+    (record,) = records(tmp_path / "damaged")
+    assert record["status"] == "failed" and str(victim) in record["reason"]
+
+
 def test_no_describe_fails_before_training_naming_the_missing(data_root, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MUGCP_CACHE", str(tmp_path / "empty-cache"))
     args = ["run", "--methods", "mugcp", "--datasets", "dtd", "--seeds", "1", "--no-describe"]

@@ -30,7 +30,7 @@ from mugcp_bench.engine.interrupts import StopFile, request_stop
 from mugcp_bench.engine.resources import PeakMemory
 from mugcp_bench.engine.trainer import backbone_precision, evaluate, fit, load_saved_state, prepare_method, set_seed
 from mugcp_bench.errors import DiskFull, NonFiniteLoss, RunFailed, RunInterrupted, UserError
-from mugcp_bench.frozen.features import image_features
+from mugcp_bench.frozen.features import features_key, image_features
 from mugcp_bench.methods.base import Method
 from mugcp_bench.model.backbone import Backbone, load_backbone
 from mugcp_bench.protocols import EvalTarget
@@ -367,7 +367,8 @@ def _evaluate(
 @dataclass
 class _CachedEvaluation:
     """The evaluation of a method that trains nothing (zero-shot CLIP): the same for every seed and shot count, so
-    it is computed once per test list and kept in the cache folder (content-keyed, written atomically)."""
+    it is computed once per test list and kept in the cache folder (content-keyed, written atomically; the key holds
+    every image's size and modification time, as the feature cache's: a replaced or damaged image is read again)."""
 
     path: Path
 
@@ -400,7 +401,7 @@ def _untrained_evaluation(run: PlannedRun, method: Method, split, backbone: Back
     blob = json.dumps(
         [run.method, run.config()["method"], run.train_config.eval_batch_size, backbone.name, backbone.weights_hash,
          backbone.transform_version, run.key.precision, predictions.items_sha256(split.test), list(split.classnames),
-         method.template],
+         method.template, features_key(backbone, split.test, run.key.precision)],
         sort_keys=True, default=str,
     )  # fmt: skip
     return _CachedEvaluation(
