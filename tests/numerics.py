@@ -4,7 +4,7 @@ Two computations of the same math agree only up to float rounding when their ker
 CPU (ATen's AVX-512, AVX2 and default kernels sum in other orders), another thread count, fused attention against
 open_clip's modules, a shared text prefix against whole rows, a batch against one image at a time, cached features
 against a fresh forward. That rounding grows with the size of the numbers summed, so an absolute bound is wrong both
-ways: `<= 1e-4` failed on gradients of size ~40 under AVX2 (a relative 2.5e-6: issue 24) and passes anything on
+ways: `<= 1e-4` failed on gradients of size ~40 under AVX2 (a relative 2.5e-6) and passes anything on
 values of size 1e-6. Here a difference is bounded by
 
     max |actual - expected| <= rtol * scale + atol,    scale = max |expected|  (over the whole tensor)

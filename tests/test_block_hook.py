@@ -1,4 +1,4 @@
-"""Two backbone capabilities (issue 29): a residual branch inside a block (it reads ln_1 of the block input and adds
+"""Two backbone capabilities: a residual branch inside a block (it reads ln_1 of the block input and adds
 to the block output: MMA's adapters) and token insertion that changes the sequence length (MMRL's representation
 tokens after SOS / CLS, the EOT read at its shifted position, the final vision token states), on the fused path, the
 split prefix / suffix path and open_clip's own modules, against open_clip's blocks and hand-written loops."""
