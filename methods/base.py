@@ -143,7 +143,7 @@ class Method(nn.Module):
     # any method (the report never imports torch).
     report_order: ClassVar[int] = 500
     color: ClassVar[str | None] = None
-    in_default_set: ClassVar[bool] = False
+    in_default_set: ClassVar[bool] = False  # read from each class's own body: subclasses do not inherit it
     # recipe name -> where its settings come from (`Provenance`); recipes without an entry are our own design
     provenance: ClassVar[dict[str, Provenance]] = {}
     # True: training forwards get the batch's labels as a keyword (`forward(images, keys, labels=...)`), for losses

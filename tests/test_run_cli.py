@@ -179,6 +179,14 @@ def test_dry_run_counts(data_root, tmp_path, capsys):
     assert not iter_run_files(tmp_path)
 
 
+def test_the_default_methods_are_the_six_of_the_paper_tables_without_presets():
+    """README: `run` without --methods trains zsclip, coop, cocoop, maple, dcp, mugcp (dcp-paper and dcp-instance
+    subclass dcp and do not inherit its place in the default set)."""
+    from mugcp_bench.runs.options import default_methods
+
+    assert default_methods().split(",") == ["zsclip", "coop", "cocoop", "maple", "dcp", "mugcp"]
+
+
 def test_methods_all_plans_every_method_and_no_composition(data_root, tmp_path, capsys):
     args = ["run", "--methods", "all", "--datasets", "dtd", "--seeds", "1", "--dry-run", "--json"]
     code, out, err = cli([*args, "--data-root", str(data_root), *BASE, "--results-dir", str(tmp_path)], capsys)

@@ -115,10 +115,11 @@ def resolve_device(name: str) -> str:
 
 
 def default_methods() -> str:
-    """The methods `run` trains without --methods: those declaring `in_default_set`, in report order."""
+    """The methods `run` trains without --methods: those whose own class declares `in_default_set` (a preset that
+    subclasses one, such as dcp-paper, does not inherit it), in report order."""
     from mugcp_bench.registry import METHODS
 
-    chosen = [(cls.report_order, name) for name, cls in METHODS.items() if cls.in_default_set]
+    chosen = [(cls.report_order, name) for name, cls in METHODS.items() if vars(cls).get("in_default_set", False)]
     return ",".join(name for _, name in sorted(chosen))
 
 
