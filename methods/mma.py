@@ -46,6 +46,23 @@ PAPER_BLOCKS = (4, 5, 6, 7, 8, 9, 10, 11)  # ADAPTER_START 5 … ADAPTER_END 12,
 XD_BLOCKS = (8, 9, 10, 11)  # "k = 9" (1-based) of the paper's cross-dataset setting, as quoted in the issue below
 
 
+def reference_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """adapter_blocks and adapter_dim read off an ``adapter_learner`` file: the reference's adapter slot s (1-based,
+    ``_build_adapter``'s ModuleList index) is our 0-based block s − 1; slot 0 (the token-embedding adapter of
+    ADAPTER_START 0) is no block of ours and stays an unknown tensor. KeyError when a slot has no ``down`` layer
+    (ADAPTER_DIM equal to the width builds Linear + ReLU only: no counterpart here)."""
+    slots = sorted(
+        {int(k.split(".")[1]) for k in shapes if k.startswith("text_adapter.") and k.split(".")[1].isdigit()}
+    )
+    slots = [s for s in slots if s > 0]
+    if not slots:
+        raise KeyError("text_adapter.<slot>.down.0.weight")
+    return {
+        "adapter_blocks": tuple(s - 1 for s in slots),
+        "adapter_dim": int(shapes[f"text_adapter.{slots[0]}.down.0.weight"][0]),
+    }
+
+
 class GradScale(torch.autograd.Function):
     """Identity in the forward; the backward multiplies the gradient by `scale` (clip/gsl.py GradientScaleLayer)."""
 
@@ -135,6 +152,29 @@ class MMA(SharedTextMethod):
     }
     # no-shared: each tower's down → up without the shared layer (our ablation of the shared projection)
     ablations = {"shared": {"shared": False}}
+    # trainers/mmadapter.py registers the AdapterLearner as "adapter_learner" (MultiModalAdapter.build_model): the
+    # buffers token_embedding (C, 77, D) and tokenized_prompts (C, 77) its load_model deletes, then
+    # {text,visual,shared}_adapter.<slot>.* with 1-based slots ADAPTER_START … ADAPTER_END (docs/interop.md §3).
+    reference_checkpoint = dict(
+        trainer="MultiModalAdapter",
+        learner="adapter_learner",
+        keys={
+            "text_adapter.{i}.*": "text_adapter.{i+1}.*",
+            "visual_adapter.{i}.*": "visual_adapter.{i+1}.*",
+            "shared_adapter.{i}.*": "shared_adapter.{i+1}.*",
+        },
+        deleted_buffers=("token_embedding", "tokenized_prompts"),
+        config=reference_config,
+        requires={"shared": True},
+        options={
+            "adapter_dim": "TRAINER.MMADAPTER.ADAPTER_DIM",
+            "adapter_scale": "TRAINER.MMADAPTER.ADAPTER_SCALE",
+            "ctx_init": "TRAINER.MMADAPTER.TEXT_CTX_INIT",
+        },
+        note="ADAPTER_START / ADAPTER_END are the run's first / last adapter_blocks + 1 (1-based); the reference "
+        "adapts every block between them, so a run with gaps in adapter_blocks does not load there",
+        repo="ZjjConan/Multi-Modal-Adapter@547ee34",
+    )
 
     def __init__(
         self,

@@ -184,6 +184,25 @@ class ProGrad(SharedTextMethod):
     # no-proj: λ = 0, CoOp with ProGrad's context (the KL is still computed and recorded, never applied);
     # no-init: a random N(0, 0.02²) context of the same length (the reference without CTX_INIT).
     ablations = {"proj": {"lambda_": 0.0}, "init": {"ctx_init": False}}
+    # BeierZhu/Prompt-align@1b76203 ProGrad.public/trainers/prograd.py registers the PromptLearner as
+    # "prompt_learner" (ProGrad.build_model): ctx (n_ctx, D) and the class buffers token_prefix / token_suffix its
+    # load_model deletes; the zero-shot teacher (class CLIP) is not registered, not saved (docs/interop.md §3). A
+    # class-specific (CSC, 3-d) ctx and a class token elsewhere than at the end have no counterpart here.
+    reference_checkpoint = dict(
+        trainer="ProGrad",
+        learner="prompt_learner",
+        keys={"ctx": "ctx"},
+        deleted_buffers="prompt_learner",
+        config={"n_ctx": ("shape", "ctx", 0)},
+        options={
+            "n_ctx": "TRAINER.COOP.N_CTX",
+            "ctx_init": "TRAINER.COOP.CTX_INIT",
+            "lambda_": "LOSS.LAMBDA",
+            "temperature": "LOSS.T",
+        },
+        fixed_options={"TRAINER.COOP.CLASS_TOKEN_POSITION": "end"},
+        repo="BeierZhu/Prompt-align@1b76203",
+    )
 
     def __init__(
         self,

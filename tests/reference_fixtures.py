@@ -74,6 +74,8 @@ def write_reference_checkpoint(
     plist = list(params.values())  # module.parameters() order, deduplicated
     if optimizer == "sgd":
         opt = torch.optim.SGD(plist, lr=lr, momentum=0.9, weight_decay=5e-4, dampening=0, nesterov=False)
+    elif optimizer == "adamw":  # MMRL: Dassl's build_optimizer "adamw" (configs/trainers/MMRL/*.yaml)
+        opt = torch.optim.AdamW(plist, lr=lr, weight_decay=5e-4, betas=(0.9, 0.999))
     else:  # TCP: Adam with its README's eps patch
         opt = torch.optim.Adam(plist, lr=lr, weight_decay=5e-4, betas=(0.9, 0.999), eps=1e-3)
     sched = ConstantWarmupScheduler(opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, float(epochs)), 1, 1e-5)
@@ -320,6 +322,95 @@ def tcp_entries(backbone, n_cls: int = 3, seed: int = 0) -> list[Entry]:
     ]
 
 
+def prograd_entries(backbone, n_cls: int = 3, n_ctx: int = 8, words: int = 3, seed: int = 0) -> list[Entry]:
+    """BeierZhu/Prompt-align ProGrad.public/trainers/prograd.py PromptLearner (fp16; the trainer registers it as
+    "prompt_learner"): ctx = zeros(n_ctx, D) with its last `words` rows set from the dataset template's embedding
+    (DTD: "a texture of", 3 words; a fresh tensor, not a view), then token_prefix / token_suffix, views of one
+    (C, L, D) embedding of "X … X <init text> <name>."."""
+    r = _rand(torch.Generator().manual_seed(seed))
+    width, length = backbone.text_width, backbone.context_length
+    ctx = torch.zeros(n_ctx, width, dtype=torch.float16)
+    ctx[n_ctx - words :] = r(1, length, width)[0, 1 : 1 + words]
+    emb = r(n_cls, length, width)
+    return [
+        ("ctx", ctx, "train"),
+        ("token_prefix", emb[:, :1, :], "buffer"),
+        ("token_suffix", emb[:, 1 + n_ctx :, :], "buffer"),
+    ]
+
+
+def mma_entries(backbone, n_cls: int = 3, start: int = 2, end: int = 4, dim: int = 32, seed: int = 0) -> list[Entry]:
+    """ZjjConan/Multi-Modal-Adapter trainers/mmadapter.py AdapterLearner (registered as "adapter_learner"), PREC fp16
+    (``_build_adapter`` halves the adapters; the stock configs' amp keeps everything fp32): its buffers
+    token_embedding (C, L, Dt) and tokenized_prompts (C, L) int64 first, then text_adapter, visual_adapter and
+    shared_adapter, each a ModuleList over slots 0 … n_layers whose slots ADAPTER_START … ADAPTER_END (1-based) hold
+    Sequential(down = Sequential(Linear(d, dim), ReLU), up = Linear(dim, d)); shared: Sequential(Linear(dim, dim),
+    ReLU) (d == dim)."""
+    g = torch.Generator().manual_seed(seed)
+    r = _rand(g)
+    dt, dv, length = backbone.text_width, backbone.vision_width, backbone.context_length
+    tokens = torch.zeros(n_cls, length, dtype=torch.long)  # clip.tokenize: SOT, the prompt's BPE ids, EOT, zeros
+    tokens[:, 0], tokens[:, 1:4] = 49406, torch.randint(300, 40000, (n_cls, 3), generator=g)
+    tokens[:, 4] = 49407
+    e: list[Entry] = [("token_embedding", r(n_cls, length, dt), "buffer"), ("tokenized_prompts", tokens, "buffer")]
+    for tower, width in (("text_adapter", dt), ("visual_adapter", dv)):
+        for s in range(start, end + 1):
+            e += [
+                (f"{tower}.{s}.down.0.weight", r(dim, width), "train"),
+                (f"{tower}.{s}.down.0.bias", r(dim), "train"),
+                (f"{tower}.{s}.up.weight", r(width, dim), "train"),
+                (f"{tower}.{s}.up.bias", r(width), "train"),
+            ]
+    for s in range(start, end + 1):
+        e += [(f"shared_adapter.{s}.0.weight", r(dim, dim), "train"), (f"shared_adapter.{s}.0.bias", r(dim), "train")]
+    return e
+
+
+def mmrl_entries(
+    backbone,
+    n_cls: int = 3,
+    n_tokens: int = 5,
+    rep_dim: int = 16,
+    layers: int = 2,
+    prec: str = "amp",
+    seed: int = 0,
+) -> list[Entry]:
+    """yunncheng/MMRL trainers/mmrl.py CustomCLIP, registered whole as "MultiModalRepresentationLearner": the buffer
+    prompt_embeddings (C, L, Dt); representation_learner.compound_rep_tokens (N, r) and one r2vproj / r2tproj Linear
+    per REP_LAYERS entry; image_encoder = the MMRL VisionTransformer, whose own parameters are class_embedding,
+    positional_embedding, proj, proj_rep, then conv1, ln_pre, blocks, ln_post; TextEncoder_MMRL's
+    positional_embedding, text_projection, transformer, ln_final. No logit_scale (the logits use 100). prec "amp"
+    (every stock config, build_model's clip_model.float()): all fp32. "fp16": the learner .type(fp16)'d, the frozen
+    CLIP as convert_weights leaves it, proj_rep fp32 (convert_weights halves "proj" and "text_projection" only) —
+    a regime its AdamW (eps 1e-8 underflows in fp16) cannot train."""
+    dtype = torch.float16 if prec == "fp16" else torch.float32
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape: int, dtype: torch.dtype = dtype) -> torch.Tensor:
+        return _rand(g)(*shape, dtype=dtype)
+
+    dt, dv, length, e_dim = backbone.text_width, backbone.vision_width, backbone.context_length, backbone.embed_dim
+    clip_sd = clip_state(backbone)
+    e: list[Entry] = [
+        ("prompt_embeddings", r(n_cls, length, dt), "buffer"),
+        ("representation_learner.compound_rep_tokens", r(n_tokens, rep_dim), "train"),
+    ]
+    for proj, width in (("r2vproj", dv), ("r2tproj", dt)):
+        for k in range(layers):
+            e += [
+                (f"representation_learner.compound_rep_tokens_{proj}.{k}.weight", r(width, rep_dim), "train"),
+                (f"representation_learner.compound_rep_tokens_{proj}.{k}.bias", r(width), "train"),
+            ]
+    cast = (lambda t: t) if prec == "fp16" else (lambda t: t.float())
+    for key, value, kind in image_encoder_entries(clip_sd):
+        e.append((key, cast(value), kind))
+        if key == "image_encoder.proj":
+            e.append(("image_encoder.proj_rep", r(dv, e_dim, dtype=torch.float32), "train"))
+    text = {k: (k, cast(v), kind) for k, v, kind in text_encoder_entries(clip_sd)}
+    first = ("text_encoder.positional_embedding", "text_encoder.text_projection")
+    return e + [text[k] for k in first] + [v for k, v in text.items() if k not in first]
+
+
 # GingL/CMPA clip/model.py PromptAttention, registration order: (name, shape(dv, dt), fp16 under convert_weights?)
 PA_NAMES = [
     ("promt_attention_visual.in_proj_weight", lambda v, t: (3 * v, v), True),
@@ -419,8 +510,14 @@ TRAINERS: dict[str, tuple[str, Callable[..., list[Entry]], int, float]] = {
     "VPT": ("prompt_learner", vpt_entries, 5, 0.0025),
     "PromptSRC": ("VLPromptLearner", promptsrc_entries, 20, 0.0025),
     "TCP": ("prompt_learner", tcp_entries, 50, 0.002),
+    "ProGrad": ("prompt_learner", prograd_entries, 50, 0.002),  # ProVP's vit_b16_ep50
+    "MultiModalAdapter": ("adapter_learner", mma_entries, 5, 0.0015),
+    "MMRL": ("MultiModalRepresentationLearner", mmrl_entries, 10, 0.001),
 }
-OPTIMIZERS = {"TCP": "adam"}  # TCP's README patches Dassl's Adam (eps 1e-3); every other trainer: SGD
+# TCP's README patches Dassl's Adam (eps 1e-3); MMRL's configs use AdamW; every other trainer: SGD
+OPTIMIZERS = {"TCP": "adam", "MMRL": "adamw"}
+# ProGrad ships its own older Dassl (Dassl.ProGrad.pytorch dassl/engine/trainer.py save_model): no "val_result"
+VAL_RESULTS = {"ProGrad": "absent"}
 
 
 def write_trainer_checkpoint(run_dir: Path, trainer: str, backbone, epochs: int | None = None, **kw: Any) -> Path:
@@ -428,7 +525,8 @@ def write_trainer_checkpoint(run_dir: Path, trainer: str, backbone, epochs: int 
     does not depend on them)."""
     learner, build, stock_epochs, lr = TRAINERS[trainer]
     seed = kw.pop("seed", 0)
-    options = {k: kw.pop(k) for k in ("val_result", "location") if k in kw}
+    options = {"val_result": VAL_RESULTS.get(trainer, "none")}
+    options |= {k: kw.pop(k) for k in ("val_result", "location") if k in kw}
     return write_reference_checkpoint(
         run_dir,
         learner,
