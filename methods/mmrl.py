@@ -145,6 +145,41 @@ class MMRL(Method):
     # no-reg: without the regularisers towards the frozen CLIP; no-rep: α = 1, the CLS logits only (the
     # representation head gets no gradient and no weight in the fusion)
     ablations = {"reg": {"reg_weight": 0.0}, "rep": {"alpha": 1.0}}
+    # trainers/mmrl.py registers the whole CustomCLIP as "MultiModalRepresentationLearner" (MMRL.build_model): the
+    # buffer prompt_embeddings (C, 77, D) its load_model drops, representation_learner.* (the tokens and their
+    # per-block maps), the frozen image encoder with the trainable proj_rep in it, and TextEncoder_MMRL's frozen
+    # text tower; CustomCLIP has no logit_scale (the logits use 100) (docs/interop.md §3).
+    reference_checkpoint = dict(
+        trainer="MMRL",
+        learner="MultiModalRepresentationLearner",
+        keys={
+            "compound_rep_tokens": "representation_learner.compound_rep_tokens",
+            "compound_rep_tokens_r2vproj.*": "representation_learner.compound_rep_tokens_r2vproj.*",
+            "compound_rep_tokens_r2tproj.*": "representation_learner.compound_rep_tokens_r2tproj.*",
+            "proj_rep": "image_encoder.proj_rep",
+        },
+        deleted_buffers=("prompt_embeddings",),
+        frozen=(
+            ("image_encoder.*", "visual.*"),
+            ("text_encoder.positional_embedding", "positional_embedding"),
+            ("text_encoder.text_projection", "text_projection"),
+            ("text_encoder.transformer.*", "transformer.*"),
+            ("text_encoder.ln_final.*", "ln_final.*"),
+        ),
+        config={
+            "n_rep_tokens": ("shape", "representation_learner.compound_rep_tokens", 0),
+            "rep_dim": ("shape", "representation_learner.compound_rep_tokens", 1),
+        },
+        options={
+            "n_rep_tokens": "TRAINER.MMRL.N_REP_TOKENS",
+            "rep_dim": "TRAINER.MMRL.REP_DIM",
+            "alpha": "TRAINER.MMRL.ALPHA",
+            "reg_weight": "TRAINER.MMRL.REG_WEIGHT",
+        },
+        note="REP_LAYERS is not in the file: pass the run's rep_blocks + 1 (1-based), e.g. rep_blocks 5 … 11 is "
+        "REP_LAYERS [6, 7, 8, 9, 10, 11, 12]; its load_model reads the last model.pth* file os.listdir lists",
+        repo="yunncheng/MMRL@27d8821",
+    )
 
     def __init__(
         self,

@@ -68,6 +68,7 @@ CASES = {
     "CMPA-ps-false": ("CMPA", "output/dtd/16shots/seed3", None, {"ps": False}, "dcp"),
     "ProGrad": ("ProGrad", f"{B2N}/shots_16/ProGrad/vit_b16_ep50/seed1", None, {}, "prograd"),
     "MMA": ("MultiModalAdapter", f"{B2N}/shots_16/MultiModalAdapter/seed2", None, {}, "mma"),
+    "MMRL": ("MMRL", f"{B2N}/shots_16/MMRL/vit_b16/seed1", None, {}, "mmrl"),
 }  # fmt: skip
 # reference tensors that play no part at evaluation and that an export does not write
 UNUSED = {

@@ -303,7 +303,10 @@ def to_reference(
                 or any(fnmatch.fnmatchcase(names[0], p) for p in fmt.frozen_fp32)
             )
             out[names[0]] = value.detach().to("cpu", torch.float32 if keep32 else torch.float16).clone()
-        out.move_to_end("logit_scale", last=False)
+        if out["logit_scale"].numel():
+            out.move_to_end("logit_scale", last=False)
+        else:  # a CustomCLIP without logit_scale (MMRL: its logits use a fixed 100)
+            del out["logit_scale"]
     return out
 
 
