@@ -193,6 +193,31 @@ def test_terminal_tables_fit_the_width_and_never_cut_a_value(store, width, tmp_p
             assert _plain(cell) in text  # no value cut or wrapped
 
 
+@pytest.mark.parametrize("width", [80, 100, 120])
+def test_the_efficiency_table_fits_the_width_and_never_cuts_a_value(width):
+    """Headers wrap to the width of their values; where the columns still do not fit, they go in blocks, each with
+    the Method column. No cell is cut with an ellipsis (the demo's log showed 'Meth…' and 'AMD EP…')."""
+    from mugcp_bench.report.aggregate import build_report
+    from mugcp_bench.report.efficiency import efficiency_tables
+    from mugcp_bench.report.structure import Options
+    from mugcp_bench.report.tables import report_text
+    from mugcp_bench.report.tidy import load_results
+
+    results = load_results(CI_RESULTS)
+    report = build_report(results, ["base2novel"], Options())
+    report.tables, report.footer = [], []
+    report.row_tables = efficiency_tables(results, Options())
+    (table,) = report.row_tables
+    lines = report_text(report, width=width).splitlines()
+    assert max(len(line) for line in lines) <= width
+    assert not any("…" in line for line in lines)
+    text = "\n".join(lines)
+    for row in table.rows:
+        for cell in row:
+            assert cell in text
+        assert sum(f" {row[0]} " in line for line in lines) == sum(line.startswith(table.title) for line in lines)
+
+
 def test_two_recipes_of_one_method_name_where_each_comes_from(tmp_path):
     """KgCoOp under its authors' recipe and under DePT's re-run: two entries, and the provenance of both."""
     from mugcp_bench.registry import METHODS

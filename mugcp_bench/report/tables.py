@@ -341,6 +341,39 @@ def _rich_table(table: Table, grid: list[tuple[str, list[CellText]]], cols: list
     return rt
 
 
+def _row_columns(table: RowTable) -> tuple[list[str], list[int]]:
+    """Headers wrapped at their blanks to the width of the column's values (at least their longest word), and each
+    column's width: a header never makes a column wider than it must be, a value is never cut."""
+    heads, widths = [], []
+    for j, head in enumerate(table.header):
+        words = head.split()
+        w = max(max((len(row[j]) for row in table.rows), default=0), *(len(word) for word in words))
+        lines: list[str] = []
+        for word in words:
+            if lines and len(lines[-1]) + 1 + len(word) <= w:
+                lines[-1] += " " + word
+            else:
+                lines.append(word)
+        heads.append("\n".join(lines))
+        widths.append(w)
+    return heads, widths
+
+
+def _row_blocks(widths: list[int], width: int) -> list[list[int]]:
+    """Column indices in blocks that fit `width`, the first column (what each row is) repeated in every block."""
+    if len(widths) <= 1 or sum(w + 3 for w in widths) + 1 <= width:
+        return [list(range(len(widths)))]
+    blocks: list[list[int]] = [[0]]
+    used = widths[0] + 4
+    for j in range(1, len(widths)):
+        if len(blocks[-1]) > 1 and used + widths[j] + 3 > width:
+            blocks.append([0])
+            used = widths[0] + 4
+        blocks[-1].append(j)
+        used += widths[j] + 3
+    return blocks
+
+
 def rich_tables(report: Report, width: int = TEXT_WIDTH) -> list:
     """rich renderables: for each table its title, the table (in blocks of methods that fit `width`) and its
     footnotes, then the report footer."""
@@ -355,12 +388,16 @@ def rich_tables(report: Report, width: int = TEXT_WIDTH) -> list:
         items.extend(Text(note, style="dim") for note in table.footnotes)
         items.append(Text(""))
     for table in report.row_tables:
-        rt = RichTable(header_style="bold")
-        for head, align in zip(table.header, table.align):
-            rt.add_column(head, justify="left" if align == "l" else "right", no_wrap=True)
-        for row in table.rows:
-            rt.add_row(*row)
-        items.extend([Text(table.title, style="bold"), rt])
+        heads, widths = _row_columns(table)
+        blocks = _row_blocks(widths, width)
+        for i, cols in enumerate(blocks):
+            rt = RichTable(header_style="bold")
+            for j in cols:
+                rt.add_column(heads[j], justify="left" if table.align[j] == "l" else "right", no_wrap=True)
+            for row in table.rows:
+                rt.add_row(*(row[j] for j in cols))
+            part = f" ({i + 1}/{len(blocks)})" if len(blocks) > 1 else ""
+            items.extend([Text(table.title + part, style="bold"), rt])
         items.extend(Text(note, style="dim") for note in table.footnotes)
         items.append(Text(""))
     items.extend(Text(line, style="yellow") for line in report.footer)
