@@ -378,7 +378,7 @@ def eval_pair(
     """Evaluation of every path on the same synthetic test images (the instances hold the same weights)."""
     import torch
 
-    from mugcp_bench.engine.trainer import autocast
+    from mugcp_bench.model.backbone import autocast
 
     ours = methods["ours"]
     timer, meter = Timer(device), MemoryMeter(device)

@@ -35,8 +35,7 @@ from mugcp_bench.engine.optim import lr_lambda as lr_lambda  # re-exported: the 
 from mugcp_bench.engine.optim import lr_trace as lr_trace
 from mugcp_bench.errors import NonFiniteLoss, RunInterrupted, UserError
 from mugcp_bench.methods.base import Method, TrainConfig
-from mugcp_bench.model.backbone import REFERENCE_FP16, Backbone
-from mugcp_bench.model.backbone import autocast as autocast  # re-exported: precision lives with the model
+from mugcp_bench.model.backbone import REFERENCE_FP16, Backbone, autocast
 from mugcp_bench.model.state_fit import StateMismatch
 from mugcp_bench.registry import suggest
 from mugcp_bench.tensor_files import atomic_torch_save

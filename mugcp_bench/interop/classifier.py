@@ -185,7 +185,7 @@ class Classifier:
         self, images: ImageInput, classnames: str | Sequence[str], template: str | None = None
     ) -> tuple[torch.Tensor, list[str], list[str]]:
         """(logits (N, C), the class names, a name per image), computed as evaluation computes them."""
-        from mugcp_bench.engine.trainer import autocast
+        from mugcp_bench.model.backbone import autocast
 
         names = parse_classnames(classnames)
         items = _image_list(images)
