@@ -398,9 +398,9 @@ class _CachedEvaluation:
 def _untrained_evaluation(run: PlannedRun, method: Method, split, backbone: Backbone, settings: RunSettings):
     if type(method).trains:
         return None
+    # features_key: the weights, transform, image size, precision and every test image (path, label, size, mtime)
     blob = json.dumps(
-        [run.method, run.config()["method"], run.train_config.eval_batch_size, backbone.name, backbone.weights_hash,
-         backbone.transform_version, run.key.precision, predictions.items_sha256(split.test), list(split.classnames),
+        [run.method, run.config()["method"], run.train_config.eval_batch_size, backbone.name, list(split.classnames),
          method.template, features_key(backbone, split.test, run.key.precision)],
         sort_keys=True, default=str,
     )  # fmt: skip
